@@ -192,6 +192,7 @@ class ServerThread:
         self.server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=name, daemon=True)
+        self._started = False
         self._stopped = False
 
     @property
@@ -207,7 +208,10 @@ class ServerThread:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> "ServerThread":
-        self._thread.start()
+        """Start serving (idempotent: a started server is returned as is)."""
+        if not self._started:
+            self._started = True
+            self._thread.start()
         return self
 
     def stop(self) -> None:
