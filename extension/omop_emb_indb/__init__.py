@@ -1,0 +1,11 @@
+"""Code that runs inside PostgreSQL, in PL/Python (plpython3u).
+
+Standard library plus ``requests`` only: these modules run on the server's own
+interpreter (Debian's system python3 with python3-requests), never in the
+client's virtualenv. ``extension/build.py`` embeds their source in the
+extension script; ``omop_emb._bootstrap()`` loads them into ``GD`` once per
+session. Nothing here imports ``plpy`` at module level, so plain pytest can
+import and test every module.
+"""
+
+__version__ = "0.1.0"

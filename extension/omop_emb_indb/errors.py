@@ -1,0 +1,44 @@
+"""Errors raised by the in-database code, with the SQLSTATE they surface as.
+
+Each carries a message, a detail and a hint so that ``plpy.error`` can raise a
+PostgreSQL error the analyst can act on. The SQLSTATEs are stable: the Python
+client maps them onto its exception hierarchy.
+"""
+
+
+class OmopEmbError(Exception):
+    sqlstate = "OE000"
+
+    def __init__(self, message, detail=None, hint=None):
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.hint = hint
+
+
+class EmbeddingServiceError(OmopEmbError):
+    """The embedding server could not be reached or answered with an error."""
+    sqlstate = "OE001"
+
+
+class InvalidEmbeddingResponse(OmopEmbError):
+    """The embedding server answered, but not with what was asked for."""
+    sqlstate = "OE002"
+
+
+class PrefixMismatch(OmopEmbError):
+    """Prefix settings disagree with the model's record (strict mode)."""
+    sqlstate = "OE003"
+
+
+class ModelNotFound(OmopEmbError):
+    sqlstate = "OE004"
+
+
+class NotIndexed(OmopEmbError):
+    sqlstate = "OE005"
+
+
+class InvalidArgument(OmopEmbError):
+    # invalid_parameter_value: a standard SQLSTATE clients already understand.
+    sqlstate = "22023"

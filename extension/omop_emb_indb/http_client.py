@@ -1,0 +1,156 @@
+"""HTTP calls to the embedding server.
+
+Python inside PostgreSQL is not interrupted by ``statement_timeout``, so every
+call has its own connect and read timeout. One ``requests.Session`` per backend
+is reused across calls (a new connection per text costs ~100x a batched call).
+Retries are bounded and done by urllib3's ``Retry`` (429, 5xx, connection
+errors, honouring ``Retry-After`` up to a cap). Errors name the endpoint, the
+model, the status and a hint, never the key.
+"""
+
+import json
+import time
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from .errors import EmbeddingServiceError, InvalidEmbeddingResponse
+from . import providers
+
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+# A Retry-After longer than this is shortened: the backend holds locks meanwhile.
+MAX_RETRY_AFTER_S = 10.0
+
+
+class _CappedRetry(Retry):
+    def get_retry_after(self, response):
+        after = super().get_retry_after(response)
+        if after is None:
+            return None
+        return min(after, MAX_RETRY_AFTER_S)
+
+
+def make_retry(max_retries):
+    return _CappedRetry(
+        total=max_retries,
+        connect=max_retries,
+        # A read timeout is not retried: a server that accepts and never answers
+        # must cost one read timeout, not several.
+        read=0,
+        status=max_retries,
+        backoff_factor=0.2,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=None,  # embedding POSTs are idempotent
+        respect_retry_after_header=True,
+        raise_on_status=False,
+    )
+
+
+class EmbeddingHTTP:
+    """A per-backend HTTP client: one session, one adapter per retry budget."""
+
+    def __init__(self):
+        self._sessions = {}
+        self.requests_sent = 0
+
+    def session(self, max_retries):
+        s = self._sessions.get(max_retries)
+        if s is None:
+            s = requests.Session()
+            adapter = HTTPAdapter(max_retries=make_retry(max_retries), pool_connections=4,
+                                  pool_maxsize=4)
+            s.mount("http://", adapter)
+            s.mount("https://", adapter)
+            s.headers["User-Agent"] = "omop_emb/0.1 (PostgreSQL PL/Python)"
+            self._sessions[max_retries] = s
+        return s
+
+    def post_embeddings(self, model, texts, api_key=None):
+        """POST one chunk of ``texts``; return validated vectors in order.
+
+        ``model`` is a mapping with name, provider, endpoint, remote_model,
+        dimensions, connect_timeout_s, read_timeout_s, max_retries.
+        """
+        provider = model["provider"]
+        url = providers.embeddings_url(provider, model["endpoint"])
+        body = providers.request_body(provider, model["remote_model"] or model["name"], texts)
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = "Bearer " + api_key
+        where = "embedding server %s (model %s, provider %s)" % (url, model["name"], provider)
+        timeout = (float(model["connect_timeout_s"]), float(model["read_timeout_s"]))
+        started = time.monotonic()
+        try:
+            self.requests_sent += 1
+            resp = self.session(int(model["max_retries"])).post(
+                url, data=json.dumps(body), headers=headers, timeout=timeout)
+        except requests.exceptions.ConnectTimeout:
+            raise EmbeddingServiceError(
+                "could not connect to %s within %.1f s" % (where, timeout[0]),
+                hint="Check that the embedding server is running and reachable from the "
+                     "database server; the endpoint is set with omop_emb.alter_model().")
+        except requests.exceptions.ReadTimeout:
+            raise EmbeddingServiceError(
+                "no answer from %s within the read timeout of %.1f s" % (where, timeout[1]),
+                detail="The server accepted the connection but did not answer.",
+                hint="The server may be overloaded or hung. Raise read_timeout_s with "
+                     "omop_emb.alter_model() for slow servers, or reduce batch_size.")
+        except requests.exceptions.ConnectionError as e:
+            raise EmbeddingServiceError(
+                "cannot reach %s: %s" % (where, _reason(e)),
+                detail="after %d retries, %.1f s" % (int(model["max_retries"]),
+                                                     time.monotonic() - started),
+                hint="Check that the embedding server is running (omop-emb-pg serve for the "
+                     "embedded default) and that the endpoint is right.")
+        except requests.exceptions.RequestException as e:
+            raise EmbeddingServiceError("request to %s failed: %s" % (where, _reason(e)),
+                                        hint="Check the endpoint registered for the model.")
+        if resp.status_code != 200:
+            raise EmbeddingServiceError(
+                "%s answered HTTP %d" % (where, resp.status_code),
+                detail=_short(resp.text, api_key),
+                hint=_status_hint(resp.status_code))
+        try:
+            payload = resp.json()
+        except ValueError:
+            raise InvalidEmbeddingResponse(
+                "%s answered HTTP 200 with a body that is not JSON" % where,
+                detail=_short(resp.text, api_key),
+                hint="Is the endpoint an embedding server of provider %r?" % provider)
+        try:
+            vecs = providers.parse_response(provider, payload, len(texts))
+            return providers.validate_vectors(vecs, model.get("dimensions"))
+        except InvalidEmbeddingResponse as e:
+            raise InvalidEmbeddingResponse(
+                "%s gave an invalid answer: %s" % (where, e.message),
+                hint="Check that the model registered (dimensions, provider) is the one the "
+                     "server runs; omop_emb.models lists the registry.")
+
+
+def _reason(exc):
+    # The root cause without the request (which could carry headers).
+    inner = exc.args[0] if exc.args else exc
+    reason = getattr(inner, "reason", None)
+    return str(reason or inner)[:300]
+
+
+def _short(text, api_key):
+    text = (text or "")[:500]
+    if api_key:
+        text = text.replace(api_key, "***")
+    return "response: " + text
+
+
+def _status_hint(status):
+    if status in (401, 403):
+        return ("The server refused the credentials. The administrator sets the key "
+                "reference with omop_emb.alter_model(model, api_key_ref => ...).")
+    if status == 404:
+        return "Check the endpoint and the provider ('openai' posts to /v1/embeddings, " \
+               "'ollama' to /api/embed) and the remote model name."
+    if status in (400, 413, 422):
+        return "The server rejected the input: check text length, batch_size and prefixes."
+    if status == 429:
+        return "Rate limited after retries: lower the load or raise max_retries."
+    return "The embedding server failed; retried with backoff. Check its logs."

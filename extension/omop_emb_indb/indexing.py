@@ -1,0 +1,256 @@
+"""Indexing the vocabulary: which concept texts to embed, and embedding them.
+
+``index_concepts`` (a procedure, so that it can commit each batch) calls
+``prepare`` once and then ``batch`` until the work queue is empty:
+
+* ``prepare`` computes the texts the vocabulary asks for (names, and on request
+  English synonyms and the names of source concepts that 'Maps to' a standard
+  concept), queues those whose hash of the exact text sent (prefix included)
+  is not in the embedding table yet, deletes rows whose text is gone, and
+  refreshes the concept attributes stored beside the vectors.
+* ``batch`` claims queued texts with ``FOR UPDATE SKIP LOCKED`` (so several
+  sessions share the work without doing it twice), embeds them in one request
+  per chunk and upserts them. A failure rolls the batch back into the queue.
+"""
+
+import json
+
+from . import sqlgen, vectors
+from .checks import check_filters
+from .errors import InvalidArgument
+
+ENGLISH = 4180186
+
+
+def _scope(include_classification, include_invalid, alias, params):
+    """WHERE conditions selecting the concepts to index (the targets)."""
+    conds = ["%s.standard_concept IN ('S'%s)" % (alias, ", 'C'" if include_classification else "")]
+    if not include_invalid:
+        conds.append("%s.invalid_reason IS NULL" % alias)
+    for col, arr in params:
+        conds.append("%s.%s = ANY(%s)" % (alias, col, arr))
+    return " AND ".join(conds)
+
+
+def desired_texts_sql(vocab, include_classification, include_invalid, include_synonyms,
+                      include_mapped, filter_params):
+    """SELECT of (concept_id, text_kind, text, source_concept_id, source_code, attrs...).
+
+    ``vocab`` is the quoted schema. One row per (concept, kind, text).
+    """
+    scope = _scope(include_classification, include_invalid, "c", filter_params)
+    attrs = ("c.concept_name, c.domain_id, c.vocabulary_id, c.concept_class_id, "
+             "c.standard_concept, c.invalid_reason")
+    parts = ["SELECT c.concept_id, 'name'::text AS text_kind, c.concept_name AS text, "
+             "c.concept_id AS source_concept_id, c.concept_code AS source_code, %s "
+             "FROM %s.concept c WHERE %s AND c.concept_name IS NOT NULL "
+             "AND btrim(c.concept_name) <> ''" % (attrs, vocab, scope)]
+    if include_synonyms:
+        parts.append(
+            "SELECT c.concept_id, 'synonym', s.concept_synonym_name, c.concept_id, "
+            "c.concept_code, %s FROM %s.concept c JOIN %s.concept_synonym s "
+            "ON s.concept_id = c.concept_id WHERE %s "
+            "AND (s.language_concept_id = %d OR s.language_concept_id IS NULL) "
+            "AND btrim(s.concept_synonym_name) <> '' "
+            "AND s.concept_synonym_name <> c.concept_name" % (attrs, vocab, vocab, scope, ENGLISH))
+    if include_mapped:
+        # Source concept --'Maps to'--> standard concept. Invalid source concepts
+        # and invalid relationships are never followed.
+        mapped_from = ("FROM %s.concept c JOIN %s.concept_relationship r ON r.concept_id_2 = "
+                       "c.concept_id AND r.relationship_id = 'Maps to' AND r.invalid_reason IS NULL "
+                       "JOIN %s.concept src ON src.concept_id = r.concept_id_1 "
+                       "AND src.invalid_reason IS NULL AND src.concept_id <> c.concept_id "
+                       % (vocab, vocab, vocab))
+        parts.append("SELECT c.concept_id, 'mapped', src.concept_name, src.concept_id, "
+                     "src.concept_code, %s %s WHERE %s AND btrim(src.concept_name) <> '' "
+                     "AND src.concept_name <> c.concept_name" % (attrs, mapped_from, scope))
+        if include_synonyms:
+            parts.append(
+                "SELECT c.concept_id, 'mapped', s.concept_synonym_name, src.concept_id, "
+                "src.concept_code, %s %s JOIN %s.concept_synonym s ON s.concept_id = "
+                "src.concept_id WHERE %s AND (s.language_concept_id = %d OR "
+                "s.language_concept_id IS NULL) AND btrim(s.concept_synonym_name) <> '' "
+                "AND s.concept_synonym_name <> c.concept_name"
+                % (attrs, mapped_from, vocab, scope, ENGLISH))
+    union = " UNION ALL ".join("(%s)" % p for p in parts)
+    # One row per key; a text that is both a name and a synonym keeps the better kind.
+    return ("SELECT DISTINCT ON (concept_id, text_kind, text) * FROM (%s) t "
+            "ORDER BY concept_id, text_kind, text, (source_concept_id = concept_id) DESC, "
+            "source_concept_id" % union)
+
+
+class IndexingMixin:
+    def index_prepare(self, plpy, model_name, vocab_schema, domain_ids, vocabulary_ids,
+                      concept_class_ids, include_classification, include_invalid,
+                      include_synonyms, include_mapped):
+        st = self.settings(plpy)
+        model = self.model(plpy, model_name, st)
+        doc_prefix, _ = self.prefix(plpy, model, "document", st)
+        qry_prefix, _ = self.prefix(plpy, model, "query", st)
+        if not vocab_schema:
+            raise InvalidArgument(
+                "no vocabulary schema: no table named concept is on the search_path",
+                hint="Pass vocabulary_schema => 'cdm' (the schema holding CONCEPT), or SET "
+                     "search_path so that it is found.")
+        for t in ["concept"] + (["concept_synonym"] if include_synonyms else []) + \
+                (["concept_relationship"] if include_mapped else []):
+            rows = plpy.execute(plpy.prepare(
+                "SELECT to_regclass(quote_ident($1) || '.' || $2) IS NOT NULL AS present, "
+                "CASE WHEN to_regclass(quote_ident($1) || '.' || $2) IS NULL THEN false ELSE "
+                "has_table_privilege(session_user, to_regclass(quote_ident($1) || '.' || $2), "
+                "'SELECT') END AS allowed", ["text", "text"]), [vocab_schema, t])
+            if not rows[0]["present"]:
+                raise InvalidArgument("table %s.%s does not exist" % (vocab_schema, t),
+                                      hint="Load the OMOP vocabulary there, or pass the schema "
+                                           "that holds it as vocabulary_schema.")
+            if not rows[0]["allowed"]:
+                raise InvalidArgument("%s may not read %s.%s" % ("the session user", vocab_schema, t),
+                                      hint="GRANT SELECT on the vocabulary tables to the role "
+                                           "that runs index_concepts.")
+        filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
+        params, args, types = [], [doc_prefix], ["text"]
+        for col, arr in zip(("domain_id", "vocabulary_id", "concept_class_id"), filters):
+            if arr is not None:
+                args.append(arr)
+                types.append("text[]")
+                params.append((col, "$%d" % len(args)))
+        vocab = plpy.quote_ident(vocab_schema)
+        desired = desired_texts_sql(vocab, bool(include_classification), bool(include_invalid),
+                                    bool(include_synonyms), bool(include_mapped), params)
+        mid = int(model["model_id"])
+        emb = sqlgen.table(mid)
+        cols = ", ".join(sqlgen.ROW_COLUMNS)
+        # Stale rows: the concept is in scope but this text is no longer asked for
+        # (a renamed concept). Kinds not asked for in this run are left alone.
+        kinds = ["name"] + (["synonym"] if include_synonyms else []) + \
+            (["mapped"] if include_mapped else [])
+        scope_ids = ("SELECT c.concept_id FROM %s.concept c WHERE %s"
+                     % (vocab, _scope(bool(include_classification), bool(include_invalid), "c",
+                                      params)))
+        deleted = plpy.execute(plpy.prepare(
+            "WITH d AS (%s) DELETE FROM %s e WHERE e.concept_id IN (%s) AND e.text_kind = ANY(%s) "
+            "AND NOT EXISTS (SELECT 1 FROM d WHERE d.concept_id = e.concept_id AND "
+            "d.text_kind = e.text_kind AND d.text = e.text)"
+            % (desired, emb, scope_ids, "ARRAY[%s]" % ", ".join("'%s'" % k for k in kinds)),
+            types), args).nrows()
+        # Concepts that left the vocabulary entirely go too; attributes that
+        # changed (deprecated, re-domained) are refreshed without re-embedding.
+        deleted += plpy.execute(
+            "DELETE FROM %s e WHERE NOT EXISTS (SELECT 1 FROM %s.concept c "
+            "WHERE c.concept_id = e.concept_id)" % (emb, vocab)).nrows()
+        plpy.execute(
+            "UPDATE %s e SET concept_name = c.concept_name, domain_id = c.domain_id, "
+            "vocabulary_id = c.vocabulary_id, concept_class_id = c.concept_class_id, "
+            "standard_concept = c.standard_concept, invalid_reason = c.invalid_reason "
+            "FROM %s.concept c WHERE c.concept_id = e.concept_id AND "
+            "(e.concept_name, e.domain_id, e.vocabulary_id, e.concept_class_id, "
+            "e.standard_concept, e.invalid_reason) IS DISTINCT FROM (c.concept_name, c.domain_id, "
+            "c.vocabulary_id, c.concept_class_id, c.standard_concept, c.invalid_reason)"
+            % (emb, vocab))
+        queued = plpy.execute(plpy.prepare(
+            "WITH d AS (%s) INSERT INTO omop_emb.index_queue (model_id, %s) "
+            "SELECT %d, d.concept_id, d.text_kind, d.text, "
+            "sha256(convert_to($1 || d.text, 'UTF8')), d.source_concept_id, d.source_code, "
+            "d.concept_name, d.domain_id, d.vocabulary_id, d.concept_class_id, "
+            "d.standard_concept, d.invalid_reason FROM d WHERE NOT EXISTS (SELECT 1 FROM %s e "
+            "WHERE e.concept_id = d.concept_id AND e.text_kind = d.text_kind AND e.text = d.text "
+            "AND e.text_hash = sha256(convert_to($1 || d.text, 'UTF8'))) "
+            "ON CONFLICT (model_id, concept_id, text_kind, text) DO UPDATE SET "
+            "text_hash = EXCLUDED.text_hash" % (desired, cols, mid, emb), types), args).nrows()
+        total = plpy.execute(plpy.prepare(
+            "WITH d AS (%s) SELECT count(*) AS n FROM d" % desired, types), args)[0]["n"]
+        version = None
+        if plpy.execute(plpy.prepare("SELECT to_regclass(quote_ident($1) || '.vocabulary') "
+                                     "IS NOT NULL AS v", ["text"]), [vocab_schema])[0]["v"]:
+            rows = plpy.execute("SELECT vocabulary_version FROM %s.vocabulary "
+                                "WHERE vocabulary_id = 'None'" % vocab)
+            version = rows[0]["vocabulary_version"] if rows else None
+        plpy.execute(plpy.prepare(
+            "UPDATE omop_emb.model SET document_prefix = $2, query_prefix = $3, "
+            "vocabulary_schema = $4, vocabulary_version = coalesce($5, vocabulary_version), "
+            "indexed_at = now(), updated_at = now() WHERE model_id = $1",
+            ["int4", "text", "text", "text", "text"]),
+            [mid, doc_prefix, qry_prefix, vocab_schema, version])
+        plpy.execute(plpy.prepare(
+            "DELETE FROM omop_emb.index_progress p WHERE p.model_id = $1 AND (p.pid = "
+            "pg_backend_pid() OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = p.pid))",
+            ["int4"]), [mid])
+        plpy.execute(plpy.prepare(
+            "INSERT INTO omop_emb.index_progress (model_id, pid, done, started_at, updated_at) "
+            "VALUES ($1, pg_backend_pid(), 0, clock_timestamp(), clock_timestamp())", ["int4"]),
+            [mid])
+        pending = plpy.execute(plpy.prepare(
+            "SELECT count(*) AS n FROM omop_emb.index_queue WHERE model_id = $1", ["int4"]),
+            [mid])[0]["n"]
+        return [(model["name"], total, queued, pending, deleted)]
+
+    def index_batch(self, plpy, model_name, batch_size):
+        st = self.settings(plpy)
+        model = self.model(plpy, model_name, st)
+        mid = model["model_id"]
+        size = int(batch_size or model["batch_size"])
+        if not 1 <= size <= 100000:
+            raise InvalidArgument("batch_size = %d is outside 1..100000" % size)
+        emb = sqlgen.table(mid)
+        claim = self.plan(plpy, ("claim", mid), (
+            "WITH claimed AS (DELETE FROM omop_emb.index_queue q WHERE q.ctid = ANY(ARRAY("
+            "SELECT ctid FROM omop_emb.index_queue WHERE model_id = $1 "
+            "ORDER BY concept_id, text_kind, text LIMIT $2 FOR UPDATE SKIP LOCKED)) "
+            "RETURNING q.*) SELECT c.* FROM claimed c WHERE NOT EXISTS (SELECT 1 FROM %s e "
+            "WHERE e.concept_id = c.concept_id AND e.text_kind = c.text_kind AND e.text = c.text "
+            "AND e.text_hash = c.text_hash)" % emb), ["int4", "int4"])
+        rows = claim.execute([mid, size])
+        n = rows.nrows()
+        if n == 0:
+            # Claimed nothing: either the queue is empty or all of it is locked by
+            # other sessions; tell the caller which.
+            left = self.plan(plpy, "queue_left", "SELECT EXISTS (SELECT 1 FROM omop_emb.index_queue "
+                             "WHERE model_id = $1) AS any", ["int4"]).execute([mid])[0]["any"]
+            return -1 if left else 0
+        doc_prefix, _ = self.prefix(plpy, model, "document", st)
+        texts = [r["text"] for r in rows]
+        vecs = []
+        key = self.api_key(plpy, model)
+        chunk = max(1, int(model["batch_size"]))
+        for j in range(0, len(texts), chunk):
+            vecs.extend(self.http.post_embeddings(
+                model, [doc_prefix + t for t in texts[j:j + chunk]], key))
+        sql, types = sqlgen.upsert(model)
+        cols = [[r[c] for r in rows] for c in sqlgen.ROW_COLUMNS]
+        cols[3] = [vectors.text_hash(doc_prefix + t) for t in texts]  # what was really sent
+        self.plan(plpy, ("upsert", mid), sql, types).execute(
+            cols + [[vectors.to_sql(v) for v in vecs]])
+        self.plan(plpy, "progress",
+                  "UPDATE omop_emb.index_progress SET done = done + $2, "
+                  "updated_at = clock_timestamp() WHERE model_id = $1 AND pid = pg_backend_pid()",
+                  ["int4", "int8"]).execute([mid, n])
+        return n
+
+    def create_index(self, plpy, model_name, method, m, ef_construction, metric):
+        from .registry import check_metric
+        model = self.model(plpy, model_name)
+        method = (method or "hnsw").strip().lower()
+        if method not in ("hnsw", "none"):
+            raise InvalidArgument("unknown index method %r" % method,
+                                  hint="Use 'hnsw' (approximate, fast) or 'none' (exact search).")
+        metric = check_metric(metric or model["metric"])
+        m = 16 if m is None else int(m)
+        ef_construction = 64 if ef_construction is None else int(ef_construction)
+        if not 2 <= m <= 100:
+            raise InvalidArgument("m = %d is outside 2..100" % m)
+        if not 4 <= ef_construction <= 1000 or ef_construction < 2 * m:
+            raise InvalidArgument("ef_construction = %d must be in 4..1000 and at least 2 * m"
+                                  % ef_construction)
+        plpy.execute("DROP INDEX IF EXISTS omop_emb.%s" % sqlgen.hnsw_index_name(model["model_id"]))
+        params = {}
+        if method == "hnsw":
+            model["metric"] = metric
+            plpy.execute(sqlgen.create_hnsw(model, metric, m, ef_construction))
+            params = {"m": m, "ef_construction": ef_construction}
+        plpy.execute(plpy.prepare(
+            "UPDATE omop_emb.model SET index_method = $2, index_params = $3::jsonb, metric = $4, "
+            "updated_at = now() WHERE model_id = $1", ["int4", "text", "text", "text"]),
+            [model["model_id"], method, json.dumps(params), metric])
+        # Plans were prepared for the old metric.
+        self.plans = {k: v for k, v in self.plans.items() if not isinstance(k, tuple)}
+        return method

@@ -1,0 +1,196 @@
+"""The model registry: register, alter and drop embedding models.
+
+Administrator only (EXECUTE is granted to omop_emb_admin). Endpoints and key
+references live here, in a table analysts can read but not change; keys
+themselves live in the server's environment or in ``omop_emb.secret``, which
+only the extension owner can read.
+"""
+
+import re
+
+import requests
+
+from . import prefixes, providers, sqlgen
+from .errors import InvalidArgument, ModelNotFound
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}$")
+KEY_REF_RE = re.compile(r"^(env|secret):[A-Za-z_][A-Za-z0-9_]{0,62}$")
+METRICS = ("cosine", "l2", "ip")
+PROBE_TEXT = "omop_emb dimension probe"
+
+
+def check_name(name):
+    if name is None or not NAME_RE.match(name):
+        raise InvalidArgument("invalid model name %r" % (name,),
+                              hint="Use 1-128 letters, digits and _ . : / @ + -, "
+                                   "starting with a letter or digit.")
+    return name
+
+
+def check_key_ref(ref):
+    if ref is None or ref == "":
+        return None
+    if not KEY_REF_RE.match(ref):
+        raise InvalidArgument(
+            "api_key_ref %r is not a key reference" % ("***" if len(ref) > 12 else ref,),
+            detail="A key reference says where the key lives; it is never the key itself.",
+            hint="Use 'env:VARIABLE' (an environment variable of the PostgreSQL server "
+                 "process) or 'secret:NAME' (stored with omop_emb.set_secret()).")
+    return ref
+
+
+def check_metric(metric):
+    m = (metric or "cosine").strip().lower()
+    if m not in METRICS:
+        raise InvalidArgument("unknown metric %r" % (metric,),
+                              hint="Use 'cosine' (default), 'l2' or 'ip' (inner product).")
+    return m
+
+
+def discover_prefixes(http, provider, endpoint, timeout=(3.0, 10.0)):
+    """Prefixes a server advertises on GET /v1/models (omop-emb-pg serve does).
+
+    Returns {"document": ..., "query": ...} or {} when the server says nothing.
+    """
+    if provider != "openai":
+        return {}
+    url = providers.embeddings_url(provider, endpoint)
+    url = url[: -len("/embeddings")] + "/models"
+    try:
+        resp = http.session(0).get(url, timeout=timeout)
+        data = resp.json().get("data") if resp.status_code == 200 else None
+    except (requests.exceptions.RequestException, ValueError):
+        return {}
+    if not data or not isinstance(data, list) or not isinstance(data[0], dict):
+        return {}
+    entry = data[0]
+    found = entry.get("prefixes")
+    if isinstance(found, dict):
+        doc = found.get("document", found.get("passage"))
+        qry = found.get("query")
+    else:
+        doc, qry = entry.get("document_prefix"), entry.get("query_prefix")
+    if isinstance(doc, str) and isinstance(qry, str):
+        return {"document": doc, "query": qry}
+    return {}
+
+
+class RegistryMixin:
+    def register_model(self, plpy, name, provider, endpoint, dimensions, metric,
+                       document_prefix, query_prefix, remote_model, api_key_ref, batch_size,
+                       read_timeout_s):
+        name = check_name(name)
+        provider = providers.check_provider(provider)
+        providers.embeddings_url(provider, endpoint)  # validates the URL
+        metric = check_metric(metric)
+        api_key_ref = check_key_ref(api_key_ref)
+        if plpy.execute(plpy.prepare("SELECT 1 FROM omop_emb.model WHERE name = $1", ["text"]),
+                        [name]):
+            raise InvalidArgument("model %r is already registered" % name,
+                                  hint="Use omop_emb.alter_model() to change it, or "
+                                       "omop_emb.drop_model() first.")
+        st = self.settings(plpy)
+        sources = {}
+        given = {"document": document_prefix, "query": query_prefix}
+        advertised = None
+        for role in prefixes.ROLES:
+            if given[role] is not None:
+                sources[role] = "argument"
+            elif st[role] is not None:
+                given[role], sources[role] = st[role], "setting"
+            else:
+                if advertised is None:
+                    advertised = discover_prefixes(self.http, provider, endpoint)
+                if role in advertised:
+                    given[role], sources[role] = advertised[role], "server"
+                else:
+                    given[role], sources[role] = "", "none"
+        model = {
+            "model_id": None, "name": name, "provider": provider, "endpoint": endpoint,
+            "remote_model": remote_model or name, "dimensions": dimensions,
+            "api_key_ref": api_key_ref, "connect_timeout_s": 5.0,
+            "read_timeout_s": float(read_timeout_s or 60.0), "max_retries": 3,
+        }
+        if dimensions is None:
+            # One probe call, with the document prefix (some servers refuse bare text).
+            vec = self.http.post_embeddings(model, [given["document"] + PROBE_TEXT],
+                                            self.api_key(plpy, model))[0]
+            dimensions = len(vec)
+        if not 1 <= dimensions <= sqlgen.MAX_HALFVEC_DIMS:
+            raise InvalidArgument(
+                "dimensions = %d is outside 1..%d" % (dimensions, sqlgen.MAX_HALFVEC_DIMS),
+                hint="pgvector indexes vector up to 2000 and halfvec up to 4000 dimensions; "
+                     "ask the server for fewer dimensions (Matryoshka models allow it).")
+        row = plpy.execute(plpy.prepare(
+            "INSERT INTO omop_emb.model (name, provider, endpoint, remote_model, dimensions, "
+            "metric, document_prefix, query_prefix, api_key_ref, batch_size, read_timeout_s, "
+            "storage) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, coalesce($10, 64), "
+            "coalesce($11, 60), $12) RETURNING model_id, storage, dimensions",
+            ["text", "text", "text", "text", "int4", "text", "text", "text", "text", "int4",
+             "float8", "text"]),
+            [name, provider, endpoint, remote_model or name, dimensions, metric,
+             given["document"], given["query"], api_key_ref, batch_size, read_timeout_s,
+             sqlgen.storage_for(dimensions)])[0]
+        for stmt in sqlgen.create_table(dict(row)):
+            plpy.execute(stmt)
+        plpy.notice("omop_emb: registered model %s (%s, %d dimensions, %s; prefixes: document "
+                    "%r from %s, query %r from %s)"
+                    % (name, provider, dimensions, metric, given["document"],
+                       sources["document"], given["query"], sources["query"]))
+        if given["document"] == "" or given["query"] == "":
+            fam, usual = prefixes.family_of(name + " " + (remote_model or ""))
+            if fam and (usual["document"] != given["document"] or usual["query"] != given["query"]):
+                plpy.warning("omop_emb: model %s looks like %s, which usually expects document "
+                             "prefix %r and query prefix %r; it was registered with %r and %r"
+                             % (name, fam, usual["document"], usual["query"],
+                                given["document"], given["query"]),
+                             hint="Pass document_prefix and query_prefix to register_model(), "
+                                  "or fix them with omop_emb.alter_model().")
+        return row["model_id"]
+
+    def alter_model(self, plpy, name, endpoint, provider, remote_model, api_key_ref, batch_size,
+                    connect_timeout_s, read_timeout_s, max_retries, max_input_chars,
+                    document_prefix, query_prefix, new_name):
+        model = self.model(plpy, check_name(name))
+        if provider is not None:
+            provider = providers.check_provider(provider)
+        if endpoint is not None:
+            providers.embeddings_url(provider or model["provider"], endpoint)
+        if new_name is not None:
+            check_name(new_name)
+        if api_key_ref is not None:
+            api_key_ref = check_key_ref(api_key_ref) or ""
+        plpy.execute(plpy.prepare(
+            "UPDATE omop_emb.model SET endpoint = coalesce($2, endpoint), "
+            "provider = coalesce($3, provider), remote_model = coalesce($4, remote_model), "
+            "api_key_ref = CASE WHEN $5 IS NULL THEN api_key_ref ELSE nullif($5, '') END, "
+            "batch_size = coalesce($6, batch_size), "
+            "connect_timeout_s = coalesce($7, connect_timeout_s), "
+            "read_timeout_s = coalesce($8, read_timeout_s), max_retries = coalesce($9, max_retries), "
+            "max_input_chars = coalesce($10, max_input_chars), "
+            "document_prefix = coalesce($11, document_prefix), "
+            "query_prefix = coalesce($12, query_prefix), name = coalesce($13, name), "
+            "updated_at = now() WHERE model_id = $1",
+            ["int4", "text", "text", "text", "text", "int4", "float8", "float8", "int4", "int4",
+             "text", "text", "text"]),
+            [model["model_id"], endpoint, provider, remote_model, api_key_ref, batch_size,
+             connect_timeout_s, read_timeout_s, max_retries, max_input_chars, document_prefix,
+             query_prefix, new_name])
+        if document_prefix is not None and document_prefix != model["document_prefix"]:
+            plpy.notice("omop_emb: the document prefix of %s changed; CALL "
+                        "omop_emb.index_concepts() re-embeds every concept text" % name)
+        self.session_cache.clear()
+        return True
+
+    def drop_model(self, plpy, name, if_exists):
+        try:
+            model = self.model(plpy, check_name(name))
+        except ModelNotFound:
+            if if_exists:
+                return False
+            raise
+        plpy.execute("DROP TABLE IF EXISTS %s" % sqlgen.table(model["model_id"]))
+        plpy.execute(plpy.prepare("DELETE FROM omop_emb.model WHERE model_id = $1", ["int4"]),
+                     [model["model_id"]])
+        self.session_cache.clear()
+        return True

@@ -1,0 +1,414 @@
+"""The per-session runtime behind every SQL function of the extension.
+
+One ``Runtime`` lives in ``GD["omop_emb"]`` for the life of a backend: it holds
+the HTTP session, prepared plans, the small per-session query-embedding cache
+and the set of warnings already given. ``plpy`` is passed in on each call so
+that this module imports without PostgreSQL.
+"""
+
+import os
+from collections import OrderedDict
+
+from . import prefixes, sqlgen, vectors
+from .checks import MAX_K, check_filters, check_k, int_setting
+from .errors import InvalidArgument, ModelNotFound, NotIndexed, OmopEmbError
+from .http_client import EmbeddingHTTP
+from .indexing import IndexingMixin
+from .registry import RegistryMixin
+
+SESSION_CACHE_SIZE = 4096
+DEFAULT_EF_SEARCH = 100
+
+MODEL_COLUMNS = ("model_id, name, provider, endpoint, remote_model, dimensions, metric, "
+                 "document_prefix, query_prefix, api_key_ref, batch_size, max_input_chars, "
+                 "connect_timeout_s, read_timeout_s, max_retries, storage, index_method")
+
+SETTINGS_SQL = """SELECT current_setting('omop_emb.model', true) AS model,
+       current_setting('omop_emb.document_embedding_prefix', true) AS document,
+       current_setting('omop_emb.query_embedding_prefix', true) AS query,
+       current_setting('omop_emb.strict_prefixes', true) AS strict,
+       current_setting('omop_emb.ef_search', true) AS ef_search,
+       current_setting('transaction_read_only') = 'on' OR pg_is_in_recovery() AS read_only"""
+
+TRUE_WORDS = ("on", "true", "yes", "1", "t", "y")
+
+
+class Runtime(RegistryMixin, IndexingMixin):
+    def __init__(self, version):
+        self.version = version
+        self.http = EmbeddingHTTP()
+        self.plans = {}
+        self.warned = set()
+        self.session_cache = OrderedDict()
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self._unflushed = [0, 0]  # hits, misses not yet written to cache_stats
+
+    # -- plumbing ---------------------------------------------------------
+    def plan(self, plpy, key, sql, types=()):
+        p = self.plans.get(key)
+        if p is None:
+            p = plpy.prepare(sql, list(types))
+            self.plans[key] = p
+        return p
+
+    def call(self, plpy, name, *args):
+        """Run method ``name``; turn our errors into PostgreSQL errors."""
+        try:
+            return getattr(self, name)(plpy, *args)
+        except OmopEmbError as e:
+            plpy.error(e.message, detail=e.detail, hint=e.hint, sqlstate=e.sqlstate)
+
+    def warn_once(self, plpy, key, msg, detail=None, hint=None):
+        if key in self.warned:
+            return
+        self.warned.add(key)
+        plpy.warning(msg, detail=detail, hint=hint)
+
+    def settings(self, plpy):
+        row = self.plan(plpy, "settings", SETTINGS_SQL).execute([])[0]
+        st = {
+            "model": row["model"] or None,
+            "strict": (row["strict"] or "").strip().lower() in TRUE_WORDS,
+            "read_only": bool(row["read_only"]),
+            "ef_search": int_setting(row["ef_search"], "omop_emb.ef_search", 1, MAX_K * 10),
+        }
+        for role in prefixes.ROLES:
+            value = row[role]
+            if value == "" and not self._explicitly_set(plpy, prefixes.SETTING_NAMES[role]):
+                value = None  # defined once, then RESET: counts as unset
+            st[role] = value
+        return st
+
+    def _explicitly_set(self, plpy, name):
+        rows = self.plan(plpy, "setting_source",
+                         "SELECT source FROM pg_settings WHERE name = $1", ["text"]).execute([name])
+        return bool(rows) and rows[0]["source"] not in ("default", None)
+
+    # -- the model registry -------------------------------------------------
+    def model(self, plpy, name, st=None):
+        if name is None:
+            st = st or self.settings(plpy)
+            name = st["model"]
+        if name is not None:
+            rows = self.plan(plpy, "model_by_name",
+                             "SELECT %s FROM omop_emb.model WHERE name = $1" % MODEL_COLUMNS,
+                             ["text"]).execute([name])
+            if rows:
+                return dict(rows[0])
+            raise ModelNotFound("unknown model %r" % (name,),
+                                detail="Registered models: %s" % self._model_names(plpy),
+                                hint="Pick one of the registered models (SET omop_emb.model = "
+                                     "'...'), or register it with omop_emb.register_model().")
+        rows = self.plan(plpy, "models_all",
+                         "SELECT %s FROM omop_emb.model ORDER BY name LIMIT 2" % MODEL_COLUMNS
+                         ).execute([])
+        if len(rows) == 1:
+            return dict(rows[0])
+        if not rows:
+            raise ModelNotFound(
+                "no embedding model is registered",
+                hint="An administrator registers one with SELECT omop_emb.register_model("
+                     "'e5-small', 'openai', 'http://127.0.0.1:8765');")
+        raise ModelNotFound("several models are registered and none is chosen",
+                            detail="Registered models: %s" % self._model_names(plpy),
+                            hint="SET omop_emb.model = '<name>', or pass model => '<name>'.")
+
+    def _model_names(self, plpy):
+        rows = plpy.execute("SELECT string_agg(name, ', ' ORDER BY name) AS n FROM omop_emb.model")
+        return rows[0]["n"] or "(none)"
+
+    def api_key(self, plpy, model):
+        ref = model.get("api_key_ref")
+        if not ref:
+            return None
+        kind, _, name = ref.partition(":")
+        if kind == "env":
+            return os.environ.get(name) or None
+        rows = self.plan(plpy, "secret", "SELECT value FROM omop_emb.secret WHERE name = $1",
+                         ["text"]).execute([name])
+        return rows[0]["value"] if rows else None
+
+    # -- prefixes -----------------------------------------------------------
+    def prefix(self, plpy, model, role, st):
+        setting = st[role]
+        recorded = model[role + "_prefix"]
+        value, source = prefixes.resolve(role, setting, recorded)
+        mismatch = prefixes.check_mismatch(role, model["name"], setting, recorded, st["strict"])
+        if mismatch:
+            self.warn_once(plpy, ("mismatch", model["model_id"], role, setting, recorded), *mismatch)
+        if value == "":
+            self.warn_once(plpy, ("empty", model["model_id"], role),
+                           *prefixes.empty_prefix_warning(role, model["name"]))
+        return value, source
+
+    def embedding_role_prefixes(self, plpy, model_name):
+        st = self.settings(plpy)
+        model = self.model(plpy, model_name, st)
+        out = []
+        for role in prefixes.ROLES:
+            value, source = self.prefix(plpy, model, role, st)
+            out.append((role, value, source, st[role], model[role + "_prefix"]))
+        return out
+
+    # -- embedding ----------------------------------------------------------
+    def embed_texts(self, plpy, model, role, texts, st, use_cache=True):
+        """Vectors (pgvector text form) for ``texts``; None for NULL or blank.
+
+        Cache order: this session's LRU, then the shared ``query_cache`` table,
+        then one HTTP request per chunk of ``batch_size`` distinct texts.
+        """
+        role = prefixes.check_role(role)
+        prefix, _ = self.prefix(plpy, model, role, st)
+        mid = model["model_id"]
+        out = [None] * len(texts)
+        todo = OrderedDict()  # sent text -> positions
+        limit = int(model["max_input_chars"])
+        for i, t in enumerate(texts):
+            if t is None or not t.strip():
+                continue
+            if len(t) > limit:
+                raise InvalidArgument(
+                    "text %d is %d characters long; model %s accepts at most %d"
+                    % (i + 1, len(t), model["name"], limit),
+                    detail="Text starts with: %r" % t[:60],
+                    hint="Shorten the text, or raise max_input_chars with omop_emb.alter_model().")
+            sent = prefix + t
+            hit = self.session_cache.get((mid, role, sent)) if use_cache else None
+            if hit is not None:
+                self.session_cache.move_to_end((mid, role, sent))
+                out[i] = hit
+                self.cache_hits += 1
+                self._unflushed[0] += 1
+            else:
+                todo.setdefault(sent, []).append(i)
+        if not todo:
+            return out
+        found = {}
+        if use_cache:
+            hashes = {vectors.text_hash(s): s for s in todo}
+            rows = self.plan(plpy, "cache_get",
+                             "SELECT text_hash, embedding::text AS v FROM omop_emb.query_cache "
+                             "WHERE model_id = $1 AND role = $2 AND text_hash = ANY($3)",
+                             ["int4", "text", "bytea[]"]).execute([mid, role, list(hashes)])
+            for r in rows:
+                found[hashes[bytes(r["text_hash"])]] = r["v"]
+            self.cache_hits += len(found)
+            self._unflushed[0] += len(found)
+        missing = [s for s in todo if s not in found]
+        if missing:
+            key = self.api_key(plpy, model)
+            size = max(1, int(model["batch_size"]))
+            for j in range(0, len(missing), size):
+                chunk = missing[j:j + size]
+                vecs = self.http.post_embeddings(model, chunk, key)
+                for s, v in zip(chunk, vecs):
+                    found[s] = vectors.to_sql(v)
+            self.cache_misses += len(missing)
+            self._unflushed[1] += len(missing)
+            if use_cache and not st["read_only"]:
+                self._cache_put(plpy, mid, role, missing, found)
+        for s, positions in todo.items():
+            v = found[s]
+            for i in positions:
+                out[i] = v
+            if use_cache:
+                self.session_cache[(mid, role, s)] = v
+        while len(self.session_cache) > SESSION_CACHE_SIZE:
+            self.session_cache.popitem(last=False)
+        return out
+
+    def _cache_put(self, plpy, mid, role, sent_texts, found):
+        # Written only on a miss, so that cached searches stay read-only: they run
+        # in READ ONLY transactions and on hot standbys, and never queue on a lock.
+        self.plan(plpy, "cache_put",
+                  "INSERT INTO omop_emb.query_cache (model_id, role, text_hash, text, embedding) "
+                  "SELECT $1, $2, h, t, v::vector FROM unnest($3::bytea[], $4::text[], $5::text[]) "
+                  "AS u(h, t, v) ON CONFLICT DO NOTHING",
+                  ["int4", "text", "bytea[]", "text[]", "text[]"]).execute(
+            [mid, role, [vectors.text_hash(s) for s in sent_texts], sent_texts,
+             [found[s] for s in sent_texts]])
+        hits, misses = self._unflushed
+        self.plan(plpy, "stats_put",
+                  "INSERT INTO omop_emb.cache_stats (model_id, hits, misses) VALUES ($1, $2, $3)",
+                  ["int4", "int8", "int8"]).execute([mid, hits, misses])
+        self._unflushed = [0, 0]
+
+    def embed(self, plpy, text, role, model_name):
+        prefixes.check_role(role)
+        if text is None:
+            return None
+        st = self.settings(plpy)
+        model = self.model(plpy, model_name, st)
+        return self.embed_texts(plpy, model, role, [text], st)[0]
+
+    def embed_batch(self, plpy, texts, role, model_name):
+        prefixes.check_role(role)
+        if texts is None:
+            return None
+        st = self.settings(plpy)
+        model = self.model(plpy, model_name, st)
+        return self.embed_texts(plpy, model, role, list(texts), st)
+
+    def similarity(self, plpy, a, b, a_role, b_role, model_name):
+        prefixes.check_role(a_role)
+        prefixes.check_role(b_role)
+        if a is None or b is None:
+            return None
+        st = self.settings(plpy)
+        model = self.model(plpy, model_name, st)
+        va = self.embed_texts(plpy, model, a_role, [a], st)[0]
+        vb = self.embed_texts(plpy, model, b_role, [b], st)[0]
+        if va is None or vb is None:
+            return None
+        return vectors.cosine(vectors.from_sql(va), vectors.from_sql(vb))
+
+    # -- search -------------------------------------------------------------
+    def nearest(self, plpy, query, k, domain_ids, vocabulary_ids, concept_class_ids,
+                standard_only, include_invalid, model_name):
+        k = check_k(k)
+        filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
+        if query is None or not query.strip():
+            return []
+        st = self.settings(plpy)
+        model = self.model(plpy, model_name, st)
+        vec = self.embed_texts(plpy, model, "query", [query], st)[0]
+        return self.search(plpy, model, st, vec, k, filters, standard_only, include_invalid,
+                           query_text=query)
+
+    def nearest_vector(self, plpy, vec, k, domain_ids, vocabulary_ids, concept_class_ids,
+                       standard_only, include_invalid, model_name):
+        k = check_k(k)
+        filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
+        if vec is None:
+            return []
+        st = self.settings(plpy)
+        model = self.model(plpy, model_name, st)
+        dims = len(vectors.from_sql(vec))
+        if dims != model["dimensions"]:
+            raise InvalidArgument(
+                "query vector has %d dimensions; model %s has %d"
+                % (dims, model["name"], model["dimensions"]),
+                hint="Embed the query with omop_emb.embed(text, 'query') for this model.")
+        return self.search(plpy, model, st, vec, k, filters, standard_only, include_invalid)
+
+    def nearest_batch(self, plpy, queries, k, domain_ids, vocabulary_ids, concept_class_ids,
+                      standard_only, include_invalid, model_name):
+        k = check_k(k)
+        filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
+        if not queries:
+            return []
+        st = self.settings(plpy)
+        model = self.model(plpy, model_name, st)
+        vecs = self.embed_texts(plpy, model, "query", list(queries), st)
+        out = []
+        for i, (q, v) in enumerate(zip(queries, vecs)):
+            if v is None:
+                continue
+            for row in self.search(plpy, model, st, v, k, filters, standard_only,
+                                   include_invalid, query_text=q, notice=False):
+                out.append((i + 1, q) + row)
+        return out
+
+    def search(self, plpy, model, st, vec, k, filters, standard_only, include_invalid,
+               query_text=None, notice=True):
+        standard_only = True if standard_only is None else bool(standard_only)
+        include_invalid = bool(include_invalid)
+        shape = (tuple(f is not None for f in filters), standard_only, include_invalid)
+        args = [f for f in filters if f is not None]
+        if any(f == [] for f in args):
+            if notice:
+                plpy.notice("omop_emb: an empty filter array matches no concept")
+            return []
+        mid = model["model_id"]
+        # Texts collapse onto concepts: ask for more texts than concepts wanted.
+        fetch = k if k >= 50 else min(MAX_K, k + max(k, 20))
+        picked = OrderedDict()
+        exact_ids = set()
+        if query_text is not None:
+            sql, types, _ = sqlgen.exact_match(model, shape)
+            for r in self.plan(plpy, ("exact", mid, shape), sql, types).execute(
+                    [vec, vectors.fold(query_text)] + args):
+                if r["concept_id"] not in picked and len(picked) < k:
+                    picked[r["concept_id"]] = r
+                    exact_ids.add(r["concept_id"])
+        exact = False
+        while True:
+            ef = max(fetch, st["ef_search"] or DEFAULT_EF_SEARCH)
+            self.plan(plpy, "set_ef", "SELECT set_config('hnsw.ef_search', $1, true)",
+                      ["text"]).execute([str(min(ef, 1000))])
+            sql, types, _ = sqlgen.search(model, shape, exact=exact)
+            rows = self.plan(plpy, ("search", mid, shape, exact), sql, types).execute(
+                [vec, fetch] + args)
+            for r in rows:
+                if len(picked) >= k:
+                    break
+                if r["concept_id"] not in picked:
+                    picked[r["concept_id"]] = r
+            if len(picked) >= k or exact:
+                break
+            if len(rows) >= fetch and fetch < 4 * MAX_K:
+                fetch *= 4  # synonyms crowded the window: widen it
+                continue
+            if any(shape[0]) or not standard_only or not include_invalid:
+                # Filtered and short: the graph gave up before finding k matches
+                # (hnsw.max_scan_tuples). Scan the filtered rows exactly instead.
+                exact = True
+                fetch = max(fetch, k * 4)
+                continue
+            break
+        if not picked:
+            self._explain_empty(plpy, model, shape, filters, notice)
+        metric = model["metric"]
+        out = []
+        for rank, r in enumerate(picked.values(), 1):
+            d = r["distance"]
+            out.append((rank, r["concept_id"], r["concept_name"], r["domain_id"],
+                        r["vocabulary_id"], r["concept_class_id"], r["standard_concept"],
+                        sqlgen.similarity_from_distance(metric, d), d, r["text"],
+                        r["text_kind"], r["concept_id"] in exact_ids))
+        return out
+
+    def _explain_empty(self, plpy, model, shape, filters, notice):
+        rows = plpy.execute("SELECT EXISTS (SELECT 1 FROM %s) AS any"
+                            % sqlgen.table(model["model_id"]))
+        if not rows[0]["any"]:
+            raise NotIndexed(
+                "model %s has no embeddings yet" % model["name"],
+                hint="An administrator indexes the vocabulary with "
+                     "CALL omop_emb.index_concepts(model => '%s');" % model["name"])
+        if notice:
+            names = ("domain_ids", "vocabulary_ids", "concept_class_ids")
+            used = ", ".join("%s=%s" % (n, f) for n, f in zip(names, filters) if f is not None)
+            plpy.notice("omop_emb: no indexed concept matches the filters (%s standard_only=%s, "
+                        "include_invalid=%s)" % (used + "," if used else "", shape[1], shape[2]))
+
+    # -- status -------------------------------------------------------------
+    def status(self, plpy):
+        st = self.settings(plpy)
+        out = []
+        for m in plpy.execute("SELECT %s, index_params::text AS params, vocabulary_version, "
+                              "indexed_at FROM omop_emb.model ORDER BY name" % MODEL_COLUMNS):
+            m = dict(m)
+            t = sqlgen.table(m["model_id"])
+            counts = plpy.execute(
+                "SELECT count(*) AS texts, count(DISTINCT concept_id) AS concepts, "
+                "(SELECT count(*) FROM omop_emb.index_queue WHERE model_id = %d) AS pending, "
+                "(SELECT count(*) FROM omop_emb.query_cache WHERE model_id = %d) AS cached, "
+                "(SELECT coalesce(sum(hits), 0) FROM omop_emb.cache_stats WHERE model_id = %d) "
+                "AS hits, (SELECT coalesce(sum(misses), 0) FROM omop_emb.cache_stats "
+                "WHERE model_id = %d) AS misses, pg_size_pretty(pg_relation_size(to_regclass("
+                "'omop_emb.%s'))) AS index_size FROM %s"
+                % (m["model_id"], m["model_id"], m["model_id"], m["model_id"],
+                   sqlgen.hnsw_index_name(m["model_id"]), t))[0]
+            hits = counts["hits"]
+            total = hits + counts["misses"]
+            out.append((m["name"], m["provider"], m["endpoint"], m["dimensions"], m["metric"],
+                        m["document_prefix"], m["query_prefix"],
+                        prefixes.resolve("document", st["document"], m["document_prefix"])[0],
+                        prefixes.resolve("query", st["query"], m["query_prefix"])[0],
+                        counts["texts"], counts["concepts"], counts["pending"],
+                        m["index_method"], m["params"], counts["index_size"], counts["cached"],
+                        hits, counts["misses"], (hits / total) if total else None,
+                        m["vocabulary_version"], m["indexed_at"]))
+        return out

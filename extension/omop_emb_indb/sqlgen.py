@@ -1,0 +1,167 @@
+"""SQL text generated per model: embedding tables, indexes and search queries.
+
+Only integers (model ids, dimensions) and fixed keywords are interpolated;
+every user value travels as a query parameter. Identifiers that come from
+users (the vocabulary schema) are quoted by the caller with
+``plpy.quote_ident``.
+"""
+
+METRIC_OPS = {
+    # metric: (operator, opclass suffix)
+    "cosine": ("<=>", "cosine_ops"),
+    "l2": ("<->", "l2_ops"),
+    "ip": ("<#>", "ip_ops"),
+}
+
+# The attributes of the standard concept a text stands for, stored beside the
+# vector so that filtered index scans need no join.
+ATTR_COLUMNS = ("concept_name", "domain_id", "vocabulary_id", "concept_class_id",
+                "standard_concept", "invalid_reason")
+
+ROW_COLUMNS = ("concept_id", "text_kind", "text", "text_hash", "source_concept_id",
+               "source_code") + ATTR_COLUMNS
+
+MAX_VECTOR_DIMS = 2000    # pgvector's HNSW limit for vector
+MAX_HALFVEC_DIMS = 4000   # and for halfvec
+
+
+def storage_for(dimensions):
+    return "vector" if dimensions <= MAX_VECTOR_DIMS else "halfvec"
+
+
+def table(model_id):
+    return "omop_emb.embedding_%d" % int(model_id)
+
+
+def vector_type(model):
+    return "%s(%d)" % (model["storage"], int(model["dimensions"]))
+
+
+def create_table(model):
+    t = table(model["model_id"])
+    mid = int(model["model_id"])
+    return [
+        """CREATE TABLE %s (
+    concept_id integer NOT NULL,
+    text_kind text NOT NULL CHECK (text_kind IN ('name', 'synonym', 'mapped')),
+    text text NOT NULL,
+    text_hash bytea NOT NULL,
+    source_concept_id integer NOT NULL,
+    source_code text,
+    concept_name text NOT NULL,
+    domain_id text,
+    vocabulary_id text,
+    concept_class_id text,
+    standard_concept text,
+    invalid_reason text,
+    embedding %s NOT NULL,
+    embedded_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (concept_id, text_kind, text)
+)""" % (t, vector_type(model)),
+        # Exact-match lookups (case and whitespace folded) and code lookups.
+        "CREATE INDEX embedding_%d_fold ON %s (omop_emb.fold_text(text))" % (mid, t),
+        "CREATE INDEX embedding_%d_code ON %s (lower(source_code))" % (mid, t),
+        # Selective filters fall back to an exact scan driven by these.
+        "CREATE INDEX embedding_%d_vocabulary ON %s (vocabulary_id)" % (mid, t),
+        "CREATE INDEX embedding_%d_domain ON %s (domain_id)" % (mid, t),
+        "CREATE INDEX embedding_%d_class ON %s (concept_class_id)" % (mid, t),
+        "COMMENT ON TABLE %s IS 'omop_emb: embeddings of model %d (one row per concept text)'"
+        % (t, mid),
+    ]
+
+
+def hnsw_index_name(model_id):
+    return "embedding_%d_hnsw" % int(model_id)
+
+
+def create_hnsw(model, metric, m, ef_construction):
+    op, suffix = METRIC_OPS[metric]
+    return ("CREATE INDEX %s ON %s USING hnsw (embedding %s_%s) WITH (m = %d, ef_construction = %d)"
+            % (hnsw_index_name(model["model_id"]), table(model["model_id"]), model["storage"],
+               suffix, int(m), int(ef_construction)))
+
+
+FILTERS = (
+    ("domain_ids", "e.domain_id = ANY(${n}::text[])"),
+    ("vocabulary_ids", "e.vocabulary_id = ANY(${n}::text[])"),
+    ("concept_class_ids", "e.concept_class_id = ANY(${n}::text[])"),
+)
+
+
+def filter_clause(shape, first_param):
+    """WHERE clause for a filter shape; returns (sql, names of array params)."""
+    present, standard_only, include_invalid = shape
+    conds, names = [], []
+    n = first_param
+    for (name, tmpl), on in zip(FILTERS, present):
+        if on:
+            conds.append(tmpl.replace("${n}", "$%d" % n))
+            names.append(name)
+            n += 1
+    if standard_only:
+        conds.append("e.standard_concept = 'S'")
+    if not include_invalid:
+        conds.append("e.invalid_reason IS NULL")
+    return (" AND ".join(conds) if conds else "true"), names
+
+
+SELECT_COLS = ("e.concept_id, e.concept_name, e.domain_id, e.vocabulary_id, e.concept_class_id, "
+               "e.standard_concept, e.text_kind, e.text")
+
+
+def search(model, shape, exact=False):
+    """The k-NN query: ``ORDER BY embedding <op> $1 LIMIT $2`` so that the HNSW
+    index is used, then re-sorted (iterative scans in relaxed order may return
+    rows slightly out of order). With ``exact`` the ordering expression is
+    wrapped so that no index can serve it: an exact scan over the filtered rows,
+    the fallback for filters too selective for the graph.
+    """
+    op, _ = METRIC_OPS[model["metric"]]
+    where, names = filter_clause(shape, 3)
+    order = "e.embedding %s $1" % op
+    if exact:
+        order = "(%s) + 0" % order
+    sql = ("SELECT * FROM (SELECT %s, e.embedding %s $1 AS distance FROM %s e WHERE %s "
+           "ORDER BY %s LIMIT $2) s ORDER BY distance"
+           % (SELECT_COLS, op, table(model["model_id"]), where, order))
+    return sql, [vector_type(model), "int4"] + ["text[]"] * len(names), names
+
+
+def exact_match(model, shape):
+    """Rows whose text (case/space folded) or source code equals the query."""
+    op, _ = METRIC_OPS[model["metric"]]
+    where, names = filter_clause(shape, 3)
+    sql = ("SELECT %s, e.embedding %s $1 AS distance FROM %s e "
+           "WHERE (omop_emb.fold_text(e.text) = $2 OR lower(e.source_code) = $2) AND %s "
+           "ORDER BY distance LIMIT 100"
+           % (SELECT_COLS, op, table(model["model_id"]), where))
+    return sql, [vector_type(model), "text"] + ["text[]"] * len(names), names
+
+
+def upsert(model):
+    cols = ", ".join(ROW_COLUMNS) + ", embedding"
+    types = ["int4[]", "text[]", "text[]", "bytea[]", "int4[]", "text[]"] + ["text[]"] * len(ATTR_COLUMNS)
+    n = len(types) + 1
+    unnest = ", ".join("$%d" % (i + 1) for i in range(len(types)))
+    sets = ", ".join("%s = EXCLUDED.%s" % (c, c) for c in ROW_COLUMNS[3:] + ("embedding",))
+    sql = ("INSERT INTO %s (%s) SELECT * FROM unnest(%s, $%d::%s[]) "
+           "ON CONFLICT (concept_id, text_kind, text) DO UPDATE SET %s, embedded_at = now()"
+           % (table(model["model_id"]), cols, unnest, n, vector_type(model), sets))
+    return sql, types + ["text[]"]
+
+
+def similarity_from_distance(metric, distance):
+    """Similarity reported beside the distance.
+
+    cosine: 1 - cosine distance (the cosine similarity, 1 = same direction);
+    ip: the inner product (pgvector's <#> is its negative; equals cosine
+    similarity for the unit vectors embedding servers return);
+    l2: 1 / (1 + Euclidean distance), in (0, 1].
+    """
+    if distance is None:
+        return None
+    if metric == "cosine":
+        return 1.0 - distance
+    if metric == "ip":
+        return -distance
+    return 1.0 / (1.0 + distance)

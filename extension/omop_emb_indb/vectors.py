@@ -1,0 +1,49 @@
+"""Vectors between Python, SQL text and hashes.
+
+Vectors cross SPI as pgvector's text form ``[x,y,...]``: PL/Python has no
+binary path to ``vector``, and the text form is parsed in C on the server.
+"""
+
+import hashlib
+import re
+
+_WS = re.compile(r"\s+")
+
+
+def to_sql(vec):
+    """``[0.1, 0.2]`` -> ``'[0.1,0.2]'`` (pgvector's input form)."""
+    return "[" + ",".join(map(repr, vec)) + "]"
+
+
+def from_sql(text):
+    """pgvector's text output -> list of floats."""
+    if text is None:
+        return None
+    body = text.strip()[1:-1]
+    return [float(x) for x in body.split(",")] if body else []
+
+
+def text_hash(sent_text):
+    """SHA-256 of the exact text sent to the model (prefix included).
+
+    Indexing compares it to decide what to re-embed; the same digest is
+    computed in SQL with ``sha256(convert_to(prefix || text, 'UTF8'))``.
+    """
+    return hashlib.sha256(sent_text.encode("utf-8")).digest()
+
+
+def fold(text):
+    """Case and whitespace folding used by exact matching.
+
+    Must agree with the SQL function ``omop_emb.fold_text``.
+    """
+    return _WS.sub(" ", text.strip()).lower()
+
+
+def cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    na = sum(x * x for x in a) ** 0.5
+    nb = sum(y * y for y in b) ** 0.5
+    if na == 0 or nb == 0:
+        return None
+    return dot / (na * nb)

@@ -1,0 +1,78 @@
+-- The model registry (administrator only).
+
+CREATE FUNCTION omop_emb.register_model(
+    name text,
+    provider text,
+    endpoint text,
+    dimensions integer DEFAULT NULL,
+    metric text DEFAULT 'cosine',
+    document_prefix text DEFAULT NULL,
+    query_prefix text DEFAULT NULL,
+    remote_model text DEFAULT NULL,
+    api_key_ref text DEFAULT NULL,
+    batch_size integer DEFAULT NULL,
+    read_timeout_s double precision DEFAULT NULL
+) RETURNS integer
+LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+AS $$
+return @RT@.call(plpy, "register_model", name, provider, endpoint, dimensions, metric,
+                 document_prefix, query_prefix, remote_model, api_key_ref, batch_size,
+                 read_timeout_s)
+$$;
+COMMENT ON FUNCTION omop_emb.register_model(text, text, text, integer, text, text, text, text, text, integer, double precision) IS
+'Register an embedding model: name, provider (''openai'' = any OpenAI-compatible /v1/embeddings, ''ollama'' = /api/embed), endpoint (base URL), dimensions (NULL: discovered with one probe call), metric (cosine, l2, ip), document_prefix and query_prefix (NULL: the settings in force, else what the server advertises, else empty), remote_model (name sent to the server; default: name), api_key_ref (env:VAR or secret:NAME, never the key), batch_size, read_timeout_s. Returns the model id.';
+
+CREATE FUNCTION omop_emb.alter_model(
+    name text,
+    endpoint text DEFAULT NULL,
+    provider text DEFAULT NULL,
+    remote_model text DEFAULT NULL,
+    api_key_ref text DEFAULT NULL,
+    batch_size integer DEFAULT NULL,
+    connect_timeout_s double precision DEFAULT NULL,
+    read_timeout_s double precision DEFAULT NULL,
+    max_retries integer DEFAULT NULL,
+    max_input_chars integer DEFAULT NULL,
+    document_prefix text DEFAULT NULL,
+    query_prefix text DEFAULT NULL,
+    new_name text DEFAULT NULL
+) RETURNS boolean
+LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+AS $$
+return @RT@.call(plpy, "alter_model", name, endpoint, provider, remote_model, api_key_ref,
+                 batch_size, connect_timeout_s, read_timeout_s, max_retries, max_input_chars,
+                 document_prefix, query_prefix, new_name)
+$$;
+COMMENT ON FUNCTION omop_emb.alter_model(text, text, text, text, text, integer, double precision, double precision, integer, integer, text, text, text) IS
+'Change a registered model; only the arguments given change. api_key_ref => '''' removes the key reference. A changed document_prefix makes the next index_concepts() re-embed every text.';
+
+CREATE FUNCTION omop_emb.drop_model(name text, if_exists boolean DEFAULT false) RETURNS boolean
+LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+AS $$
+return @RT@.call(plpy, "drop_model", name, if_exists)
+$$;
+COMMENT ON FUNCTION omop_emb.drop_model(text, boolean) IS 'Drop a model with its embeddings, cached queries and queued work';
+
+CREATE FUNCTION omop_emb.set_secret(name text, value text) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER
+AS $$
+    INSERT INTO omop_emb.secret (name, value) VALUES (set_secret.name, set_secret.value)
+    ON CONFLICT ON CONSTRAINT secret_pkey DO UPDATE SET value = EXCLUDED.value, updated_at = now();
+$$;
+COMMENT ON FUNCTION omop_emb.set_secret(text, text) IS 'Store an API key under a name, for api_key_ref => ''secret:NAME''. Only the extension owner can read it back.';
+
+CREATE FUNCTION omop_emb.delete_secret(name text) RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER
+AS $$
+    WITH d AS (DELETE FROM omop_emb.secret s WHERE s.name = delete_secret.name RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM d);
+$$;
+COMMENT ON FUNCTION omop_emb.delete_secret(text) IS 'Delete a stored API key';
+
+CREATE VIEW omop_emb.models AS
+SELECT model_id, name, provider, endpoint, remote_model, dimensions, storage, metric,
+       document_prefix, query_prefix, api_key_ref, batch_size, max_input_chars,
+       connect_timeout_s, read_timeout_s, max_retries, index_method, index_params,
+       vocabulary_schema, vocabulary_version, created_at, updated_at, indexed_at
+FROM omop_emb.model;
+COMMENT ON VIEW omop_emb.models IS 'omop_emb: registered embedding models (no secrets: api_key_ref only says where the key lives)';

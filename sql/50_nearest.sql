@@ -1,0 +1,74 @@
+-- Nearest standard concepts to a text. The query is embedded once (QUERY role,
+-- through the cache), then one prepared ORDER BY embedding <op> $1 LIMIT n runs
+-- on the HNSW index. hnsw.ef_search is raised to at least the rows fetched and
+-- iterative scans (relaxed order, re-sorted) keep filtered searches at k rows;
+-- both settings are restored when the function returns.
+
+CREATE FUNCTION omop_emb.nearest(
+    query text,
+    k integer DEFAULT 10,
+    domain_ids text[] DEFAULT NULL,
+    vocabulary_ids text[] DEFAULT NULL,
+    concept_class_ids text[] DEFAULT NULL,
+    standard_only boolean DEFAULT true,
+    include_invalid boolean DEFAULT false,
+    model text DEFAULT NULL)
+RETURNS TABLE (rank integer, concept_id integer, concept_name text, domain_id text,
+               vocabulary_id text, concept_class_id text, standard_concept text,
+               similarity double precision, distance double precision,
+               matched_text text, match_kind text, exact_match boolean)
+LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+SET hnsw.iterative_scan = 'relaxed_order'
+SET hnsw.ef_search = 100
+AS $$
+return @RT@.call(plpy, "nearest", query, k, domain_ids, vocabulary_ids, concept_class_ids,
+                 standard_only, include_invalid, model)
+$$;
+COMMENT ON FUNCTION omop_emb.nearest(text, integer, text[], text[], text[], boolean, boolean, text) IS
+'The k (1..1000) concepts nearest in meaning to a text, one row per concept, best first. A concept whose name, synonym or code equals the query (case and spaces folded) ranks first (exact_match). Filters: domain_ids, vocabulary_ids, concept_class_ids, standard_only (default true), include_invalid (default false), model. similarity: cosine similarity for cosine and ip models, 1/(1+distance) for l2. NULL or blank query: no rows.';
+
+CREATE FUNCTION omop_emb.nearest(
+    query vector,
+    k integer DEFAULT 10,
+    domain_ids text[] DEFAULT NULL,
+    vocabulary_ids text[] DEFAULT NULL,
+    concept_class_ids text[] DEFAULT NULL,
+    standard_only boolean DEFAULT true,
+    include_invalid boolean DEFAULT false,
+    model text DEFAULT NULL)
+RETURNS TABLE (rank integer, concept_id integer, concept_name text, domain_id text,
+               vocabulary_id text, concept_class_id text, standard_concept text,
+               similarity double precision, distance double precision,
+               matched_text text, match_kind text, exact_match boolean)
+LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+SET hnsw.iterative_scan = 'relaxed_order'
+SET hnsw.ef_search = 100
+AS $$
+return @RT@.call(plpy, "nearest_vector", query, k, domain_ids, vocabulary_ids,
+                 concept_class_ids, standard_only, include_invalid, model)
+$$;
+COMMENT ON FUNCTION omop_emb.nearest(vector, integer, text[], text[], text[], boolean, boolean, text) IS
+'The k concepts nearest to a query vector (e.g. from omop_emb.embed(text, ''query'')); same filters and columns as nearest(text).';
+
+CREATE FUNCTION omop_emb.nearest_batch(
+    queries text[],
+    k integer DEFAULT 10,
+    domain_ids text[] DEFAULT NULL,
+    vocabulary_ids text[] DEFAULT NULL,
+    concept_class_ids text[] DEFAULT NULL,
+    standard_only boolean DEFAULT true,
+    include_invalid boolean DEFAULT false,
+    model text DEFAULT NULL)
+RETURNS TABLE (query_index integer, query text, rank integer, concept_id integer,
+               concept_name text, domain_id text, vocabulary_id text, concept_class_id text,
+               standard_concept text, similarity double precision, distance double precision,
+               matched_text text, match_kind text, exact_match boolean)
+LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+SET hnsw.iterative_scan = 'relaxed_order'
+SET hnsw.ef_search = 100
+AS $$
+return @RT@.call(plpy, "nearest_batch", queries, k, domain_ids, vocabulary_ids,
+                 concept_class_ids, standard_only, include_invalid, model)
+$$;
+COMMENT ON FUNCTION omop_emb.nearest_batch(text[], integer, text[], text[], text[], boolean, boolean, text) IS
+'nearest() for many queries in one statement: all queries are embedded in as few HTTP requests as possible (one per batch_size distinct uncached texts). query_index is the 1-based position in queries.';

@@ -1,0 +1,45 @@
+-- Privileges and search_path pinning, applied to everything defined above.
+--
+-- Nothing is executable by PUBLIC. omop_emb_reader searches and embeds;
+-- omop_emb_admin (a member of omop_emb_reader) registers models, indexes and
+-- configures. Every SECURITY DEFINER function pins search_path to pg_catalog,
+-- this schema and pgvector's schema, with pg_temp last, so that no caller can
+-- substitute objects through search_path.
+
+REVOKE ALL ON ALL TABLES IN SCHEMA omop_emb FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA omop_emb FROM PUBLIC;
+REVOKE EXECUTE ON ALL ROUTINES IN SCHEMA omop_emb FROM PUBLIC;
+GRANT USAGE ON SCHEMA omop_emb TO omop_emb_reader;
+GRANT SELECT ON omop_emb.models, omop_emb.index_status TO omop_emb_reader;
+
+DO $privileges$
+DECLARE
+    r record;
+    vector_schema text;
+    reader_routines text[] := ARRAY['embed', 'embed_batch', 'similarity',
+        'embedding_role_prefixes', 'nearest', 'nearest_batch', 'status', 'fold_text', 'version'];
+BEGIN
+    SELECT n.nspname INTO vector_schema
+    FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+    WHERE e.extname = 'vector';
+    IF vector_schema IS NULL THEN
+        RAISE EXCEPTION 'omop_emb needs the pgvector extension (vector) in this database'
+            USING HINT = 'CREATE EXTENSION vector; or CREATE EXTENSION omop_emb CASCADE;';
+    END IF;
+    FOR r IN
+        SELECT p.oid::regprocedure AS sig, p.proname, p.prosecdef, p.prokind
+        FROM pg_catalog.pg_proc p
+        WHERE p.pronamespace = 'omop_emb'::regnamespace
+    LOOP
+        IF r.proname = ANY (reader_routines) THEN
+            EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO omop_emb_reader', r.sig);
+        ELSIF r.proname NOT IN ('_bootstrap') THEN
+            EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO omop_emb_admin', r.sig);
+        END IF;
+        IF r.prosecdef THEN
+            EXECUTE format('ALTER ROUTINE %s SET search_path = pg_catalog, omop_emb, %I, pg_temp',
+                           r.sig, vector_schema);
+        END IF;
+    END LOOP;
+END
+$privileges$;
