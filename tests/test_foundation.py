@@ -239,6 +239,9 @@ def test_serve_body_limit_in_process():
         assert r.status_code == 413 and "2000 bytes" in r.text
         r = s.post(srv.url + "/v1/embeddings", json={"input": ["query: a"] * 5})
         assert r.status_code == 413
+        # chunked request bodies are read too
+        r = s.post(srv.url + "/v1/embeddings", data=iter([b'{"input": ', b'["query: a", "passage: b"]}']))
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
         assert s.get(srv.url + "/health").status_code == 200
         port = srv.port
     assert not port_open(port)

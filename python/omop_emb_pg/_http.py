@@ -86,6 +86,8 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
     timeout = 120
     #: set by subclasses / servers
     max_body_bytes = 32 * 1024 * 1024
+    #: an oversized body up to this size is read and discarded before the 413
+    drain_limit_bytes = 256 * 1024 * 1024
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -108,12 +110,23 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
         if n < 0:
             raise HTTPError(400, "invalid Content-Length header", close=True)
         if n > self.max_body_bytes:
+            # Drain a moderately oversized body so that the client, still sending, reads the 413
+            # instead of a connection reset; past the drain limit just reply and close.
+            drained = self._drain(n) if n <= self.drain_limit_bytes else False
             raise HTTPError(413, f"request body of {n} bytes exceeds the limit of {self.max_body_bytes} bytes",
-                            code="body_too_large", close=True)
+                            code="body_too_large", close=not drained)
         data = self.rfile.read(n)
         if len(data) != n:
             raise HTTPError(400, "request body shorter than Content-Length", close=True)
         return data
+
+    def _drain(self, n: int) -> bool:
+        while n > 0:
+            got = self.rfile.read(min(n, 1 << 20))
+            if not got:
+                return False
+            n -= len(got)
+        return True
 
     def _read_chunked(self) -> bytes:
         parts, total = [], 0
