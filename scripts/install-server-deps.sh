@@ -157,9 +157,17 @@ debian_uri() {
     echo "${uri:-http://deb.debian.org/debian}"
 }
 
+is_debian() { [ -r /etc/os-release ] && grep -qE '^ID=("?)debian\1$' /etc/os-release; }
+
 build_pgvector_from_debian_source() {
     local uri
-    uri="$(debian_uri)"
+    if is_debian; then
+        uri="$(debian_uri)"
+    else
+        # Ubuntu and other derivatives: Debian's own archive (its keyring may need installing).
+        uri="http://deb.debian.org/debian"
+        [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || apt_install debian-archive-keyring
+    fi
     if [ ! -f "$SRC_LIST" ]; then
         log "adding deb-src ${uri} ${PGVECTOR_SRC_SUITE} (${SRC_LIST})"
         cat >"$SRC_LIST" <<EOF
