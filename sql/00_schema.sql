@@ -109,6 +109,7 @@ CREATE TABLE omop_emb.index_progress (
     done       bigint NOT NULL DEFAULT 0,
     started_at timestamptz NOT NULL,
     updated_at timestamptz NOT NULL,
+    finished_at timestamptz,
     PRIMARY KEY (model_id, pid)
 );
 COMMENT ON TABLE omop_emb.index_progress IS 'omop_emb: texts embedded by each session running index_concepts()';
@@ -119,3 +120,16 @@ CREATE FUNCTION omop_emb.fold_text(t text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$ SELECT pg_catalog.lower(pg_catalog.regexp_replace(pg_catalog.btrim(t), '\s+', ' ', 'g')) $$;
 COMMENT ON FUNCTION omop_emb.fold_text(text) IS 'Case and whitespace folding used to find exact matches (lower, trimmed, runs of white space collapsed)';
+
+-- pg_dump keeps the registry, keys and cache of an extension install. (The
+-- script install path has no extension to mark: nothing to do there.)
+DO $dump$
+BEGIN
+    PERFORM pg_catalog.pg_extension_config_dump('omop_emb.model', '');
+    PERFORM pg_catalog.pg_extension_config_dump('omop_emb.model_model_id_seq', '');
+    PERFORM pg_catalog.pg_extension_config_dump('omop_emb.secret', '');
+    PERFORM pg_catalog.pg_extension_config_dump('omop_emb.query_cache', '');
+EXCEPTION WHEN object_not_in_prerequisite_state OR feature_not_supported OR invalid_parameter_value THEN
+    NULL;
+END
+$dump$;

@@ -80,6 +80,7 @@ BEGIN
             last_notice := pg_catalog.clock_timestamp();
         END IF;
     END LOOP;
+    PERFORM omop_emb._index_finish(prep.model_name);
     rate := done / greatest(extract(epoch FROM pg_catalog.clock_timestamp() - started), 0.001);
     RAISE NOTICE 'omop_emb: done, % texts embedded in % s (%/s)', done,
         round(extract(epoch FROM pg_catalog.clock_timestamp() - started)::numeric, 1), round(rate::numeric, 1);
@@ -104,16 +105,33 @@ COMMENT ON FUNCTION omop_emb.create_index(text, text, integer, integer, text) IS
 
 CREATE VIEW omop_emb.index_status AS
 SELECT m.name AS model,
-       count(p.pid) FILTER (WHERE a.pid IS NOT NULL) AS active_sessions,
+       count(p.pid) FILTER (WHERE a.pid IS NOT NULL AND p.finished_at IS NULL) AS active_sessions,
        coalesce(sum(p.done), 0)::bigint AS done,
        (SELECT count(*) FROM omop_emb.index_queue q WHERE q.model_id = m.model_id) AS pending,
        coalesce(sum(p.done), 0)::bigint
          + (SELECT count(*) FROM omop_emb.index_queue q WHERE q.model_id = m.model_id) AS total,
        round(coalesce(sum(p.done / greatest(extract(epoch FROM p.updated_at - p.started_at), 0.001)), 0)::numeric, 1) AS rate_per_s,
        min(p.started_at) AS started_at,
-       max(p.updated_at) AS updated_at
+       max(p.updated_at) AS updated_at,
+       max(p.finished_at) FILTER (WHERE NOT EXISTS (SELECT 1 FROM omop_emb.index_queue q WHERE q.model_id = m.model_id)) AS finished_at
 FROM omop_emb.model m
 LEFT JOIN omop_emb.index_progress p ON p.model_id = m.model_id
 LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = p.pid
 GROUP BY m.model_id, m.name;
 COMMENT ON VIEW omop_emb.index_status IS 'omop_emb: progress of index_concepts() per model: texts done in the current run, pending, total, rate';
+
+CREATE FUNCTION omop_emb._index_finish(model text) RETURNS boolean
+LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+AS $$
+return @RT@.call(plpy, "index_finish", model)
+$$;
+COMMENT ON FUNCTION omop_emb._index_finish(text) IS 'Internal last step of index_concepts(): refreshes planner statistics of the embedding table';
+
+CREATE FUNCTION omop_emb.upsert_concept_texts(concept_ids integer[], texts text[], model text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+AS $$
+return @RT@.call(plpy, "upsert_concept_texts", concept_ids, texts, model)
+$$;
+COMMENT ON FUNCTION omop_emb.upsert_concept_texts(integer[], text[], text) IS
+'Embed texts with the DOCUMENT role and store them as the names of the given concepts (replacing their previous name rows), for concepts that are not in a vocabulary table (the seed''s embed_and_upsert_concepts). Attributes come from the model''s vocabulary when it has the concept; otherwise the concept counts as standard and valid. Returns the number stored.';

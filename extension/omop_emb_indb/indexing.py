@@ -241,7 +241,9 @@ class IndexingMixin:
         if not 4 <= ef_construction <= 1000 or ef_construction < 2 * m:
             raise InvalidArgument("ef_construction = %d must be in 4..1000 and at least 2 * m"
                                   % ef_construction)
-        plpy.execute("DROP INDEX IF EXISTS omop_emb.%s" % sqlgen.hnsw_index_name(model["model_id"]))
+        name = sqlgen.hnsw_index_name(model["model_id"])
+        if plpy.execute("SELECT to_regclass('omop_emb.%s') IS NOT NULL AS present" % name)[0]["present"]:
+            plpy.execute("DROP INDEX omop_emb.%s" % name)
         params = {}
         if method == "hnsw":
             model["metric"] = metric
@@ -254,3 +256,63 @@ class IndexingMixin:
         # Plans were prepared for the old metric.
         self.plans = {k: v for k, v in self.plans.items() if not isinstance(k, tuple)}
         return method
+
+    def index_finish(self, plpy, model_name):
+        """Refresh planner statistics so that searches plan on the real row count."""
+        model = self.model(plpy, model_name)
+        plpy.execute("ANALYZE %s" % sqlgen.table(model["model_id"]))
+        plpy.execute(plpy.prepare(
+            "UPDATE omop_emb.index_progress SET finished_at = clock_timestamp() "
+            "WHERE model_id = $1 AND pid = pg_backend_pid()", ["int4"]), [model["model_id"]])
+        return True
+
+    def upsert_concept_texts(self, plpy, concept_ids, texts, model_name):
+        """Embed (DOCUMENT role) and store one name per concept, replacing the
+        concept's previous name rows. Attributes come from the vocabulary the
+        model was indexed from when it has the concept; otherwise the text is the
+        name and the concept counts as standard and valid."""
+        if concept_ids is None or texts is None:
+            return 0
+        if len(concept_ids) != len(texts):
+            raise InvalidArgument("%d concept ids but %d texts" % (len(concept_ids), len(texts)),
+                                  hint="Pass one text per concept id.")
+        if any(c is None for c in concept_ids) or any(t is None or not t.strip() for t in texts):
+            raise InvalidArgument("concept ids and texts must not be NULL or blank")
+        if len(set(concept_ids)) != len(concept_ids):
+            raise InvalidArgument("concept ids repeat", hint="Pass each concept once.")
+        st = self.settings(plpy)
+        model = self.model(plpy, model_name, st)
+        mid = model["model_id"]
+        vecs = self.embed_texts(plpy, model, "document", list(texts), st, use_cache=False)
+        doc_prefix, _ = self.prefix(plpy, model, "document", st)
+        attrs = {}
+        schema = plpy.execute(plpy.prepare(
+            "SELECT vocabulary_schema FROM omop_emb.model WHERE model_id = $1", ["int4"]),
+            [mid])[0]["vocabulary_schema"]
+        if schema and plpy.execute(plpy.prepare(
+                "SELECT to_regclass(quote_ident($1) || '.concept') IS NOT NULL AS p", ["text"]),
+                [schema])[0]["p"]:
+            for r in plpy.execute(plpy.prepare(
+                    "SELECT concept_id, concept_code, domain_id, vocabulary_id, concept_class_id, "
+                    "standard_concept, invalid_reason FROM %s.concept WHERE concept_id = ANY($1)"
+                    % plpy.quote_ident(schema), ["int4[]"]), [list(concept_ids)]):
+                attrs[r["concept_id"]] = r
+        plpy.execute(plpy.prepare(
+            "DELETE FROM %s WHERE concept_id = ANY($1) AND text_kind = 'name'" % sqlgen.table(mid),
+            ["int4[]"]), [list(concept_ids)])
+        cols = {c: [] for c in sqlgen.ROW_COLUMNS}
+        for cid, t in zip(concept_ids, texts):
+            a = attrs.get(cid) or {}
+            row = {"concept_id": cid, "text_kind": "name", "text": t,
+                   "text_hash": vectors.text_hash(doc_prefix + t), "source_concept_id": cid,
+                   "source_code": a.get("concept_code"), "concept_name": t,
+                   "domain_id": a.get("domain_id"), "vocabulary_id": a.get("vocabulary_id"),
+                   "concept_class_id": a.get("concept_class_id"),
+                   "standard_concept": a.get("standard_concept", "S") if a else "S",
+                   "invalid_reason": a.get("invalid_reason")}
+            for c in sqlgen.ROW_COLUMNS:
+                cols[c].append(row[c])
+        sql, types = sqlgen.upsert(model)
+        self.plan(plpy, ("upsert", mid), sql, types).execute(
+            [cols[c] for c in sqlgen.ROW_COLUMNS] + [vecs])
+        return len(concept_ids)

@@ -131,6 +131,10 @@ class RegistryMixin:
             [name, provider, endpoint, remote_model or name, dimensions, metric,
              given["document"], given["query"], api_key_ref, batch_size, read_timeout_s,
              sqlgen.storage_for(dimensions)])[0]
+        # A table left behind by an earlier installation (DROP EXTENSION keeps
+        # tables created by functions) would collide with the new model id.
+        if plpy.execute("SELECT to_regclass('%s') IS NOT NULL AS p" % sqlgen.table(row["model_id"]))[0]["p"]:
+            plpy.execute("DROP TABLE %s" % sqlgen.table(row["model_id"]))
         for stmt in sqlgen.create_table(dict(row)):
             plpy.execute(stmt)
         plpy.notice("omop_emb: registered model %s (%s, %d dimensions, %s; prefixes: document "

@@ -57,13 +57,15 @@ class Runtime(RegistryMixin, IndexingMixin):
         try:
             return getattr(self, name)(plpy, *args)
         except OmopEmbError as e:
-            plpy.error(e.message, detail=e.detail, hint=e.hint, sqlstate=e.sqlstate)
+            extra = {k: v for k, v in (("detail", e.detail), ("hint", e.hint)) if v is not None}
+            plpy.error(e.message, sqlstate=e.sqlstate, **extra)
 
     def warn_once(self, plpy, key, msg, detail=None, hint=None):
         if key in self.warned:
             return
         self.warned.add(key)
-        plpy.warning(msg, detail=detail, hint=hint)
+        extra = {k: v for k, v in (("detail", detail), ("hint", hint)) if v is not None}
+        plpy.warning(msg, **extra)
 
     def settings(self, plpy):
         row = self.plan(plpy, "settings", SETTINGS_SQL).execute([])[0]
