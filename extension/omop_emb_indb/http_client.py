@@ -13,6 +13,7 @@ import time
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from .errors import EmbeddingServiceError, InvalidEmbeddingResponse
@@ -83,8 +84,16 @@ class EmbeddingHTTP:
         started = time.monotonic()
         try:
             self.requests_sent += 1
-            resp = self.session(int(model["max_retries"])).post(
-                url, data=json.dumps(body), headers=headers, timeout=timeout)
+            try:
+                resp = self.session(int(model["max_retries"])).post(
+                    url, data=json.dumps(body), headers=headers, timeout=timeout)
+            except requests.exceptions.ConnectionError as e:
+                # With Retry(read=0) urllib3 wraps a read timeout in MaxRetryError, which
+                # requests reports as ConnectionError: report it as the timeout it is.
+                if isinstance(getattr(e.args[0] if e.args else None, "reason", None),
+                              ReadTimeoutError):
+                    raise requests.exceptions.ReadTimeout(str(e))
+                raise
         except requests.exceptions.ConnectTimeout:
             raise EmbeddingServiceError(
                 "could not connect to %s within %.1f s" % (where, timeout[0]),
