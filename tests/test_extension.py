@@ -132,10 +132,10 @@ def test_empty_prefix_warns_once_per_session(omop_db, fake_embedder):
 def test_empty_prefix_warning_names_the_family_prefixes(omop_db, fake_embedder):
     register_fake_model(omop_db, fake_embedder, name="nomic-embed-text")
     with connect(omop_db) as conn:
-        diags = []
-        conn.add_notice_handler(diags.append)
+        hints = []  # a Diagnostic is only valid inside the handler
+        conn.add_notice_handler(lambda d: hints.append(d.message_hint or ""))
         conn.execute("SELECT omop_emb.embed('x', 'query')")
-        hint = " ".join(d.message_hint or "" for d in diags)
+        hint = " ".join(hints)
         assert "search_query: " in hint and "search_document: " in hint
 
 
@@ -161,10 +161,11 @@ def test_unset_setting_falls_back_to_the_model_record(omop_db, fake_embedder):
         rows = dict((r[0], (r[1], r[2])) for r in conn.execute(
             "SELECT role, prefix, source FROM omop_emb.embedding_role_prefixes()").fetchall())
         assert rows["query"] == ("query: ", "model")
-        conn.execute("SET omop_emb.query_embedding_prefix = ''")  # explicitly empty: symmetric
+        # '' is indistinguishable from RESET for custom settings: it also falls back.
+        conn.execute("SET omop_emb.query_embedding_prefix = ''")
         rows = dict((r[0], r[1]) for r in conn.execute(
             "SELECT role, prefix FROM omop_emb.embedding_role_prefixes()").fetchall())
-        assert rows["query"] == ""
+        assert rows["query"] == "query: "
 
 
 def test_wrong_role_and_unknown_model_are_clear_errors(omop_db, fake_embedder):
