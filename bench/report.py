@@ -1,0 +1,244 @@
+"""Markdown table and PNG plots from bench/results/results.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _f(x, nd=1):
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    return f"{x:,}"
+
+
+def rows(r: dict) -> list[tuple]:
+    """(goal, measured, baseline, ratio, met) per goal."""
+    out = []
+    e5 = r.get("e5_indexing")
+    if e5:
+        out.append(("Indexing, e5 server: index_concepts / raw server throughput >= 0.95",
+                    f"{_f(e5['index_per_s'])} concepts/s ({e5['embedded']} texts, {','.join(e5['domains'])})",
+                    f"{_f(e5['raw_per_s'])} texts/s raw, batch {e5['batch_size']}", f"{e5['ratio']:.3f}",
+                    e5["ratio"] >= 0.95))
+    ix = r.get("indexing")
+    if ix:
+        one, two, raw = ix["one_session"], ix["two_sessions"], ix["raw_server"]
+        out.append((f"Indexing, instant server, {ix['concepts']:,} concepts, 1 session >= 10,000 concepts/s",
+                    f"{_f(one['concepts_per_s'], 0)} concepts/s ({_f(one['us_per_concept'])} us/concept)",
+                    f"{_f(raw['per_s'], 0)} texts/s raw server", f"{one['concepts_per_s'] / raw['per_s']:.3f}",
+                    one["concepts_per_s"] >= 10_000))
+        out.append((f"Indexing, instant server, 2 sessions (scales with sessions)",
+                    f"{_f(two['concepts_per_s'], 0)} concepts/s",
+                    f"{_f(one['concepts_per_s'], 0)} concepts/s on 1 session",
+                    f"{two['concepts_per_s'] / one['concepts_per_s']:.2f}", None))
+    lat = r.get("latency")
+    sc = r.get("scale", {})
+    nv = sc.get("vectors")
+    if lat:
+        b, bb = lat["baseline_sql"], lat["baseline_http_plus_sql"]
+        mode = lat.get("default_mode", "")
+        for key, label in (("nearest_text_cached_session", f"default mode ({mode}: hybrid unless set)"),
+                           ("nearest_text_cached_session_semantic", "mode => 'semantic'")):
+            if key not in lat:
+                continue
+            c = lat[key]
+            out.append((f"nearest(text, 10) cached, {label}, p50 <= 3 ms ({_f(nv)} x 384)",
+                        f"p50 {c['p50_ms']:.2f} / p95 {c['p95_ms']:.2f} / p99 {c['p99_ms']:.2f} ms",
+                        f"hand-written SQL p50 {b['p50_ms']:.2f} ms", f"{c['p50_ms'] / b['p50_ms']:.2f}",
+                        c["p50_ms"] <= 3.0))
+        for key, okey, label in (("nearest_text_uncached", "overhead_uncached_p50_ms", "default mode"),
+                                 ("nearest_text_uncached_semantic", "overhead_uncached_semantic_p50_ms",
+                                  "mode => 'semantic'")):
+            if key not in lat:
+                continue
+            u = lat[key]
+            out.append((f"nearest(text, 10) uncached, {label}: overhead vs raw HTTP + SQL <= 2 ms at p50",
+                        f"p50 {u['p50_ms']:.2f} / p95 {u['p95_ms']:.2f} / p99 {u['p99_ms']:.2f} ms "
+                        f"(overhead {lat[okey]:+.2f} ms)",
+                        f"HTTP + SQL p50 {bb['p50_ms']:.2f} / p95 {bb['p95_ms']:.2f} / p99 {bb['p99_ms']:.2f} ms",
+                        f"{u['p50_ms'] / bb['p50_ms']:.2f}", lat[okey] <= 2.0))
+        v = lat["nearest_vector"]
+        out.append(("nearest(vector, 10): overhead vs hand-written SQL <= 2 ms at p50",
+                    f"p50 {v['p50_ms']:.2f} / p95 {v['p95_ms']:.2f} / p99 {v['p99_ms']:.2f} ms "
+                    f"(overhead {lat['overhead_vector_p50_ms']:+.2f} ms)",
+                    f"SQL p50 {b['p50_ms']:.2f} / p95 {b['p95_ms']:.2f} / p99 {b['p99_ms']:.2f} ms",
+                    f"{v['p50_ms'] / b['p50_ms']:.2f}", lat["overhead_vector_p50_ms"] <= 2.0))
+    rec = r.get("recall")
+    if rec:
+        for name, case in rec["cases"].items():
+            d = case["by_ef"]["default"]
+            ok_ef = next((ef for ef, x in case["by_ef"].items() if ef != "default" and x["recall_at_10"] >= 0.98),
+                         None)
+            out.append((f"Recall@10, {name}, defaults >= 0.98",
+                        f"{d['recall_at_10']:.4f} (p50 {d['p50_ms']:.2f} ms)",
+                        "exact search = 1.0", f"{d['recall_at_10']:.4f}",
+                        d["recall_at_10"] >= 0.98))
+    bt = r.get("batch")
+    if bt:
+        out.append((f"nearest_batch of {bt['terms']:,} terms (e5) / raw embedding throughput >= 0.9",
+                    f"{_f(bt['nearest_batch_per_s'])} terms/s",
+                    f"{_f(bt['raw_per_s'])} texts/s raw", f"{bt['ratio']:.3f}", bt["ratio"] >= 0.9))
+    mem = r.get("memory")
+    if mem:
+        g = mem["growth_second_half_kb"] / 1024
+        out.append((f"Backend private memory (RssAnon) over {mem['calls']:,} nearest() calls: flat",
+                    f"RssAnon {mem['rss_start_kb'] / 1024:.1f} -> {mem['rss_mid_kb'] / 1024:.1f} -> "
+                    f"{mem['rss_end_kb'] / 1024:.1f} MB (second half {g:+.1f} MB)",
+                    "start of session", f"{mem['rss_end_kb'] / mem['rss_start_kb']:.2f}", abs(g) < 5))
+    ix2 = sc.get("index")
+    if ix2:
+        out.append((f"HNSW build at {_f(nv)} x 384 (m 16, ef_construction 64)",
+                    (f"{ix2['build_s']:.0f} s" if "build_s" in ix2 else "reused") +
+                    f", index {ix2['index_bytes'] / 2**20:,.0f} MB",
+                    f"maintenance_work_mem {ix2['maintenance_work_mem']}, "
+                    f"{ix2['max_parallel_maintenance_workers']} parallel worker(s); table "
+                    f"{ix2['table_bytes'] / 2**20:,.0f} MB", "", None))
+    return out
+
+
+def markdown(r: dict) -> str:
+    lines = ["| Goal | Measured | Baseline (same run) | Ratio | Met |", "|---|---|---|---|---|"]
+    for goal, meas, base, ratio, met in rows(r):
+        lines.append(f"| {goal} | {meas} | {base} | {ratio} | {'' if met is None else ('yes' if met else '**no**')} |")
+    m = r.get("meta", {})
+    pg = m.get("postgres", {})
+    lines += ["", f"Command: `{m.get('command', '')}`; {m.get('started', '')} .. {m.get('finished', '')}; "
+              f"{m.get('cpu_count')} CPUs; PostgreSQL {pg.get('server_version', '?')}, pgvector "
+              f"{pg.get('pgvector', '?')}, shared_buffers {pg.get('shared_buffers', '?')}, "
+              f"maintenance_work_mem {pg.get('maintenance_work_mem', '?')}."]
+    rec = r.get("recall")
+    if rec:
+        lines += ["", "Recall@10 and p50 latency by omop_emb.ef_search (default = setting unset):", "",
+                  "| Case | rows in filter | " + " | ".join(f"ef {e}" for e in rec["ef_grid"]) + " |",
+                  "|---|---|" + "---|" * len(rec["ef_grid"])]
+        for name, case in rec["cases"].items():
+            cells = [f"{x['recall_at_10']:.4f} / {x['p50_ms']:.2f} ms" for x in case["by_ef"].values()]
+            lines.append(f"| {name} | {case['rows_in_filter']:,} | " + " | ".join(cells) + " |")
+    ix = r.get("indexing")
+    if ix and ix.get("profile"):
+        p = ix["profile"]
+        lines += ["", f"Where one indexed concept's time goes (replica of _index_batch inside the backend, "
+                  f"{p['texts']:,} texts, batch {ix['batch_size']}; total "
+                  f"{p['replica_us_per_concept_total']:.0f} us/concept):", "", "| Phase | us/concept | share |",
+                  "|---|---|---|"]
+        for k, v in sorted(p["us_per_concept"].items(), key=lambda kv: -kv[1]):
+            share = p["share"].get(k)
+            lines.append(f"| {k} | {v:.1f} | {'' if share is None else f'{share:.0%}'} |")
+        if ix.get("deterministic_server_raw"):
+            lines += ["", f"The deterministic test double answers {ix['deterministic_server_raw']['per_s']:,.0f} "
+                      f"texts/s raw (it draws 384 Gaussians in Python per text), so the instant server "
+                      f"(bench/instant_server.py, {ix['raw_server']['per_s']:,.0f} texts/s) is used to measure "
+                      f"the extension's own overhead."]
+    if r.get("errors"):
+        lines += ["", "Errors during the run:", "", "```", *r["errors"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def plots(r: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    made = []
+    lat = r.get("latency")
+    if lat:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name, xs in lat["samples_ms"].items():
+            xs = np.sort(np.array(xs))
+            ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("latency per call (ms, log)")
+        ax.set_ylabel("fraction of calls")
+        ax.set_title(f"nearest(.., 10) latency CDF, {r['scale']['vectors']:,} x 384, HNSW")
+        ax.axvline(3.0, color="grey", ls=":", lw=1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "latency_cdf.png", dpi=110)
+        plt.close(fig)
+        made.append("latency_cdf.png")
+    rec = r.get("recall")
+    if rec:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name, case in rec["cases"].items():
+            xs = [x["p50_ms"] for x in case["by_ef"].values()]
+            ys = [x["recall_at_10"] for x in case["by_ef"].values()]
+            ax.plot(xs, ys, "o-", label=name)
+            for (ef, x), xx, yy in zip(case["by_ef"].items(), xs, ys):
+                ax.annotate(f"ef {ef}", (xx, yy), fontsize=7, xytext=(3, -8), textcoords="offset points")
+        ax.axhline(0.98, color="grey", ls=":", lw=1)
+        ax.set_xlabel("p50 latency of nearest(vector, 10) (ms)")
+        ax.set_ylabel("recall@10 vs exact")
+        ax.set_title("Recall / latency by omop_emb.ef_search")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "recall_latency.png", dpi=110)
+        plt.close(fig)
+        made.append("recall_latency.png")
+    mem = r.get("memory")
+    if mem:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        pts = mem["points"]
+        ax.plot([p[0] for p in pts], [p[1] / 1024 for p in pts], "o-", ms=3, label="VmRSS (incl. shared buffers)")
+        ax.plot([p[0] for p in pts], [(p[2] or 0) / 1024 for p in pts], "o-", ms=3, label="RssAnon (private)")
+        ax.legend(fontsize=8)
+        ax.set_xlabel("nearest(text) calls with new texts, one session")
+        ax.set_ylabel("backend RSS (MB)")
+        ax.set_title("Backend memory over nearest() calls")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "memory_rss.png", dpi=110)
+        plt.close(fig)
+        made.append("memory_rss.png")
+    ix = r.get("indexing")
+    if ix:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for key, label in (("one_session", "1 session"), ("two_sessions", "2 sessions")):
+            prog = ix[key].get("progress") or []
+            if len(prog) > 2:
+                t = np.array([p[0] for p in prog])
+                d = np.array([p[1] for p in prog])
+                a1.plot(t[1:], np.diff(d) / np.maximum(np.diff(t), 1e-6), label=label)
+        a1.axhline(ix["raw_server"]["per_s"], color="grey", ls=":", lw=1, label="raw server")
+        a1.set_yscale("log")
+        a1.set_xlabel("seconds since CALL")
+        a1.set_ylabel("texts/s (0.5 s windows)")
+        a1.set_title(f"index_concepts, instant server, {ix['concepts']:,} concepts")
+        a1.grid(alpha=0.3)
+        a1.legend(fontsize=8)
+        p = ix.get("profile")
+        if p:
+            items = sorted(((k, v) for k, v in p["us_per_concept"].items() if not k.startswith("(alt)")),
+                           key=lambda kv: kv[1])
+            a2.barh([k for k, _ in items], [v for _, v in items])
+            a2.set_xlabel("us per concept")
+            a2.set_title("where _index_batch spends its time")
+            a2.tick_params(axis="y", labelsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "indexing.png", dpi=110)
+        plt.close(fig)
+        made.append("indexing.png")
+    return made
+
+
+def write(r: dict, out: Path) -> None:
+    made = []
+    try:
+        made = plots(r, out)
+    except Exception as e:  # a plot failure must not lose the table
+        print("plots failed:", e, file=sys.stderr)
+    md = "# omop_emb benchmarks\n\n" + markdown(r) + "".join(
+        f"\n![{m}]({m})\n" for m in made)
+    (out / "benchmarks.md").write_text(md)
+
+
+if __name__ == "__main__":
+    d = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
+    write(json.loads((d / "results.json").read_text()), d)

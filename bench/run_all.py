@@ -1,0 +1,142 @@
+"""Run every omop_emb benchmark and write bench/results/{results.json, benchmarks.md, *.png}.
+
+    .venv/bin/python bench/run_all.py                     # full run (1M vectors; ~30-40 min on 2 cores)
+    .venv/bin/python bench/run_all.py --scale 20000       # development size
+    .venv/bin/python bench/run_all.py --scale 2000 --quick --no-e5   # smoke (tests/test_bench_smoke.py)
+
+Starts its own PostgreSQL (LocalCluster in a temp dir, or --datadir to keep and reuse it, or --dsn)
+and its own embedding servers (bench/instant_server.py, the deterministic test double and
+`omop-emb-pg serve` for e5). Every goal is reported beside a baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Database, Proc, log  # noqa: E402
+
+PARTS = ("indexing", "e5", "query", "recall", "memory", "batch")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=int, default=1_000_000, help="vectors in the query/recall table")
+    ap.add_argument("--index-scale", type=int, default=None, help="synthetic concepts indexed (default 100,000; "
+                    "min(scale, 100000))")
+    ap.add_argument("--latency-queries", type=int, default=None)
+    ap.add_argument("--recall-queries", type=int, default=None)
+    ap.add_argument("--memory-calls", type=int, default=None)
+    ap.add_argument("--batch-terms", type=int, default=2000, help="nearest_batch source terms (e5)")
+    ap.add_argument("--e5-domains", default="Condition")
+    ap.add_argument("--quick", action="store_true", help="tiny sample sizes (smoke test)")
+    ap.add_argument("--no-e5", action="store_true", help="skip the parts that need the real e5 server")
+    ap.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: " + ",".join(PARTS))
+    ap.add_argument("--dsn", default=None, help="use an existing PostgreSQL (superuser) instead of a LocalCluster")
+    ap.add_argument("--datadir", default=None, help="keep the LocalCluster here and reuse it across runs")
+    ap.add_argument("--db-prefix", default="", help="prefix of the databases created (bench_index, ...)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    a = ap.parse_args(argv)
+    q = a.quick
+    index_scale = a.index_scale or min(a.scale, 100_000)
+    lat_n = a.latency_queries or (50 if q else 1000)
+    rec_n = a.recall_queries or (20 if q else 200)
+    mem_n = a.memory_calls or (200 if q else 10_000)
+    parts = [p.strip() for p in a.only.split(",") if p.strip()]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    res_path = out / "results.json"
+    results: dict = {}
+    if res_path.exists() and set(parts) != set(PARTS):
+        results = json.loads(res_path.read_text())  # partial re-run: keep the other parts
+    results["meta"] = {"command": "python bench/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                       "scale": a.scale, "index_scale": index_scale, "quick": q,
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(),
+                       "platform": platform.platform(), "python": platform.python_version()}
+    db = Database(a.dsn, a.datadir, prefix=a.db_prefix)
+    servers = []
+    try:
+        results["meta"]["postgres"] = db.settings()
+        inst = Proc("instant")
+        servers.append(inst)
+        if "indexing" in parts:
+            import b_indexing
+
+            det = Proc("deterministic")
+            servers.append(det)
+            results["indexing"] = b_indexing.bench_instant(db, inst.url, index_scale, q, det_url=det.url)
+            det.stop()
+        e5 = None
+        if not a.no_e5 and ("e5" in parts or "batch" in parts):
+            e5 = Proc("e5")
+            servers.append(e5)
+        if e5 and "e5" in parts:
+            import b_indexing
+
+            results["e5_indexing"] = b_indexing.bench_e5(db, e5.url, a.e5_domains.split(","), q)
+        if e5 and "batch" in parts:
+            import b_query
+            import psycopg
+
+            dsn = db.dsn(db.name("bench_e5"))
+            if "e5_indexing" not in results:
+                import b_indexing
+
+                results["e5_indexing"] = b_indexing.bench_e5(db, e5.url, a.e5_domains.split(","), q)
+            with psycopg.connect(dsn, autocommit=True) as c:
+                c.execute("SELECT omop_emb.alter_model('e5', endpoint => %s)", (e5.url,))
+            results["batch"] = b_query.batch_mapping(dsn, e5.url, 100 if q else a.batch_terms)
+        if e5:
+            e5.stop()
+        if {"query", "recall", "memory"} & set(parts):
+            import b_query
+
+            dsn = db.create("bench_query", fresh=False)
+            db.install(dsn)
+            mid, load_info = b_query.load(dsn, inst.url, a.scale)
+            results.setdefault("scale", {})
+            results["scale"].update({"vectors": a.scale, "dims": b_query.DIM, "load": load_info,
+                                     "generator": {"cluster_size_mean": 20, "spread": b_query.SPREAD,
+                                                   "query_noise": b_query.QUERY_NOISE}})
+            results["scale"]["index"] = b_query.build_index(dsn, mid)
+            if "query" in parts:
+                log(f"query: latency, {lat_n} queries per case")
+                results["latency"] = b_query.latency(dsn, mid, inst.url, lat_n)
+                import b_profile
+
+                log("query: profile of nearest() inside the backend")
+                results["latency"]["profile"] = b_profile.profile_nearest(dsn, b_query.MODEL, mid,
+                                                                          reps=30 if q else 200)
+            if "recall" in parts:
+                log(f"recall: {rec_n} queries per case and ef_search")
+                results["recall"] = b_query.recall(dsn, mid, a.scale, rec_n)
+            if "memory" in parts:
+                log(f"memory: {mem_n} nearest() calls in one session")
+                results["memory"] = b_query.memory(dsn, mem_n)
+    except Exception:
+        results.setdefault("errors", []).append(traceback.format_exc())
+        traceback.print_exc()
+    finally:
+        for s in servers:
+            s.stop()
+        db.close()
+    results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    res_path.write_text(json.dumps(results, indent=1, default=str))
+    import report
+
+    report.write(results, out)
+    log(f"wrote {res_path}, {out / 'benchmarks.md'} and plots")
+    return 1 if results.get("errors") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
