@@ -233,7 +233,9 @@ def run_index(dsn: str, *, model: str | None = None, progress: str = "auto", pol
             bar.update(0, completed=st.done, total=max(st.total, 1), rate=float(st.rate_per_s or 0))
         else:
             now = time.monotonic()
-            if final or now - last_plain >= 2.0:
+            key = (st.done, st.total)
+            if final or (now - last_plain >= 2.0 and key != getattr(show, "last_key", None)) or now - last_plain >= 15:
+                show.last_key = key
                 eta = st.eta_s
                 print(f"indexing {st.model}: {st.done}/{st.total} texts ({float(st.rate_per_s or 0):.1f}/s, "
                       f"ETA {'-' if eta is None else f'{eta:.0f} s'})", file=out, flush=True)

