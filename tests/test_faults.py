@@ -348,7 +348,8 @@ def test_cancel_during_hung_call_returns_within_read_timeout(vocab_db, pg, fake_
     state = run.error.diag.sqlstate
     # The cancel is honoured when the HTTP call returns: never later than the read timeout.
     assert run.elapsed < READ_TIMEOUT + 1.5, run.elapsed
-    assert run.elapsed >= READ_TIMEOUT - 0.5, run.elapsed  # not earlier: Python is not interrupted
+    # (today it is not earlier either: Python inside the backend is not interrupted; a
+    # cancel-aware HTTP loop would make this prompt and report 57014, which is accepted)
     assert state in ("57014", "OE001"), state
     FAULT_RESULTS[how + " during a hung call"] = (
         f"control back after {run.elapsed:.2f}s (read timeout {READ_TIMEOUT}s), SQLSTATE {state}: "
