@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-queries", type=int, default=None)
     ap.add_argument("--recall-queries", type=int, default=None)
     ap.add_argument("--memory-calls", type=int, default=None)
-    ap.add_argument("--batch-terms", type=int, default=2000, help="nearest_batch source terms (e5)")
+    ap.add_argument("--batch-terms", type=int, default=1000, help="nearest_batch source terms (e5)")
     ap.add_argument("--e5-domains", default="Condition")
     ap.add_argument("--quick", action="store_true", help="tiny sample sizes (smoke test)")
     ap.add_argument("--no-e5", action="store_true", help="skip the parts that need the real e5 server")
@@ -68,6 +68,38 @@ def main(argv=None) -> int:
         results["meta"]["postgres"] = db.settings()
         inst = Proc("instant")
         servers.append(inst)
+
+        def save():
+            res_path.write_text(json.dumps(results, indent=1, default=str))
+
+        if {"query", "recall", "memory"} & set(parts):
+            import b_profile
+            import b_query
+
+            dsn = db.create("bench_query", fresh=False)
+            db.install(dsn)
+            mid, load_info = b_query.load(dsn, inst.url, a.scale)
+            results.setdefault("scale", {})
+            results["scale"].update({"vectors": a.scale, "dims": b_query.DIM, "load": load_info,
+                                     "generator": {"cluster_size_mean": 20, "spread": b_query.SPREAD,
+                                                   "query_noise": b_query.QUERY_NOISE}})
+            results["scale"]["index"] = b_query.build_index(dsn, mid)
+            save()
+            if "query" in parts:
+                log(f"query: latency, {lat_n} queries per case")
+                results["latency"] = b_query.latency(dsn, mid, inst.url, lat_n)
+                log("query: profile of nearest() inside the backend")
+                results["latency"]["profile"] = b_profile.profile_nearest(dsn, b_query.MODEL, mid,
+                                                                          reps=30 if q else 200)
+                save()
+            if "recall" in parts:
+                log(f"recall: {rec_n} queries per case and ef_search")
+                results["recall"] = b_query.recall(dsn, mid, a.scale, rec_n)
+                save()
+            if "memory" in parts:
+                log(f"memory: {mem_n} nearest() calls in one session")
+                results["memory"] = b_query.memory(dsn, mem_n)
+                save()
         if "indexing" in parts:
             import b_indexing
 
@@ -75,6 +107,7 @@ def main(argv=None) -> int:
             servers.append(det)
             results["indexing"] = b_indexing.bench_instant(db, inst.url, index_scale, q, det_url=det.url)
             det.stop()
+            save()
         e5 = None
         if not a.no_e5 and ("e5" in parts or "batch" in parts):
             e5 = Proc("e5")
@@ -83,6 +116,7 @@ def main(argv=None) -> int:
             import b_indexing
 
             results["e5_indexing"] = b_indexing.bench_e5(db, e5.url, a.e5_domains.split(","), q)
+            save()
         if e5 and "batch" in parts:
             import b_query
             import psycopg
@@ -95,33 +129,9 @@ def main(argv=None) -> int:
             with psycopg.connect(dsn, autocommit=True) as c:
                 c.execute("SELECT omop_emb.alter_model('e5', endpoint => %s)", (e5.url,))
             results["batch"] = b_query.batch_mapping(dsn, e5.url, 100 if q else a.batch_terms)
+            save()
         if e5:
             e5.stop()
-        if {"query", "recall", "memory"} & set(parts):
-            import b_query
-
-            dsn = db.create("bench_query", fresh=False)
-            db.install(dsn)
-            mid, load_info = b_query.load(dsn, inst.url, a.scale)
-            results.setdefault("scale", {})
-            results["scale"].update({"vectors": a.scale, "dims": b_query.DIM, "load": load_info,
-                                     "generator": {"cluster_size_mean": 20, "spread": b_query.SPREAD,
-                                                   "query_noise": b_query.QUERY_NOISE}})
-            results["scale"]["index"] = b_query.build_index(dsn, mid)
-            if "query" in parts:
-                log(f"query: latency, {lat_n} queries per case")
-                results["latency"] = b_query.latency(dsn, mid, inst.url, lat_n)
-                import b_profile
-
-                log("query: profile of nearest() inside the backend")
-                results["latency"]["profile"] = b_profile.profile_nearest(dsn, b_query.MODEL, mid,
-                                                                          reps=30 if q else 200)
-            if "recall" in parts:
-                log(f"recall: {rec_n} queries per case and ef_search")
-                results["recall"] = b_query.recall(dsn, mid, a.scale, rec_n)
-            if "memory" in parts:
-                log(f"memory: {mem_n} nearest() calls in one session")
-                results["memory"] = b_query.memory(dsn, mem_n)
     except Exception:
         results.setdefault("errors", []).append(traceback.format_exc())
         traceback.print_exc()
