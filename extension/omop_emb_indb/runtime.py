@@ -9,7 +9,7 @@ that this module imports without PostgreSQL.
 import os
 from collections import OrderedDict
 
-from . import prefixes, sqlgen, vectors
+from . import lexical, prefixes, sqlgen, vectors
 from .checks import MAX_K, check_filters, check_k, int_setting
 from .errors import InvalidArgument, ModelNotFound, NotIndexed, OmopEmbError
 from .http_client import EmbeddingHTTP
@@ -266,22 +266,39 @@ class Runtime(RegistryMixin, IndexingMixin):
         return vectors.cosine(vectors.from_sql(va), vectors.from_sql(vb))
 
     # -- search -------------------------------------------------------------
+    def search_mode(self, plpy, mode):
+        """'semantic' | 'lexical' | 'hybrid': the argument, else the setting
+        omop_emb.search_mode, else lexical.DEFAULT_MODE."""
+        setting = None
+        if mode is None:
+            setting = self.plan(plpy, "search_mode_setting",
+                                "SELECT current_setting('%s', true) AS v" % lexical.SETTING
+                                ).execute([])[0]["v"]
+        return lexical.check_mode(mode, setting)
+
     def nearest(self, plpy, query, k, domain_ids, vocabulary_ids, concept_class_ids,
-                standard_only, include_invalid, model_name):
+                standard_only, include_invalid, model_name, mode=None):
         k = check_k(k)
         filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
+        mode = self.search_mode(plpy, mode)
         if query is None or not query.strip():
             return []
         st = self.settings(plpy)
         model = self.model(plpy, model_name, st)
-        vec = self.embed_texts(plpy, model, "query", [query], st)[0]
+        # Lexical mode needs no embedding service: similarity/distance are NULL.
+        vec = None if mode == "lexical" else \
+            self.embed_texts(plpy, model, "query", [query], st)[0]
         return self.search(plpy, model, st, vec, k, filters, standard_only, include_invalid,
-                           query_text=query)
+                           query_text=query, mode=mode)
 
     def nearest_vector(self, plpy, vec, k, domain_ids, vocabulary_ids, concept_class_ids,
-                       standard_only, include_invalid, model_name):
+                       standard_only, include_invalid, model_name, mode=None):
         k = check_k(k)
         filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
+        if mode is not None and lexical.check_mode(mode) == "lexical":
+            raise InvalidArgument("a query vector cannot be searched lexically",
+                                  hint="Pass the query text: omop_emb.nearest('...', "
+                                       "mode => 'lexical').")
         if vec is None:
             return []
         st = self.settings(plpy)
@@ -292,28 +309,39 @@ class Runtime(RegistryMixin, IndexingMixin):
                 "query vector has %d dimensions; model %s has %d"
                 % (dims, model["name"], model["dimensions"]),
                 hint="Embed the query with omop_emb.embed(text, 'query') for this model.")
-        return self.search(plpy, model, st, vec, k, filters, standard_only, include_invalid)
+        # No text: the vector ranking alone (hybrid falls back to semantic).
+        return self.search(plpy, model, st, vec, k, filters, standard_only, include_invalid,
+                           mode="semantic")
 
     def nearest_batch(self, plpy, queries, k, domain_ids, vocabulary_ids, concept_class_ids,
-                      standard_only, include_invalid, model_name):
+                      standard_only, include_invalid, model_name, mode=None):
         k = check_k(k)
         filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
+        mode = self.search_mode(plpy, mode)
         if not queries:
             return []
         st = self.settings(plpy)
         model = self.model(plpy, model_name, st)
-        vecs = self.embed_texts(plpy, model, "query", list(queries), st)
+        if mode == "lexical":
+            vecs = [None if q is None or not q.strip() else "" for q in queries]
+        else:
+            vecs = self.embed_texts(plpy, model, "query", list(queries), st)
         out = []
         for i, (q, v) in enumerate(zip(queries, vecs)):
             if v is None:
                 continue
-            for row in self.search(plpy, model, st, v, k, filters, standard_only,
-                                   include_invalid, query_text=q, notice=False):
+            for row in self.search(plpy, model, st, v or None, k, filters, standard_only,
+                                   include_invalid, query_text=q, notice=False, mode=mode):
                 out.append((i + 1, q) + row)
         return out
 
     def search(self, plpy, model, st, vec, k, filters, standard_only, include_invalid,
-               query_text=None, notice=True):
+               query_text=None, notice=True, mode="semantic"):
+        """Rows of nearest(): exact matches first, then the ranking of ``mode``.
+
+        score: semantic -> similarity; lexical -> lexical score (Dice overlap of
+        stemmed words, 0..1); hybrid -> reciprocal rank fusion score.
+        """
         standard_only = True if standard_only is None else bool(standard_only)
         include_invalid = bool(include_invalid)
         shape = (tuple(f is not None for f in filters), standard_only, include_invalid)
@@ -322,18 +350,60 @@ class Runtime(RegistryMixin, IndexingMixin):
             if notice:
                 plpy.notice("omop_emb: an empty filter array matches no concept")
             return []
+        if query_text is None:
+            mode = "semantic"
         mid = model["model_id"]
-        # Texts collapse onto concepts: ask for more texts than concepts wanted.
-        fetch = k if k >= 50 else min(MAX_K, k + max(k, 20))
-        picked = OrderedDict()
-        exact_ids = set()
+        exact_rows = OrderedDict()
         if query_text is not None:
             sql, types, _ = sqlgen.exact_match(model, shape)
             for r in self.plan(plpy, ("exact", mid, shape), sql, types).execute(
                     [vec, vectors.fold(query_text)] + args):
-                if r["concept_id"] not in picked and len(picked) < k:
-                    picked[r["concept_id"]] = r
-                    exact_ids.add(r["concept_id"])
+                if r["concept_id"] not in exact_rows and len(exact_rows) < k:
+                    exact_rows[r["concept_id"]] = r
+        want = k if mode == "semantic" else lexical.depth(k)
+        sem = lex = None
+        if mode != "lexical":
+            sem = self._semantic_ranking(plpy, model, st, vec, want, shape, args)
+        if mode != "semantic":
+            lex = self._lexical_ranking(plpy, model, vec, query_text, want, shape, args)
+        if mode == "semantic":
+            order = [(cid, sqlgen.similarity_from_distance(model["metric"], r["distance"]))
+                     for cid, r in sem.items()]
+        elif mode == "lexical":
+            order = [(cid, r["lex_score"]) for cid, r in lex.items()]
+        else:
+            order = lexical.rrf([list(sem), list(lex)],
+                                [lexical.SEMANTIC_WEIGHT, lexical.LEXICAL_WEIGHT])
+        scores = dict(order)
+        picked = OrderedDict((cid, r) for cid, r in exact_rows.items())
+        for cid, _ in order:
+            if len(picked) >= k:
+                break
+            if cid not in picked:
+                # The text shown: the semantically nearest one when the concept
+                # is in the vector ranking, else its best lexical text.
+                picked[cid] = (sem or {}).get(cid) or lex[cid]
+        if not picked:
+            self._explain_empty(plpy, model, shape, filters, notice)
+        metric = model["metric"]
+        out = []
+        for rank, (cid, r) in enumerate(picked.items(), 1):
+            d = r["distance"]
+            sim = sqlgen.similarity_from_distance(metric, d)
+            score = scores.get(cid)
+            if score is None:  # an exact match outside the ranking
+                score = 1.0 if mode == "lexical" else (sim if mode == "semantic" else 0.0)
+            out.append((rank, cid, r["concept_name"], r["domain_id"],
+                        r["vocabulary_id"], r["concept_class_id"], r["standard_concept"],
+                        sim, d, r["text"], r["text_kind"], cid in exact_rows, score))
+        return out
+
+    def _semantic_ranking(self, plpy, model, st, vec, want, shape, args):
+        """{concept_id: nearest text row} for the ``want`` nearest concepts, best first."""
+        mid = model["model_id"]
+        # Texts collapse onto concepts: ask for more texts than concepts wanted.
+        fetch = want if want >= 50 else min(MAX_K, want + max(want, 20))
+        picked = OrderedDict()
         exact = False
         while True:
             ef = max(fetch, st["ef_search"] or DEFAULT_EF_SEARCH)
@@ -343,33 +413,33 @@ class Runtime(RegistryMixin, IndexingMixin):
             rows = self.plan(plpy, ("search", mid, shape, exact), sql, types).execute(
                 [vec, fetch] + args)
             for r in rows:
-                if len(picked) >= k:
+                if len(picked) >= want:
                     break
                 if r["concept_id"] not in picked:
                     picked[r["concept_id"]] = r
-            if len(picked) >= k or exact:
+            if len(picked) >= want or exact:
                 break
             if len(rows) >= fetch and fetch < 4 * MAX_K:
                 fetch *= 4  # synonyms crowded the window: widen it
                 continue
-            if any(shape[0]) or not standard_only or not include_invalid:
-                # Filtered and short: the graph gave up before finding k matches
+            if any(shape[0]) or not shape[1] or not shape[2]:
+                # Filtered and short: the graph gave up before finding enough
                 # (hnsw.max_scan_tuples). Scan the filtered rows exactly instead.
                 exact = True
-                fetch = max(fetch, k * 4)
+                fetch = max(fetch, want * 4)
                 continue
             break
-        if not picked:
-            self._explain_empty(plpy, model, shape, filters, notice)
-        metric = model["metric"]
-        out = []
-        for rank, r in enumerate(picked.values(), 1):
-            d = r["distance"]
-            out.append((rank, r["concept_id"], r["concept_name"], r["domain_id"],
-                        r["vocabulary_id"], r["concept_class_id"], r["standard_concept"],
-                        sqlgen.similarity_from_distance(metric, d), d, r["text"],
-                        r["text_kind"], r["concept_id"] in exact_ids))
-        return out
+        return picked
+
+    def _lexical_ranking(self, plpy, model, vec, query_text, want, shape, args):
+        """{concept_id: best lexical text row} for up to ``want`` concepts, best first."""
+        mid = model["model_id"]
+        op, _ = sqlgen.METRIC_OPS[model["metric"]]
+        where, names = sqlgen.filter_clause(shape, 4)
+        sql, types = lexical.search_sql(model, where, op, len(names))
+        rows = self.plan(plpy, ("lexical", mid, shape), sql, types).execute(
+            [vec, query_text, min(4 * MAX_K, want * 4)] + args)
+        return lexical.best_per_concept(rows, want)
 
     def _explain_empty(self, plpy, model, shape, filters, notice):
         rows = plpy.execute("SELECT EXISTS (SELECT 1 FROM %s) AS any"
