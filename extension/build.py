@@ -22,7 +22,7 @@ PY_DIR = ROOT / "extension" / "omop_emb_indb"
 PACKAGE_COPY = ROOT / "python" / "omop_emb_pg" / "_extension"
 
 # Load order: a module comes after the modules it imports.
-MODULES = ["errors", "checks", "vectors", "prefixes", "providers", "sqlgen", "http_client",
+MODULES = ["errors", "checks", "vectors", "prefixes", "providers", "sqlgen", "lexical", "http_client",
            "registry", "indexing", "runtime"]
 
 RT = ('(GD.get("omop_emb") or plpy.execute("SELECT omop_emb._bootstrap()") '

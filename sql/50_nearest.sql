@@ -12,20 +12,22 @@ CREATE FUNCTION omop_emb.nearest(
     concept_class_ids text[] DEFAULT NULL,
     standard_only boolean DEFAULT true,
     include_invalid boolean DEFAULT false,
-    model text DEFAULT NULL)
+    model text DEFAULT NULL,
+    mode text DEFAULT NULL)
 RETURNS TABLE (rank integer, concept_id integer, concept_name text, domain_id text,
                vocabulary_id text, concept_class_id text, standard_concept text,
                similarity double precision, distance double precision,
-               matched_text text, match_kind text, exact_match boolean)
+               matched_text text, match_kind text, exact_match boolean,
+               score double precision)
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 SET hnsw.iterative_scan = 'relaxed_order'
 SET hnsw.ef_search = 100
 AS $$
 return @RT@.call(plpy, "nearest", query, k, domain_ids, vocabulary_ids, concept_class_ids,
-                 standard_only, include_invalid, model)
+                 standard_only, include_invalid, model, mode)
 $$;
-COMMENT ON FUNCTION omop_emb.nearest(text, integer, text[], text[], text[], boolean, boolean, text) IS
-'The k (1..1000) concepts nearest in meaning to a text, one row per concept, best first. A concept whose name, synonym or code equals the query (case and spaces folded) ranks first (exact_match). Filters: domain_ids, vocabulary_ids, concept_class_ids, standard_only (default true), include_invalid (default false), model. similarity: cosine similarity for cosine and ip models, 1/(1+distance) for l2. NULL or blank query: no rows.';
+COMMENT ON FUNCTION omop_emb.nearest(text, integer, text[], text[], text[], boolean, boolean, text, text) IS
+'The k (1..1000) concepts nearest in meaning to a text, one row per concept, best first. A concept whose name, synonym or code equals the query (case and spaces folded) ranks first (exact_match). Filters: domain_ids, vocabulary_ids, concept_class_ids, standard_only (default true), include_invalid (default false), model. similarity: cosine similarity for cosine and ip models, 1/(1+distance) for l2. mode: ''semantic'' (vector ranking), ''lexical'' (full-text: texts sharing a stemmed word with the query, ranked by Dice overlap of stemmed words; embeds nothing, similarity and distance are NULL) or ''hybrid'' (reciprocal rank fusion of both rankings, filters applied inside both before fusion); NULL: setting omop_emb.search_mode, default ''semantic''. Columns: similarity and distance are those of matched_text (the concept''s nearest text; in hybrid, its best lexical text when the vector ranking missed it); score is what rows are ordered by after exact matches: semantic = similarity, lexical = Dice overlap in [0,1], hybrid = sum of 1/(60 + rank) over the two rankings (max 2/61). NULL or blank query: no rows.';
 
 CREATE FUNCTION omop_emb.nearest(
     query vector,
@@ -35,20 +37,22 @@ CREATE FUNCTION omop_emb.nearest(
     concept_class_ids text[] DEFAULT NULL,
     standard_only boolean DEFAULT true,
     include_invalid boolean DEFAULT false,
-    model text DEFAULT NULL)
+    model text DEFAULT NULL,
+    mode text DEFAULT NULL)
 RETURNS TABLE (rank integer, concept_id integer, concept_name text, domain_id text,
                vocabulary_id text, concept_class_id text, standard_concept text,
                similarity double precision, distance double precision,
-               matched_text text, match_kind text, exact_match boolean)
+               matched_text text, match_kind text, exact_match boolean,
+               score double precision)
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 SET hnsw.iterative_scan = 'relaxed_order'
 SET hnsw.ef_search = 100
 AS $$
 return @RT@.call(plpy, "nearest_vector", query, k, domain_ids, vocabulary_ids,
-                 concept_class_ids, standard_only, include_invalid, model)
+                 concept_class_ids, standard_only, include_invalid, model, mode)
 $$;
-COMMENT ON FUNCTION omop_emb.nearest(vector, integer, text[], text[], text[], boolean, boolean, text) IS
-'The k concepts nearest to a query vector (e.g. from omop_emb.embed(text, ''query'')); same filters and columns as nearest(text).';
+COMMENT ON FUNCTION omop_emb.nearest(vector, integer, text[], text[], text[], boolean, boolean, text, text) IS
+'The k concepts nearest to a query vector (e.g. from omop_emb.embed(text, ''query'')); same filters and columns as nearest(text). mode: ''semantic'' or ''hybrid'' (no text: the vector ranking alone); ''lexical'' is an error.';
 
 CREATE FUNCTION omop_emb.nearest_batch(
     queries text[],
@@ -58,17 +62,39 @@ CREATE FUNCTION omop_emb.nearest_batch(
     concept_class_ids text[] DEFAULT NULL,
     standard_only boolean DEFAULT true,
     include_invalid boolean DEFAULT false,
-    model text DEFAULT NULL)
+    model text DEFAULT NULL,
+    mode text DEFAULT NULL)
 RETURNS TABLE (query_index integer, query text, rank integer, concept_id integer,
                concept_name text, domain_id text, vocabulary_id text, concept_class_id text,
                standard_concept text, similarity double precision, distance double precision,
-               matched_text text, match_kind text, exact_match boolean)
+               matched_text text, match_kind text, exact_match boolean,
+               score double precision)
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 SET hnsw.iterative_scan = 'relaxed_order'
 SET hnsw.ef_search = 100
 AS $$
 return @RT@.call(plpy, "nearest_batch", queries, k, domain_ids, vocabulary_ids,
+                 concept_class_ids, standard_only, include_invalid, model, mode)
+$$;
+COMMENT ON FUNCTION omop_emb.nearest_batch(text[], integer, text[], text[], text[], boolean, boolean, text, text) IS
+'nearest() for many queries in one statement: all queries are embedded in as few HTTP requests as possible (one per batch_size distinct uncached texts). query_index is the 1-based position in queries. mode and the columns (score included) as for nearest(text).';
+
+CREATE FUNCTION omop_emb.explain_nearest(
+    query text,
+    k integer DEFAULT 10,
+    domain_ids text[] DEFAULT NULL,
+    vocabulary_ids text[] DEFAULT NULL,
+    concept_class_ids text[] DEFAULT NULL,
+    standard_only boolean DEFAULT true,
+    include_invalid boolean DEFAULT false,
+    model text DEFAULT NULL)
+RETURNS SETOF text
+LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+SET hnsw.iterative_scan = 'relaxed_order'
+SET hnsw.ef_search = 100
+AS $$
+return @RT@.call(plpy, "explain_nearest", query, k, domain_ids, vocabulary_ids,
                  concept_class_ids, standard_only, include_invalid, model)
 $$;
-COMMENT ON FUNCTION omop_emb.nearest_batch(text[], integer, text[], text[], text[], boolean, boolean, text) IS
-'nearest() for many queries in one statement: all queries are embedded in as few HTTP requests as possible (one per batch_size distinct uncached texts). query_index is the 1-based position in queries.';
+COMMENT ON FUNCTION omop_emb.explain_nearest(text, integer, text[], text[], text[], boolean, boolean, text) IS
+'EXPLAIN of the k-NN statement nearest() runs for this query (with its real query vector): shows whether the HNSW index is used.';

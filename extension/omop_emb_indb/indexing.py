@@ -15,7 +15,7 @@
 
 import json
 
-from . import sqlgen, vectors
+from . import lexical, sqlgen, vectors
 from .checks import check_filters
 from .errors import InvalidArgument
 
@@ -244,6 +244,8 @@ class IndexingMixin:
         name = sqlgen.hnsw_index_name(model["model_id"])
         if plpy.execute("SELECT to_regclass('omop_emb.%s') IS NOT NULL AS present" % name)[0]["present"]:
             plpy.execute("DROP INDEX omop_emb.%s" % name)
+        for ddl in lexical.index_statements(model["model_id"]):  # models made before it existed
+            plpy.execute(ddl)
         params = {}
         if method == "hnsw":
             model["metric"] = metric
@@ -260,6 +262,8 @@ class IndexingMixin:
     def index_finish(self, plpy, model_name):
         """Refresh planner statistics so that searches plan on the real row count."""
         model = self.model(plpy, model_name)
+        for ddl in lexical.index_statements(model["model_id"]):  # models made before it existed
+            plpy.execute(ddl)
         plpy.execute("ANALYZE %s" % sqlgen.table(model["model_id"]))
         plpy.execute(plpy.prepare(
             "UPDATE omop_emb.index_progress SET finished_at = clock_timestamp() "

@@ -65,6 +65,9 @@ def create_table(model):
         "CREATE INDEX embedding_%d_vocabulary ON %s (vocabulary_id)" % (mid, t),
         "CREATE INDEX embedding_%d_domain ON %s (domain_id)" % (mid, t),
         "CREATE INDEX embedding_%d_class ON %s (concept_class_id)" % (mid, t),
+        # Lexical side of hybrid search (omop_emb_indb.lexical).
+        "CREATE INDEX embedding_%d_fts ON %s USING gin (to_tsvector('english'::regconfig, text))"
+        % (mid, t),
         "COMMENT ON TABLE %s IS 'omop_emb: embeddings of model %d (one row per concept text)'"
         % (t, mid),
     ]
