@@ -108,8 +108,8 @@ class EmbeddingHTTP:
         except requests.exceptions.ConnectionError as e:
             raise EmbeddingServiceError(
                 "cannot reach %s: %s" % (where, _reason(e)),
-                detail="after %d retries, %.1f s" % (int(model["max_retries"]),
-                                                     time.monotonic() - started),
+                detail="gave up after %.1f s (at most %d retries)"
+                       % (time.monotonic() - started, int(model["max_retries"])),
                 hint="Check that the embedding server is running (omop-emb-pg serve for the "
                      "embedded default) and that the endpoint is right.")
         except requests.exceptions.RequestException as e:
@@ -140,8 +140,11 @@ class EmbeddingHTTP:
 def _reason(exc):
     # The root cause without the request (which could carry headers).
     inner = exc.args[0] if exc.args else exc
-    reason = getattr(inner, "reason", None)
-    return str(reason or inner)[:300]
+    reason = str(getattr(inner, "reason", None) or inner)
+    # urllib3 puts "<HTTPConnection object at 0x...>: " before the cause.
+    if reason.startswith("<") and ">: " in reason:
+        reason = reason.split(">: ", 1)[1]
+    return reason[:300]
 
 
 def _short(text, api_key):
