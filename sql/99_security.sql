@@ -17,7 +17,7 @@ DECLARE
     r record;
     vector_schema text;
     reader_routines text[] := ARRAY['embed', 'embed_batch', 'similarity',
-        'embedding_role_prefixes', 'nearest', 'nearest_batch', 'status', 'fold_text', 'version'];
+        'embedding_role_prefixes', 'nearest', 'nearest_batch', 'explain_nearest', 'status', 'fold_text', 'version'];
 BEGIN
     SELECT n.nspname INTO vector_schema
     FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace

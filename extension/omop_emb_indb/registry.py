@@ -52,10 +52,13 @@ def discover_prefixes(http, provider, endpoint, timeout=(3.0, 10.0)):
 
     Returns {"document": ..., "query": ...} or {} when the server says nothing.
     """
-    if provider != "openai":
-        return {}
-    url = providers.embeddings_url(provider, endpoint)
-    url = url[: -len("/embeddings")] + "/models"
+    # Ollama serves the OpenAI-compatible /v1/models too.
+    base = (endpoint or "").strip().rstrip("/")
+    for suffix in ("/v1/embeddings", "/embeddings", "/api/embed", "/v1"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    url = base + "/v1/models"
     try:
         resp = http.session(0).get(url, timeout=timeout)
         data = resp.json().get("data") if resp.status_code == 200 else None

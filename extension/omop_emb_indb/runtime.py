@@ -16,7 +16,8 @@ from .http_client import EmbeddingHTTP
 from .indexing import IndexingMixin
 from .registry import RegistryMixin
 
-SESSION_CACHE_SIZE = 4096
+# Vectors are kept as pgvector text (~8 KB at 384 dimensions): 512 entries ~ 4 MB per backend.
+SESSION_CACHE_SIZE = 512
 DEFAULT_EF_SEARCH = 100
 
 MODEL_COLUMNS = ("model_id, name, provider, endpoint, remote_model, dimensions, metric, "
@@ -76,16 +77,11 @@ class Runtime(RegistryMixin, IndexingMixin):
             "ef_search": int_setting(row["ef_search"], "omop_emb.ef_search", 1, MAX_K * 10),
         }
         for role in prefixes.ROLES:
-            value = row[role]
-            if value == "" and not self._explicitly_set(plpy, prefixes.SETTING_NAMES[role]):
-                value = None  # defined once, then RESET: counts as unset
-            st[role] = value
+            # Custom settings cannot tell "set to ''" from "RESET" (placeholders are
+            # not in pg_settings), so '' means unset: the model's recorded prefix
+            # applies. A symmetric model is registered with empty prefixes.
+            st[role] = row[role] or None
         return st
-
-    def _explicitly_set(self, plpy, name):
-        rows = self.plan(plpy, "setting_source",
-                         "SELECT source FROM pg_settings WHERE name = $1", ["text"]).execute([name])
-        return bool(rows) and rows[0]["source"] not in ("default", None)
 
     # -- the model registry -------------------------------------------------
     def model(self, plpy, name, st=None):
@@ -440,6 +436,24 @@ class Runtime(RegistryMixin, IndexingMixin):
         rows = self.plan(plpy, ("lexical", mid, shape), sql, types).execute(
             [vec, query_text, min(4 * MAX_K, want * 4)] + args)
         return lexical.best_per_concept(rows, want)
+
+    def explain_nearest(self, plpy, query, k, domain_ids, vocabulary_ids, concept_class_ids,
+                        standard_only, include_invalid, model_name):
+        """EXPLAIN of the statement nearest() runs for this query, with its vector."""
+        k = check_k(k)
+        filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
+        st = self.settings(plpy)
+        model = self.model(plpy, model_name, st)
+        vec = self.embed_texts(plpy, model, "query", [query], st)[0]
+        standard_only = True if standard_only is None else bool(standard_only)
+        shape = (tuple(f is not None for f in filters), standard_only, bool(include_invalid))
+        sql, types, _ = sqlgen.search(model, shape)
+        fetch = k if k >= 50 else min(MAX_K, k + max(k, 20))
+        self.plan(plpy, "set_ef", "SELECT set_config('hnsw.ef_search', $1, true)",
+                  ["text"]).execute([str(min(max(fetch, st["ef_search"] or DEFAULT_EF_SEARCH), 1000))])
+        rows = plpy.execute(plpy.prepare("EXPLAIN " + sql, types),
+                            [vec, fetch] + [f for f in filters if f is not None])
+        return [r["QUERY PLAN"] for r in rows]
 
     def _explain_empty(self, plpy, model, shape, filters, notice):
         rows = plpy.execute("SELECT EXISTS (SELECT 1 FROM %s) AS any"
