@@ -9,6 +9,7 @@ model, the status and a hint, never the key.
 """
 
 import json
+import threading
 import time
 
 import requests
@@ -51,9 +52,38 @@ def make_retry(max_retries):
 class EmbeddingHTTP:
     """A per-backend HTTP client: one session, one adapter per retry budget."""
 
-    def __init__(self):
+    # How often a waiting backend checks for cancel requests.
+    INTERRUPT_POLL_S = 0.02
+
+    def __init__(self, interrupt=None):
         self._sessions = {}
         self.requests_sent = 0
+        # ``interrupt()`` raises when the statement was cancelled (pg_cancel_backend,
+        # statement_timeout): PostgreSQL cannot interrupt Python blocked in a socket
+        # read, so the request runs in a thread while the backend keeps checking.
+        self.interrupt = interrupt
+
+    def _send(self, session, url, data, headers, timeout):
+        if self.interrupt is None:
+            return session.post(url, data=data, headers=headers, timeout=timeout)
+        box = {}
+        done = threading.Event()
+
+        def work():
+            try:
+                box["resp"] = session.post(url, data=data, headers=headers, timeout=timeout)
+            except BaseException as e:  # handed to the waiting backend below
+                box["exc"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="omop_emb-http", daemon=True).start()
+        while not done.wait(self.INTERRUPT_POLL_S):
+            # Raises on cancel; the abandoned request ends at its own read timeout.
+            self.interrupt()
+        if "exc" in box:
+            raise box["exc"]
+        return box["resp"]
 
     def session(self, max_retries):
         s = self._sessions.get(max_retries)
@@ -85,8 +115,8 @@ class EmbeddingHTTP:
         try:
             self.requests_sent += 1
             try:
-                resp = self.session(int(model["max_retries"])).post(
-                    url, data=json.dumps(body), headers=headers, timeout=timeout)
+                resp = self._send(self.session(int(model["max_retries"])), url,
+                                  json.dumps(body), headers, timeout)
             except requests.exceptions.ConnectionError as e:
                 # With Retry(read=0) urllib3 wraps a read timeout in MaxRetryError, which
                 # requests reports as ConnectionError: report it as the timeout it is.

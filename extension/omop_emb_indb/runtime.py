@@ -55,6 +55,9 @@ class Runtime(RegistryMixin, IndexingMixin):
 
     def call(self, plpy, name, *args):
         """Run method ``name``; turn our errors into PostgreSQL errors."""
+        if self.http.interrupt is None:
+            check = self.plan(plpy, "interrupt", "SELECT pg_catalog.pg_sleep(0)")
+            self.http.interrupt = lambda: check.execute([])
         try:
             return getattr(self, name)(plpy, *args)
         except OmopEmbError as e:
