@@ -191,14 +191,7 @@ class IndexingMixin:
         size = int(batch_size or model["batch_size"])
         if not 1 <= size <= 100000:
             raise InvalidArgument("batch_size = %d is outside 1..100000" % size)
-        emb = sqlgen.table(mid)
-        claim = self.plan(plpy, ("claim", mid), (
-            "WITH claimed AS (DELETE FROM omop_emb.index_queue q WHERE q.ctid = ANY(ARRAY("
-            "SELECT ctid FROM omop_emb.index_queue WHERE model_id = $1 "
-            "ORDER BY concept_id, text_kind, text LIMIT $2 FOR UPDATE SKIP LOCKED)) "
-            "RETURNING q.*) SELECT c.* FROM claimed c WHERE NOT EXISTS (SELECT 1 FROM %s e "
-            "WHERE e.concept_id = c.concept_id AND e.text_kind = c.text_kind AND e.text = c.text "
-            "AND e.text_hash = c.text_hash)" % emb), ["int4", "int4"])
+        claim = self.plan(plpy, ("claim", mid), sqlgen.claim(mid), ["int4", "int4"])
         rows = claim.execute([mid, size])
         n = rows.nrows()
         if n == 0:

@@ -1,0 +1,103 @@
+"""Unit tests of the in-database Python modules, imported with plain pytest
+(no PostgreSQL): the same source that extension/build.py embeds in the
+extension script."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "extension"))
+
+from omop_emb_indb import checks, prefixes, providers, sqlgen, vectors  # noqa: E402
+from omop_emb_indb.errors import InvalidArgument, InvalidEmbeddingResponse, PrefixMismatch  # noqa: E402
+
+
+def test_roles_are_checked_and_folded():
+    assert prefixes.check_role(" Query ") == "query"
+    with pytest.raises(InvalidArgument) as e:
+        prefixes.check_role("passage")
+    assert "'document'" in e.value.hint
+
+
+def test_setting_wins_else_model_record_else_empty():
+    assert prefixes.resolve("query", "q: ", "query: ") == ("q: ", "setting omop_emb.query_embedding_prefix")
+    assert prefixes.resolve("query", None, "query: ") == ("query: ", "model")
+    assert prefixes.resolve("document", None, None) == ("", "default (none set)")
+
+
+def test_mismatch_warns_or_raises_in_strict_mode():
+    assert prefixes.check_mismatch("query", "m", None, "query: ", False) is None
+    assert prefixes.check_mismatch("query", "m", "query: ", "query: ", False) is None
+    msg, _, hint = prefixes.check_mismatch("query", "m", "search_query: ", "query: ", False)
+    assert "'search_query: '" in msg and "'query: '" in msg and "RESET" in hint
+    with pytest.raises(PrefixMismatch):
+        prefixes.check_mismatch("document", "m", "x: ", "passage: ", True)
+
+
+@pytest.mark.parametrize("name,family", [("multilingual-e5-small", "e5"), ("nomic-embed-text:v1.5", "nomic-embed-text"),
+                                         ("bge-large-en-v1.5", "bge"), ("text-embedding-3-small", None)])
+def test_model_families_are_recognised(name, family):
+    assert prefixes.family_of(name)[0] == family
+    _, _, hint = prefixes.empty_prefix_warning("query", name)
+    assert ("usually expects" in hint) == (family is not None)
+
+
+def test_urls_per_provider():
+    assert providers.embeddings_url("openai", "http://h:1") == "http://h:1/v1/embeddings"
+    assert providers.embeddings_url("openai", "https://api.example/v1/") == "https://api.example/v1/embeddings"
+    assert providers.embeddings_url("ollama", "http://h:11434") == "http://h:11434/api/embed"
+    with pytest.raises(InvalidArgument):
+        providers.embeddings_url("openai", "file:///etc/passwd")
+
+
+def test_openai_base64_and_order_by_index():
+    vec = [0.5, -0.25, 1.0]
+    b64 = base64.b64encode(struct.pack("<3f", *vec)).decode()
+    body = {"data": [{"index": 1, "embedding": [0.0, 0.0, 1.0]}, {"index": 0, "embedding": b64}]}
+    assert providers.parse_response("openai", body, 2) == [vec, [0.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("body,count", [({"embeddings": [[1.0]]}, 2), ({"nope": 1}, 1), ([], 1)])
+def test_malformed_responses_are_refused(body, count):
+    with pytest.raises(InvalidEmbeddingResponse):
+        providers.parse_response("ollama", body, count)
+
+
+@pytest.mark.parametrize("vecs", [[[1.0, float("nan")]], [[1.0, float("inf")]], [[1.0]], [[1.0, "x"]], [[]]])
+def test_vectors_are_validated(vecs):
+    with pytest.raises(InvalidEmbeddingResponse):
+        providers.validate_vectors(vecs, 2)
+
+
+def test_vector_text_round_trip_and_hash():
+    v = [0.1, -2.5, 3e-8]
+    assert vectors.from_sql(vectors.to_sql(v)) == v
+    assert vectors.text_hash("passage: a") != vectors.text_hash("query: a")
+    assert vectors.fold("  Hypertensive\t DISORDER ") == "hypertensive disorder"
+
+
+def test_k_and_filters_are_checked():
+    assert checks.check_k(1000) == 1000
+    for bad in (0, -1, 10**6, None):
+        with pytest.raises(InvalidArgument):
+            checks.check_k(bad)
+    with pytest.raises(InvalidArgument) as e:
+        checks.check_filters(["Condition", None], None, None)
+    assert "domain_ids" in e.value.message
+
+
+def test_search_sql_is_index_shaped_and_parameterised():
+    model = {"model_id": 3, "metric": "cosine", "storage": "vector", "dimensions": 384}
+    sql, types, names = sqlgen.search(model, ((True, False, True), True, False))
+    assert "ORDER BY e.embedding <=> $1 LIMIT $2" in sql
+    assert "e.domain_id = ANY($3::text[])" in sql and "e.concept_class_id = ANY($4::text[])" in sql
+    assert types == ["vector(384)", "int4", "text[]", "text[]"] and names == ["domain_ids", "concept_class_ids"]
+    exact_sql, _, _ = sqlgen.search(model, ((False, False, False), True, False), exact=True)
+    assert "ORDER BY (e.embedding <=> $1) + 0" in exact_sql  # no index can serve it
+    assert sqlgen.storage_for(2000) == "vector" and sqlgen.storage_for(3072) == "halfvec"
+    assert sqlgen.similarity_from_distance("cosine", 0.25) == 0.75
