@@ -19,7 +19,8 @@ Labelled sets
   least two synonyms have every other synonym indexed; the rest are queries
   (so a query is never an indexed text).
 
-Each set runs in modes semantic, lexical and hybrid, with the correct e5
+Each set runs in modes semantic, lexical and hybrid (score fusion, see
+extension/omop_emb_indb/lexical.py), with the correct e5
 prefixes ('passage: ' documents, 'query: ' queries) and with the symmetric
 misuse ('passage: ' for queries too: the e5 server refuses unprefixed text, so
 this is how "without the query prefix" shows up). Lexical search does not
@@ -219,7 +220,10 @@ def markdown(results: list[dict]) -> str:
               "*passage: for both* = the symmetric misuse (the e5 server refuses unprefixed "
               "text, so this stands for \"no query prefix\"). Lexical search embeds nothing, so "
               "it is the same under both. k = 10; exact (folded) name/synonym/code matches "
-              "rank first in every mode."]
+              "rank first in every mode. hybrid: the union of the semantic and lexical top "
+              "50, ordered by similarity + 0.005 x Dice overlap (score fusion; the weight and "
+              "the variants tried, reciprocal rank fusion among them: bench/fusion_sweep.py and "
+              "bench/results/fusion_sweep.md); it is the default mode."]
     return "\n".join(lines) + "\n"
 
 

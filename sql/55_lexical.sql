@@ -26,4 +26,4 @@ SELECT CASE WHEN pg_catalog.cardinality(query_words) + pg_catalog.cardinality(te
             / (pg_catalog.cardinality(query_words) + pg_catalog.cardinality(text_words)) END
 $$;
 COMMENT ON FUNCTION omop_emb.lexical_score(text[], text[]) IS
-'Lexical score of nearest(mode => ''lexical''): Dice overlap of two sets of stemmed words, 2*|shared|/(|a|+|b|), in [0, 1] (1: the same words in any order)';
+'Lexical score of nearest(mode => ''lexical'') and the lexical part of the hybrid score (similarity + 0.005 * this): Dice overlap of two sets of stemmed words, 2*|shared|/(|a|+|b|), in [0, 1] (1: the same words in any order)';

@@ -14,26 +14,39 @@ words dropped):
   fibrosis"), 0.5 when half of the words are shared, and so on. Ties go to the
   shorter text.
 
-Hybrid mode fuses the two rankings of concepts (each concept ranked by its
-best text) with reciprocal rank fusion: ``score = sum over rankings of
-w / (RRF_K + rank)``; a concept absent from a ranking contributes nothing for
-it. Filters are applied inside both rankings, before fusion, so the fused
-list has k concepts whenever k concepts pass the filters.
+Hybrid mode fuses the two by score, not by rank. Candidates: the union of the
+concepts of both rankings (each ranking filtered before fusion, so the union
+holds k concepts whenever k concepts pass the filters). Each candidate gets the
+similarity of its nearest text (computed for lexical-only candidates too) and
+its best lexical score over its texts, and
+
+    score = similarity + LEXICAL_WEIGHT * lexical score
+
+LEXICAL_WEIGHT is small on purpose: e5 similarities of plausible concepts are
+compressed into ~0.80-0.92 and the gap between the first and the second is
+often below 0.01, so the lexical score only decides between concepts the
+embedding finds nearly equally close ("Fibrosis of lung" vs "Pulmonary
+fibrosis" for "lung fibrosis"); it never lifts a concept that is clearly
+further away. Reciprocal rank fusion, the first design, discarded how close
+the similarities are and lowered Recall@1 on every labelled set (see
+bench/results/quality.md and bench/fusion_sweep.py for the variants measured).
 
 Pure functions here (no plpy) so that plain pytest can test them.
 """
 
 MODES = ("semantic", "lexical", "hybrid")
-# Measured by bench/eval_quality.py (bench/results/quality.md): equal-weight
-# RRF lowers Recall@1 against semantic alone on every labelled set (lexical is
-# much weaker than e5 there), so the default stays semantic; hybrid is opt-in.
-DEFAULT_MODE = "semantic"
+# Measured by bench/eval_quality.py (bench/results/quality.md): hybrid is at
+# least as good as semantic on Recall@1 and Recall@10 on every labelled set,
+# better on the two largest, so it is the default.
+DEFAULT_MODE = "hybrid"
 SETTING = "omop_emb.search_mode"
 
-# Reciprocal rank fusion constant (Cormack et al. 2009 use 60) and weights.
-RRF_K = 60
-SEMANTIC_WEIGHT = 1.0
-LEXICAL_WEIGHT = 1.0
+# hybrid score = similarity + LEXICAL_WEIGHT * lexical score. Chosen with
+# bench/fusion_sweep.py on the GiBleed synonym set (the smallest weight on its
+# Recall@1 plateau: 0.833 for 0.005..0.015, 0.828 semantic alone) and checked
+# on the other sets: 0.01 already costs a lay term its place in the top 10,
+# 0.02 costs lay-term Recall@1.
+LEXICAL_WEIGHT = 0.005
 
 # How many concepts each ranking contributes to the fusion.
 MIN_DEPTH = 50
@@ -55,7 +68,7 @@ def check_mode(mode, setting=None):
     if v not in MODES:
         raise InvalidArgument("%s = %r is not a search mode" % (source, value),
                               hint="Use 'semantic' (embeddings only), 'lexical' (words only) "
-                                   "or 'hybrid' (both, fused by reciprocal rank).")
+                                   "or 'hybrid' (similarity plus a small weight times the lexical score).")
     return v
 
 
@@ -100,16 +113,37 @@ def best_per_concept(rows, limit):
     return out
 
 
-def rrf(rankings, weights=None, k=RRF_K):
-    """Reciprocal rank fusion of rankings (lists of concept ids, best first).
+def features_sql(model, where, op, n_filter_params):
+    """Fusion features of candidate concepts: ($1 query vector, $2 query text,
+    $3 int[] concept ids, $4... filter arrays) -> one row per concept: its
+    nearest text (the columns of a search row, distance included) and
+    ``lex_score``, the best lexical score over all its texts. Returns (sql, types)."""
+    from . import sqlgen
 
-    Returns [(concept_id, score)] best first; ties keep the order of the first
-    ranking that holds the concept (the semantic one in hybrid mode).
+    t = sqlgen.table(model["model_id"])
+    sql = (
+        "WITH q AS (SELECT omop_emb.lexemes($2) AS words) "
+        "SELECT DISTINCT ON (e.concept_id) %s, e.embedding %s $1 AS distance, "
+        "max(omop_emb.lexical_score(q.words, omop_emb.lexemes(e.text))) "
+        "OVER (PARTITION BY e.concept_id) AS lex_score "
+        "FROM %s e, q WHERE e.concept_id = ANY($3) AND %s "
+        "ORDER BY e.concept_id, distance, length(e.text), e.text"
+        % (sqlgen.SELECT_COLS, op, t, where))
+    return sql, [sqlgen.vector_type(model), "text", "int4[]"] + ["text[]"] * n_filter_params
+
+
+def fused_score(similarity, lex_score, weight=LEXICAL_WEIGHT):
+    """Hybrid score of a concept: similarity + weight * lexical score."""
+    return (similarity or 0.0) + weight * (lex_score or 0.0)
+
+
+def fuse(candidates, weight=LEXICAL_WEIGHT):
+    """Score fusion of candidates [(concept_id, similarity, lex_score)] given in
+    the order first seen (semantic ranking first, then lexical-only ones).
+
+    Returns [(concept_id, score)] best first; ties keep the given order.
     """
-    weights = weights or [1.0] * len(rankings)
-    score, first_seen = {}, {}
-    for j, (ranking, w) in enumerate(zip(rankings, weights)):
-        for rank, cid in enumerate(ranking, 1):
-            score[cid] = score.get(cid, 0.0) + w / (k + rank)
-            first_seen.setdefault(cid, (j, rank))
-    return sorted(score.items(), key=lambda kv: (-kv[1], first_seen[kv[0]]))
+    scored = [(cid, fused_score(sim, lex, weight), i)
+              for i, (cid, sim, lex) in enumerate(candidates)]
+    scored.sort(key=lambda t: (-t[1], t[2]))
+    return [(cid, score) for cid, score, _ in scored]

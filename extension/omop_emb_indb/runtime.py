@@ -339,7 +339,8 @@ class Runtime(RegistryMixin, IndexingMixin):
         """Rows of nearest(): exact matches first, then the ranking of ``mode``.
 
         score: semantic -> similarity; lexical -> lexical score (Dice overlap of
-        stemmed words, 0..1); hybrid -> reciprocal rank fusion score.
+        stemmed words, 0..1); hybrid -> similarity + lexical.LEXICAL_WEIGHT *
+        lexical score, over the union of both rankings (lexical.fuse).
         """
         standard_only = True if standard_only is None else bool(standard_only)
         include_invalid = bool(include_invalid)
@@ -371,16 +372,21 @@ class Runtime(RegistryMixin, IndexingMixin):
         elif mode == "lexical":
             order = [(cid, r["lex_score"]) for cid, r in lex.items()]
         else:
-            order = lexical.rrf([list(sem), list(lex)],
-                                [lexical.SEMANTIC_WEIGHT, lexical.LEXICAL_WEIGHT])
+            # Exact matches are scored too, so that every hybrid row has a score.
+            feats = self._fusion_features(plpy, model, vec, query_text,
+                                          list(exact_rows) + list(sem) + list(lex), shape, args)
+            sem = feats  # rows of the hybrid result: each concept's nearest text
+            metric = model["metric"]
+            order = lexical.fuse([(cid, sqlgen.similarity_from_distance(metric, r["distance"]),
+                                   r["lex_score"]) for cid, r in feats.items()])
         scores = dict(order)
         picked = OrderedDict((cid, r) for cid, r in exact_rows.items())
         for cid, _ in order:
             if len(picked) >= k:
                 break
             if cid not in picked:
-                # The text shown: the semantically nearest one when the concept
-                # is in the vector ranking, else its best lexical text.
+                # The text shown: the concept's nearest text (semantic, hybrid),
+                # its best lexical text (lexical).
                 picked[cid] = (sem or {}).get(cid) or lex[cid]
         if not picked:
             self._explain_empty(plpy, model, shape, filters, notice)
@@ -391,7 +397,7 @@ class Runtime(RegistryMixin, IndexingMixin):
             sim = sqlgen.similarity_from_distance(metric, d)
             score = scores.get(cid)
             if score is None:  # an exact match outside the ranking
-                score = 1.0 if mode == "lexical" else (sim if mode == "semantic" else 0.0)
+                score = 1.0 if mode == "lexical" else sim
             out.append((rank, cid, r["concept_name"], r["domain_id"],
                         r["vocabulary_id"], r["concept_class_id"], r["standard_concept"],
                         sim, d, r["text"], r["text_kind"], cid in exact_rows, score))
@@ -439,6 +445,21 @@ class Runtime(RegistryMixin, IndexingMixin):
         rows = self.plan(plpy, ("lexical", mid, shape), sql, types).execute(
             [vec, query_text, min(4 * MAX_K, want * 4)] + args)
         return lexical.best_per_concept(rows, want)
+
+    def _fusion_features(self, plpy, model, vec, query_text, ids, shape, args):
+        """{concept_id: row of its nearest text, with lex_score = its best
+        lexical score over all its texts} for the candidate concepts ``ids``,
+        in the order of ``ids`` (the order ties keep)."""
+        ids = list(OrderedDict.fromkeys(ids))
+        if not ids:
+            return OrderedDict()
+        mid = model["model_id"]
+        op, _ = sqlgen.METRIC_OPS[model["metric"]]
+        where, names = sqlgen.filter_clause(shape, 4)
+        sql, types = lexical.features_sql(model, where, op, len(names))
+        rows = {r["concept_id"]: r for r in self.plan(plpy, ("fusion", mid, shape), sql, types)
+                .execute([vec, query_text, ids] + args)}
+        return OrderedDict((cid, rows[cid]) for cid in ids if cid in rows)
 
     def explain_nearest(self, plpy, query, k, domain_ids, vocabulary_ids, concept_class_ids,
                         standard_only, include_invalid, model_name):
