@@ -111,10 +111,15 @@ def test_filters_hold_in_hybrid_mode_with_exactly_k_rows(vocab_db):
                for r in rows)
     drugs = nearest(vocab_db, "infarction", k=2, mode="hybrid", domain_ids=["Drug"])
     assert len(drugs) == 2 and {r["concept_id"] for r in drugs} == {6, 7}
-    # Scores: hybrid score is a reciprocal-rank-fusion score, best first.
+    # Scores: hybrid score = similarity + 0.005 x Dice word overlap, best first.
     scores = [r["score"] for r in rows if not r["exact_match"]]
     assert scores == sorted(scores, reverse=True)
     assert [r["rank"] for r in rows] == [1, 2, 3, 4]
+    lexical = {r["concept_id"]: r["score"] for r in
+               nearest(vocab_db, "infarction", k=20, mode="lexical")}
+    for r in rows:
+        dice = lexical.get(r["concept_id"], 0.0)
+        assert r["score"] == pytest.approx(r["similarity"] + 0.005 * dice, abs=1e-9)
 
 
 def test_lexical_mode(vocab_db, fake_embedder):
