@@ -41,7 +41,7 @@ def rows(r: dict) -> list[tuple]:
     if lat:
         b, bb = lat["baseline_sql"], lat["baseline_http_plus_sql"]
         mode = lat.get("default_mode", "")
-        for key, label in (("nearest_text_cached_session", f"default mode ({mode}: hybrid unless set)"),
+        for key, label in (("nearest_text_cached_session", "default mode"),
                            ("nearest_text_cached_session_semantic", "mode => 'semantic'")):
             if key not in lat:
                 continue
@@ -80,7 +80,8 @@ def rows(r: dict) -> list[tuple]:
     bt = r.get("batch")
     if bt:
         out.append((f"nearest_batch of {bt['terms']:,} terms (e5) / raw embedding throughput >= 0.9",
-                    f"{_f(bt['nearest_batch_per_s'])} terms/s",
+                    f"{_f(bt['nearest_batch_per_s'])} terms/s" + (
+                        f" (in-database part {bt['in_db_ms_per_term']:.2f} ms/term)" if "in_db_ms_per_term" in bt else ""),
                     f"{_f(bt['raw_per_s'])} texts/s raw", f"{bt['ratio']:.3f}", bt["ratio"] >= 0.9))
     mem = r.get("memory")
     if mem:
@@ -110,6 +111,14 @@ def markdown(r: dict) -> str:
               f"{m.get('cpu_count')} CPUs; PostgreSQL {pg.get('server_version', '?')}, pgvector "
               f"{pg.get('pgvector', '?')}, shared_buffers {pg.get('shared_buffers', '?')}, "
               f"maintenance_work_mem {pg.get('maintenance_work_mem', '?')}."]
+    md_ = (r.get("latency") or {}).get("modes")
+    if md_:
+        lines += ["", f"nearest(text, 10) by search mode, cached query vector, {md_['queries']} analyst-like "
+                  f"queries (texts the lexical side scores per query: {md_['lexical_matches_per_query_first10']}):",
+                  "", "| mode | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|"]
+        for mode in ("semantic", "hybrid", "lexical"):
+            x = md_[mode]
+            lines.append(f"| {mode} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | {x['p99_ms']:.1f} |")
     rec = r.get("recall")
     if rec:
         lines += ["", "Recall@10 and p50 latency by omop_emb.ef_search (default = setting unset):", "",

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Database, Proc, log  # noqa: E402
 
-PARTS = ("indexing", "e5", "query", "recall", "memory", "batch")
+PARTS = ("indexing", "e5", "query", "modes", "recall", "memory", "batch")
 
 
 def main(argv=None) -> int:
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: " + ",".join(PARTS))
     ap.add_argument("--dsn", default=None, help="use an existing PostgreSQL (superuser) instead of a LocalCluster")
     ap.add_argument("--datadir", default=None, help="keep the LocalCluster here and reuse it across runs")
+    ap.add_argument("--generator", choices=("clusters", "hierarchical"), default="clusters",
+                    help="synthetic vectors: isolated clusters (default, hard) or clusters of clusters")
     ap.add_argument("--db-prefix", default="", help="prefix of the databases created (bench_index, ...)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = ap.parse_args(argv)
@@ -58,30 +60,36 @@ def main(argv=None) -> int:
     results: dict = {}
     if res_path.exists() and set(parts) != set(PARTS):
         results = json.loads(res_path.read_text())  # partial re-run: keep the other parts
-    results["meta"] = {"command": "python bench/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "scale": a.scale, "index_scale": index_scale, "quick": q,
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(),
-                       "platform": platform.platform(), "python": platform.python_version()}
+    meta = {"command": "python bench/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "scale": a.scale, "index_scale": index_scale, "quick": q,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version()}
+    if results.get("meta"):
+        results["meta"].setdefault("partial_runs", []).append({**meta, "parts": parts})
+    else:
+        results["meta"] = meta
     db = Database(a.dsn, a.datadir, prefix=a.db_prefix)
     servers = []
     try:
-        results["meta"]["postgres"] = db.settings()
+        results["meta"].setdefault("postgres", db.settings())
         inst = Proc("instant")
         servers.append(inst)
 
         def save():
             res_path.write_text(json.dumps(results, indent=1, default=str))
 
-        if {"query", "recall", "memory"} & set(parts):
+        if {"query", "modes", "recall", "memory"} & set(parts):
             import b_profile
             import b_query
+
+            b_query.GENERATOR = a.generator
 
             dsn = db.create("bench_query", fresh=False)
             db.install(dsn)
             mid, load_info = b_query.load(dsn, inst.url, a.scale)
             results.setdefault("scale", {})
             results["scale"].update({"vectors": a.scale, "dims": b_query.DIM, "load": load_info,
-                                     "generator": {"cluster_size_mean": 20, "spread": b_query.SPREAD,
+                                     "generator": {"kind": a.generator, "cluster_size_mean": 20, "spread": b_query.SPREAD,
                                                    "query_noise": b_query.QUERY_NOISE}})
             results["scale"]["index"] = b_query.build_index(dsn, mid)
             save()
@@ -91,6 +99,10 @@ def main(argv=None) -> int:
                 log("query: profile of nearest() inside the backend")
                 results["latency"]["profile"] = b_profile.profile_nearest(dsn, b_query.MODEL, mid,
                                                                           reps=30 if q else 200)
+                save()
+            if "modes" in parts:
+                log("query: latency by search mode")
+                results.setdefault("latency", {})["modes"] = b_query.modes(dsn, 5 if q else 12)
                 save()
             if "recall" in parts:
                 log(f"recall: {rec_n} queries per case and ef_search")
@@ -139,7 +151,8 @@ def main(argv=None) -> int:
         for s in servers:
             s.stop()
         db.close()
-    results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    (results["meta"]["partial_runs"][-1] if results["meta"].get("partial_runs") else results["meta"])[
+        "finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     res_path.write_text(json.dumps(results, indent=1, default=str))
     import report
 
