@@ -169,21 +169,24 @@ def load(dsn: str, server_url: str, n: int) -> tuple[int, dict]:
     return mid, info
 
 
-def build_index(dsn: str, mid: int) -> dict:
+def build_index(dsn: str, mid: int, m: int = 16, ef_construction: int = 64) -> dict:
     with psycopg.connect(dsn, autocommit=True) as c:
-        have = c.execute("SELECT index_method FROM omop_emb.model WHERE name = %s", (MODEL,)).fetchone()[0]
+        have, params = c.execute("SELECT index_method, index_params FROM omop_emb.model WHERE name = %s",
+                                 (MODEL,)).fetchone()
+        if have == "hnsw" and (params.get("m"), params.get("ef_construction")) != (m, ef_construction):
+            have = "rebuild"
         notes: list = []
         c.add_notice_handler(lambda d: notes.append(d.message_primary))
         mwm = c.execute("SHOW maintenance_work_mem").fetchone()[0]
         workers = c.execute("SHOW max_parallel_maintenance_workers").fetchone()[0]
         out = {"maintenance_work_mem": mwm, "max_parallel_maintenance_workers": workers,
-               "m": 16, "ef_construction": 64}
+               "m": m, "ef_construction": ef_construction}
         if have == "hnsw":
             out["reused"] = True
         else:
             log("query: building the HNSW index (create_index)")
             t0 = time.perf_counter()
-            c.execute("SELECT omop_emb.create_index(%s)", (MODEL,))
+            c.execute("SELECT omop_emb.create_index(%s, 'hnsw', %s, %s)", (MODEL, m, ef_construction))
             out["build_s"] = time.perf_counter() - t0
         out["notices"] = notes
         out["index_bytes"] = c.execute(f"SELECT pg_relation_size('omop_emb.embedding_{mid}_hnsw')").fetchone()[0]
@@ -439,17 +442,20 @@ def batch_mapping(dsn: str, e5_url: str, n: int) -> dict:
     chunk = qp[1]  # one request per round on each side: fine-grained interleaving
     raw_s = dt = 0.0
     rows = [0, 0]
-    raw_throughput(e5_url, ["query: warm-up text %d" % i for i in range(qp[1])], qp[1])
-    for i in track(range(0, n, chunk), description="batch: raw / nearest_batch rounds"):
-        rr = raw_throughput(e5_url, raw_texts[i:i + chunk], qp[1])
-        raw_s += rr["seconds"]
-        with psycopg.connect(dsn, autocommit=True) as c:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        # the first call of a session loads the runtime (bootstrap): timed apart, once
+        t0 = time.perf_counter()
+        c.execute("SELECT count(*) FROM omop_emb.nearest_batch(%s, 10, model => 'e5')", ([terms[0]],)).fetchone()
+        first_call_s = time.perf_counter() - t0
+        for i in track(range(0, n, chunk), description="batch: raw / nearest_batch rounds"):
+            rr = raw_throughput(e5_url, raw_texts[i:i + chunk], qp[1])
+            raw_s += rr["seconds"]
             t0 = time.perf_counter()
             got = c.execute("SELECT count(*), count(DISTINCT query_index) FROM omop_emb.nearest_batch(%s, 10, "
                             "model => 'e5')", (ext_terms[i:i + chunk],)).fetchone()
             dt += time.perf_counter() - t0
-        rows[0] += got[0]
-        rows[1] += got[1]
+            rows[0] += got[0]
+            rows[1] += got[1]
     raw = {"texts": n, "seconds": raw_s, "per_s": n / raw_s}
     # the in-database part alone: the same terms again, now cached (no HTTP)
     with psycopg.connect(dsn, autocommit=True) as c:
@@ -459,7 +465,7 @@ def batch_mapping(dsn: str, e5_url: str, n: int) -> dict:
     ext_rate = n / dt
     return {"terms": n, "batch_size": qp[1], "raw": raw, "raw_per_s": raw["per_s"], "nearest_batch_s": dt,
             "nearest_batch_per_s": ext_rate, "rows": rows[0], "queries_answered": rows[1],
-            "cached_repeat_s": cached_s, "in_db_ms_per_term": 1000 * cached_s / n,
+            "cached_repeat_s": cached_s, "first_call_of_session_s": first_call_s, "in_db_ms_per_term": 1000 * cached_s / n,
             "ratio": ext_rate / raw["per_s"]}
 
 

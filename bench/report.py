@@ -92,7 +92,7 @@ def rows(r: dict) -> list[tuple]:
                     "start of session", f"{mem['rss_end_kb'] / mem['rss_start_kb']:.2f}", abs(g) < 5))
     ix2 = sc.get("index")
     if ix2:
-        out.append((f"HNSW build at {_f(nv)} x 384 (m 16, ef_construction 64)",
+        out.append((f"HNSW build at {_f(nv)} x 384 (m {ix2.get('m', 16)}, ef_construction {ix2.get('ef_construction', 64)})",
                     (f"{ix2['build_s']:.0f} s" if "build_s" in ix2 else "reused") +
                     f", index {ix2['index_bytes'] / 2**20:,.0f} MB",
                     f"maintenance_work_mem {ix2['maintenance_work_mem']}, "

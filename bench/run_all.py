@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--datadir", default=None, help="keep the LocalCluster here and reuse it across runs")
     ap.add_argument("--generator", choices=("clusters", "hierarchical"), default="clusters",
                     help="synthetic vectors: isolated clusters (default, hard) or clusters of clusters")
+    ap.add_argument("--ef-construction", type=int, default=64, help="HNSW ef_construction (create_index)")
     ap.add_argument("--db-prefix", default="", help="prefix of the databases created (bench_index, ...)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = ap.parse_args(argv)
@@ -91,7 +92,11 @@ def main(argv=None) -> int:
             results["scale"].update({"vectors": a.scale, "dims": b_query.DIM, "load": load_info,
                                      "generator": {"kind": a.generator, "cluster_size_mean": 20, "spread": b_query.SPREAD,
                                                    "query_noise": b_query.QUERY_NOISE}})
-            results["scale"]["index"] = b_query.build_index(dsn, mid)
+            prev = results["scale"].get("index") or {}
+            info = b_query.build_index(dsn, mid, ef_construction=a.ef_construction)
+            if info.get("reused") and "build_s" in prev:
+                info = {**prev, "reused_in_partial_run": True}  # keep the measured build
+            results["scale"]["index"] = info
             save()
             if "query" in parts:
                 log(f"query: latency, {lat_n} queries per case")
