@@ -35,10 +35,10 @@ Pure functions here (no plpy) so that plain pytest can test them.
 """
 
 MODES = ("semantic", "lexical", "hybrid")
-# Measured by bench/eval_quality.py (bench/results/quality.md): hybrid is at
-# least as good as semantic on Recall@1 and Recall@10 on every labelled set,
-# better on the two largest, so it is the default.
-DEFAULT_MODE = "hybrid"
+# Semantic by default: hybrid gains +0.005 Recall@1 on two sets (bench/results/quality.md)
+# but its full-text side costs p50 96 ms / p99 1.9 s at 1,000,000 concepts against
+# 14 ms for semantic (bench/results/benchmarks.md): common words match too many texts.
+DEFAULT_MODE = "semantic"
 SETTING = "omop_emb.search_mode"
 
 # hybrid score = similarity + LEXICAL_WEIGHT * lexical score. Chosen with

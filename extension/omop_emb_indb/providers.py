@@ -58,7 +58,7 @@ def _decode_b64(s):
     raw = base64.b64decode(s)
     if len(raw) % 4:
         raise InvalidEmbeddingResponse("base64 embedding is not a whole number of float32 values")
-    return list(struct.unpack("<%df" % (len(raw) // 4), raw))
+    return struct.unpack("<%df" % (len(raw) // 4), raw)
 
 
 def parse_response(provider, body, expected_count):
@@ -92,7 +92,7 @@ def parse_response(provider, body, expected_count):
 def validate_vectors(vecs, dimensions):
     """Every vector is a list of ``dimensions`` finite numbers."""
     for i, v in enumerate(vecs):
-        if not isinstance(v, list) or not v:
+        if not isinstance(v, (list, tuple)) or not v:
             raise InvalidEmbeddingResponse("vector %d is not a list of numbers" % i)
         if dimensions is not None and len(v) != dimensions:
             raise InvalidEmbeddingResponse(

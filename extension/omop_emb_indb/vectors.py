@@ -10,9 +10,21 @@ import re
 _WS = re.compile(r"\s+")
 
 
+_FORMATS = {}
+
+
 def to_sql(vec):
-    """``[0.1, 0.2]`` -> ``'[0.1,0.2]'`` (pgvector's input form)."""
-    return "[" + ",".join(map(repr, vec)) + "]"
+    """``[0.1, 0.2]`` -> ``'[0.1,0.2]'`` (pgvector's input form).
+
+    Nine significant digits round-trip a float32 exactly (pgvector stores
+    float32). One format string per dimension formats the whole vector in a
+    single C call: formatting was half the cost of indexing with ``repr``.
+    """
+    n = len(vec)
+    fmt = _FORMATS.get(n)
+    if fmt is None:
+        fmt = _FORMATS[n] = "[" + ",".join(["%.9g"] * n) + "]"
+    return fmt % tuple(vec)
 
 
 def from_sql(text):
