@@ -156,7 +156,11 @@ class IndexingMixin:
             "WHERE e.concept_id = d.concept_id AND e.text_kind = d.text_kind AND e.text = d.text "
             "AND e.text_hash = sha256(convert_to($1 || d.text, 'UTF8'))) "
             "ON CONFLICT (model_id, concept_id, text_kind, text) DO UPDATE SET "
-            "text_hash = EXCLUDED.text_hash" % (desired, cols, mid, emb), types), args).nrows()
+            "text_hash = EXCLUDED.text_hash "
+            # Rows already queued unchanged are left alone: rewriting them would
+            # lock rows another session is claiming.
+            "WHERE omop_emb.index_queue.text_hash IS DISTINCT FROM EXCLUDED.text_hash"
+            % (desired, cols, mid, emb), types), args).nrows()
         total = plpy.execute(plpy.prepare(
             "WITH d AS (%s) SELECT count(*) AS n FROM d" % desired, types), args)[0]["n"]
         version = None
@@ -228,7 +232,7 @@ class IndexingMixin:
                                   hint="Use 'hnsw' (approximate, fast) or 'none' (exact search).")
         metric = check_metric(metric or model["metric"])
         m = 16 if m is None else int(m)
-        ef_construction = 64 if ef_construction is None else int(ef_construction)
+        ef_construction = 128 if ef_construction is None else int(ef_construction)
         if not 2 <= m <= 100:
             raise InvalidArgument("m = %d is outside 2..100" % m)
         if not 4 <= ef_construction <= 1000 or ef_construction < 2 * m:
