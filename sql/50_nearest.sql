@@ -21,7 +21,7 @@ RETURNS TABLE (rank integer, concept_id integer, concept_name text, domain_id te
                score double precision)
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 SET hnsw.iterative_scan = 'relaxed_order'
-SET hnsw.ef_search = 100
+SET hnsw.ef_search = 200
 AS $$
 return @RT@.call(plpy, "nearest", query, k, domain_ids, vocabulary_ids, concept_class_ids,
                  standard_only, include_invalid, model, mode)
@@ -46,7 +46,7 @@ RETURNS TABLE (rank integer, concept_id integer, concept_name text, domain_id te
                score double precision)
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 SET hnsw.iterative_scan = 'relaxed_order'
-SET hnsw.ef_search = 100
+SET hnsw.ef_search = 200
 AS $$
 return @RT@.call(plpy, "nearest_vector", query, k, domain_ids, vocabulary_ids,
                  concept_class_ids, standard_only, include_invalid, model, mode)
@@ -71,7 +71,7 @@ RETURNS TABLE (query_index integer, query text, rank integer, concept_id integer
                score double precision)
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 SET hnsw.iterative_scan = 'relaxed_order'
-SET hnsw.ef_search = 100
+SET hnsw.ef_search = 200
 AS $$
 return @RT@.call(plpy, "nearest_batch", queries, k, domain_ids, vocabulary_ids,
                  concept_class_ids, standard_only, include_invalid, model, mode)
@@ -91,7 +91,7 @@ CREATE FUNCTION omop_emb.explain_nearest(
 RETURNS SETOF text
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 SET hnsw.iterative_scan = 'relaxed_order'
-SET hnsw.ef_search = 100
+SET hnsw.ef_search = 200
 AS $$
 return @RT@.call(plpy, "explain_nearest", query, k, domain_ids, vocabulary_ids,
                  concept_class_ids, standard_only, include_invalid, model)
