@@ -32,6 +32,7 @@ Writes bench/results/quality.json and bench/results/quality.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -237,20 +238,7 @@ def main() -> int:
     ap.add_argument("--sets", help="comma-separated substrings of set names to run")
     args = ap.parse_args()
 
-    cluster = proc = None
-    try:
-        if args.dsn:
-            base = args.dsn
-        else:
-            from omop_emb_pg.cluster import LocalCluster
-
-            cluster = LocalCluster(args.datadir).start()
-            base = cluster.dsn("postgres")
-        if args.embedder_url:
-            url = args.embedder_url.rstrip("/")
-        else:
-            log("starting omop-emb-pg serve")
-            proc, url = start_serve()
+    with environment(args.dsn, args.datadir, args.embedder_url) as (base, url):
         t0 = time.time()
         dsns = setup(base, url)
         results = []
@@ -276,12 +264,6 @@ def main() -> int:
         (out / "quality.md").write_text(markdown(results))
         print(markdown(results))
         log(f"wrote {out / 'quality.md'} and quality.json in {time.time() - t0:.0f} s")
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
-        if cluster is not None:
-            cluster.stop()
     return 0
 
 

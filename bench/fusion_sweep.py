@@ -204,26 +204,8 @@ def main() -> int:
     if args.candidates and Path(args.candidates).exists():
         data = json.loads(Path(args.candidates).read_text())
     else:
-        cluster = proc = None
-        try:
-            if args.dsn:
-                base = args.dsn
-            else:
-                from omop_emb_pg.cluster import LocalCluster
-
-                cluster = LocalCluster(args.datadir).start()
-                base = cluster.dsn("postgres")
-            if args.embedder_url:
-                url = args.embedder_url.rstrip("/")
-            else:
-                proc, url = eq.start_serve()
+        with eq.environment(args.dsn, args.datadir, args.embedder_url) as (base, url):
             data = dump(eq.setup(base, url))
-        finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(30)
-            if cluster is not None:
-                cluster.stop()
         if args.candidates:
             Path(args.candidates).write_text(json.dumps(data))
     md = ("# Fusion variants (bench/fusion_sweep.py)\n\n"
