@@ -228,6 +228,33 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def environment(dsn, datadir, embedder_url):
+    """(superuser DSN, embedding server URL): the ones given, else a LocalCluster
+    in ``datadir`` and an ``omop-emb-pg serve`` started here, stopped on exit."""
+    cluster = proc = None
+    try:
+        if dsn:
+            base = dsn
+        else:
+            from omop_emb_pg.cluster import LocalCluster
+
+            cluster = LocalCluster(datadir).start()
+            base = cluster.dsn("postgres")
+        if embedder_url:
+            url = embedder_url.rstrip("/")
+        else:
+            log("starting omop-emb-pg serve")
+            proc, url = start_serve()
+        yield base, url
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+        if cluster is not None:
+            cluster.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dsn", help="superuser DSN of a server to use (default: own cluster)")
