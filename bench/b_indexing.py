@@ -57,13 +57,7 @@ for _ in range(reps):
     st = rt.settings(plpy); model = rt.model(plpy, model_name, st); mid = model["model_id"]
     t1 = pc(); add("settings+model lookup", t1 - t0)
     emb = sqlgen.table(mid)
-    claim = rt.plan(plpy, ("bench_claim", mid), (
-        "WITH claimed AS (DELETE FROM omop_emb.index_queue q WHERE q.ctid = ANY(ARRAY("
-        "SELECT ctid FROM omop_emb.index_queue WHERE model_id = $1 "
-        "ORDER BY concept_id, text_kind, text LIMIT $2 FOR UPDATE SKIP LOCKED)) "
-        "RETURNING q.*) SELECT c.* FROM claimed c WHERE NOT EXISTS (SELECT 1 FROM %s e "
-        "WHERE e.concept_id = c.concept_id AND e.text_kind = c.text_kind AND e.text = c.text "
-        "AND e.text_hash = c.text_hash)" % emb), ["int4", "int4"])
+    claim = rt.plan(plpy, ("claim", mid), sqlgen.claim(mid), ["int4", "int4"])
     rows = claim.execute([mid, size]); n = rows.nrows()
     t2 = pc(); add("claim query (DELETE ... SKIP LOCKED RETURNING)", t2 - t1)
     if n == 0:
@@ -87,17 +81,13 @@ for _ in range(reps):
     cols[3] = [vectors.text_hash(t) for t in texts]
     t7 = pc(); add("row columns + sha256", t7 - t6)
     vs = [vectors.to_sql(v) for v in vecs]
-    t8 = pc(); add("vectors.to_sql (repr of 384 floats)", t8 - t7)
+    t8 = pc(); add("vectors.to_sql (one %.9g format string)", t8 - t7)
     rt.plan(plpy, ("upsert", mid), sql, types).execute(cols + [vs])
     t9 = pc(); add("upsert (INSERT .. unnest .. ON CONFLICT; pgvector parse)", t9 - t8)
     rt.plan(plpy, "progress", "UPDATE omop_emb.index_progress SET done = done + $2, "
             "updated_at = clock_timestamp() WHERE model_id = $1 AND pid = pg_backend_pid()",
             ["int4", "int8"]).execute([mid, n])
     t10 = pc(); add("progress UPDATE", t10 - t9)
-    # what the proposed fix would cost instead (not written)
-    fmt = "[" + ",".join(["%.9g"] * len(vecs[0])) + "]"
-    alt = [fmt % tuple(v) for v in vecs]
-    t11 = pc(); add("(alt) '%.9g' formatting, not part of the batch", t11 - t10)
     n_total += n
 prof_txt = ""
 if real_reps:

@@ -14,15 +14,7 @@ from psycopg import sql
 
 from omop_emb_pg import sample
 
-KEY_CDM_TABLES = (
-    "concept",
-    "concept_synonym",
-    "concept_relationship",
-    "concept_ancestor",
-    "vocabulary",
-    "domain",
-    "concept_class",
-    "relationship",
+KEY_CDM_TABLES = sample.VOCABULARY_TABLES + (
     "person",
     "condition_occurrence",
     "drug_exposure",

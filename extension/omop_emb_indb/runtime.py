@@ -31,6 +31,7 @@ SETTINGS_SQL = """SELECT current_setting('omop_emb.model', true) AS model,
        current_setting('omop_emb.query_embedding_prefix', true) AS query,
        current_setting('omop_emb.strict_prefixes', true) AS strict,
        current_setting('omop_emb.ef_search', true) AS ef_search,
+       current_setting('omop_emb.search_mode', true) AS search_mode,
        current_setting('transaction_read_only') = 'on' OR pg_is_in_recovery() AS read_only"""
 
 TRUE_WORDS = ("on", "true", "yes", "1", "t", "y")
@@ -80,6 +81,7 @@ class Runtime(RegistryMixin, IndexingMixin):
             "strict": (row["strict"] or "").strip().lower() in TRUE_WORDS,
             "read_only": bool(row["read_only"]),
             "ef_search": int_setting(row["ef_search"], "omop_emb.ef_search", 1, MAX_K * 10),
+            "search_mode": row["search_mode"],
         }
         for role in prefixes.ROLES:
             # Custom settings cannot tell "set to ''" from "RESET" (placeholders are
@@ -267,24 +269,14 @@ class Runtime(RegistryMixin, IndexingMixin):
         return vectors.cosine(vectors.from_sql(va), vectors.from_sql(vb))
 
     # -- search -------------------------------------------------------------
-    def search_mode(self, plpy, mode):
-        """'semantic' | 'lexical' | 'hybrid': the argument, else the setting
-        omop_emb.search_mode, else lexical.DEFAULT_MODE."""
-        setting = None
-        if mode is None:
-            setting = self.plan(plpy, "search_mode_setting",
-                                "SELECT current_setting('%s', true) AS v" % lexical.SETTING
-                                ).execute([])[0]["v"]
-        return lexical.check_mode(mode, setting)
-
     def nearest(self, plpy, query, k, domain_ids, vocabulary_ids, concept_class_ids,
                 standard_only, include_invalid, model_name, mode=None):
         k = check_k(k)
         filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
-        mode = self.search_mode(plpy, mode)
+        st = self.settings(plpy)
+        mode = lexical.check_mode(mode, st["search_mode"])
         if query is None or not query.strip():
             return []
-        st = self.settings(plpy)
         model = self.model(plpy, model_name, st)
         # Lexical mode needs no embedding service: similarity/distance are NULL.
         vec = None if mode == "lexical" else \
@@ -318,10 +310,10 @@ class Runtime(RegistryMixin, IndexingMixin):
                       standard_only, include_invalid, model_name, mode=None):
         k = check_k(k)
         filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
-        mode = self.search_mode(plpy, mode)
+        st = self.settings(plpy)
+        mode = lexical.check_mode(mode, st["search_mode"])
         if not queries:
             return []
-        st = self.settings(plpy)
         model = self.model(plpy, model_name, st)
         if mode == "lexical":
             vecs = [None if q is None or not q.strip() else "" for q in queries]
