@@ -227,6 +227,39 @@ def test_two_sessions_index_without_duplicating_work(omop_db, fake_embedder):
     assert fake_embedder.stats()["texts"] <= 2000 + 100  # at most a batch per session redone
 
 
+def test_sessions_that_finish_indexing_together_do_not_deadlock(omop_db, fake_embedder):
+    """Four sessions reach the end of the queue at the same instant (the last
+    step refreshes statistics and checks the lexical index): all succeed."""
+    import threading
+
+    load_vocab(omop_db, [(i, f"concept {i}", "Condition", "V", "C", "S", str(i), None) for i in range(1, 51)])
+    register_fake_model(omop_db, fake_embedder)
+    with connect(omop_db) as conn:
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
+    sessions = 4
+    barrier = threading.Barrier(sessions)
+    errors = []
+
+    def finish():
+        try:
+            with psycopg.connect(omop_db) as conn:
+                for _ in range(5):
+                    conn.execute("SELECT 1")  # opens the transaction, as in index_concepts
+                    barrier.wait(timeout=30)
+                    conn.execute("SELECT omop_emb._index_finish('fake')")
+                    conn.commit()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            barrier.abort()  # the others stop waiting for this session
+
+    threads = [threading.Thread(target=finish) for _ in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
 def unit(v):
     n = sum(x * x for x in v) ** 0.5
     return [x / n for x in v]

@@ -20,6 +20,16 @@ from .checks import check_filters
 from .errors import InvalidArgument
 
 ENGLISH = 4180186
+# First key of the pg_advisory_xact_lock(class, model_id) under which the
+# preparation, the finish and the index DDL of one model run one session at a
+# time ("OEmd"). Sessions indexing together otherwise deadlock: ANALYZE takes a
+# self-conflicting lock, CREATE INDEX a SHARE lock, and two preparations
+# insert the same queue rows.
+MODEL_LOCK_CLASS = 0x4F456D64
+
+
+def _lock_model(plpy, model_id):
+    plpy.execute("SELECT pg_advisory_xact_lock(%d, %d)" % (MODEL_LOCK_CLASS, int(model_id)))
 
 
 def _scope(include_classification, include_invalid, alias, params):
@@ -118,6 +128,7 @@ class IndexingMixin:
         desired = desired_texts_sql(vocab, bool(include_classification), bool(include_invalid),
                                     bool(include_synonyms), bool(include_mapped), params)
         mid = int(model["model_id"])
+        _lock_model(plpy, mid)
         emb = sqlgen.table(mid)
         cols = ", ".join(sqlgen.ROW_COLUMNS)
         # Stale rows: the concept is in scope but this text is no longer asked for
@@ -238,11 +249,11 @@ class IndexingMixin:
         if not 4 <= ef_construction <= 1000 or ef_construction < 2 * m:
             raise InvalidArgument("ef_construction = %d must be in 4..1000 and at least 2 * m"
                                   % ef_construction)
+        _lock_model(plpy, model["model_id"])
         name = sqlgen.hnsw_index_name(model["model_id"])
         if plpy.execute("SELECT to_regclass('omop_emb.%s') IS NOT NULL AS present" % name)[0]["present"]:
             plpy.execute("DROP INDEX omop_emb.%s" % name)
-        for ddl in lexical.index_statements(model["model_id"]):  # models made before it existed
-            plpy.execute(ddl)
+        lexical.ensure_index(plpy, model["model_id"])
         params = {}
         if method == "hnsw":
             model["metric"] = metric
@@ -259,8 +270,8 @@ class IndexingMixin:
     def index_finish(self, plpy, model_name):
         """Refresh planner statistics so that searches plan on the real row count."""
         model = self.model(plpy, model_name)
-        for ddl in lexical.index_statements(model["model_id"]):  # models made before it existed
-            plpy.execute(ddl)
+        _lock_model(plpy, model["model_id"])
+        lexical.ensure_index(plpy, model["model_id"])
         plpy.execute("ANALYZE %s" % sqlgen.table(model["model_id"]))
         plpy.execute(plpy.prepare(
             "UPDATE omop_emb.index_progress SET finished_at = clock_timestamp() "

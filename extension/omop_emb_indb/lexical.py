@@ -84,6 +84,20 @@ def index_statements(model_id):
             "USING gin (to_tsvector('%s'::regconfig, text))" % (mid, mid, TS_CONFIG)]
 
 
+def ensure_index(plpy, model_id):
+    """Create the lexical index when it is missing (models made before it existed).
+
+    Checked first rather than relying on IF NOT EXISTS: CREATE INDEX takes a
+    SHARE lock on the table even when the index exists, and two sessions that
+    each hold it and then ANALYZE deadlock."""
+    mid = int(model_id)
+    present = plpy.execute("SELECT to_regclass('omop_emb.embedding_%d_fts') IS NOT NULL AS present"
+                           % mid)[0]["present"]
+    if not present:
+        for ddl in index_statements(mid):
+            plpy.execute(ddl)
+
+
 def search_sql(model, where, op, n_filter_params):
     """Lexical candidates, best first: ($1 query vector or NULL, $2 query text,
     $3 limit, $4... filter arrays). Returns (sql, types)."""
