@@ -44,6 +44,7 @@ DECLARE
     n integer;
     done bigint := 0;
     waits integer := 0;
+    retries integer := 0;
     started timestamptz := pg_catalog.clock_timestamp();
     last_notice timestamptz := pg_catalog.clock_timestamp();
     rate double precision;
@@ -62,7 +63,20 @@ BEGIN
     COMMIT;
     LOOP
         EXIT WHEN max_texts IS NOT NULL AND done >= max_texts;
-        n := omop_emb._index_batch(prep.model_name, batch_size);
+        BEGIN
+            n := omop_emb._index_batch(prep.model_name, batch_size);
+        EXCEPTION WHEN deadlock_detected OR serialization_failure OR lock_not_available THEN
+            -- Only this batch rolled back (its texts are back in the queue), so a
+            -- lock conflict with another indexing session costs a retry, not the run.
+            retries := retries + 1;
+            IF retries > 5 THEN
+                RAISE;
+            END IF;
+            RAISE NOTICE 'omop_emb: batch rolled back (%), retrying', SQLERRM;
+            PERFORM pg_catalog.pg_sleep(0.1 * retries);
+            CONTINUE;
+        END;
+        retries := 0;
         IF n = 0 THEN
             EXIT;
         ELSIF n < 0 THEN
@@ -80,7 +94,18 @@ BEGIN
             last_notice := pg_catalog.clock_timestamp();
         END IF;
     END LOOP;
-    PERFORM omop_emb._index_finish(prep.model_name);
+    LOOP
+        BEGIN
+            PERFORM omop_emb._index_finish(prep.model_name);
+            EXIT;
+        EXCEPTION WHEN deadlock_detected OR lock_not_available THEN
+            retries := retries + 1;
+            IF retries > 5 THEN
+                RAISE;
+            END IF;
+            PERFORM pg_catalog.pg_sleep(0.1 * retries);
+        END;
+    END LOOP;
     rate := done / greatest(extract(epoch FROM pg_catalog.clock_timestamp() - started), 0.001);
     RAISE NOTICE 'omop_emb: done, % texts embedded in % s (%/s)', done,
         round(extract(epoch FROM pg_catalog.clock_timestamp() - started)::numeric, 1), round(rate::numeric, 1);

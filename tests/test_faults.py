@@ -286,7 +286,8 @@ def test_backend_terminated_mid_run(vocab_db, pg, fake_embedder, fault_model):
     gone = time.monotonic() - t0
     assert not run.is_alive()
     assert run.error is not None
-    # Python inside the backend is not interrupted: it dies when the HTTP read times out.
+    # The HTTP call runs in a thread while the backend polls for interrupts, so the
+    # backend exits at once; the read timeout is the bound whatever the machine.
     assert gone < READ_TIMEOUT + 3, gone
     fake_embedder.clear_fault()
     assert count_rows(vocab_db, fault_model) == committed  # the hung batch committed nothing
