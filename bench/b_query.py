@@ -169,7 +169,7 @@ def load(dsn: str, server_url: str, n: int) -> tuple[int, dict]:
     return mid, info
 
 
-def build_index(dsn: str, mid: int, m: int = 16, ef_construction: int = 64) -> dict:
+def build_index(dsn: str, mid: int, m: int = 16, ef_construction: int = 128) -> dict:
     with psycopg.connect(dsn, autocommit=True) as c:
         have, params = c.execute("SELECT index_method, index_params FROM omop_emb.model WHERE name = %s",
                                  (MODEL,)).fetchone()

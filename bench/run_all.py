@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--datadir", default=None, help="keep the LocalCluster here and reuse it across runs")
     ap.add_argument("--generator", choices=("clusters", "hierarchical"), default="clusters",
                     help="synthetic vectors: isolated clusters (default, hard) or clusters of clusters")
-    ap.add_argument("--ef-construction", type=int, default=64, help="HNSW ef_construction (create_index)")
+    ap.add_argument("--ef-construction", type=int, default=128,
+                    help="HNSW ef_construction (create_index; 128 is its default)")
     ap.add_argument("--db-prefix", default="", help="prefix of the databases created (bench_index, ...)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = ap.parse_args(argv)
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
                 save()
             if "modes" in parts:
                 log("query: latency by search mode")
-                results.setdefault("latency", {})["modes"] = b_query.modes(dsn, 5 if q else 12)
+                results.setdefault("latency", {})["modes"] = b_query.modes(dsn, 5 if q else 40)
                 save()
             if "recall" in parts:
                 log(f"recall: {rec_n} queries per case and ef_search")

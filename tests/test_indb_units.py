@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "extension"))
 
-from omop_emb_indb import checks, prefixes, providers, sqlgen, vectors  # noqa: E402
+from omop_emb_indb import checks, lexical, prefixes, providers, sqlgen, vectors  # noqa: E402
 from omop_emb_indb.errors import InvalidArgument, InvalidEmbeddingResponse, PrefixMismatch  # noqa: E402
 
 
@@ -102,3 +102,19 @@ def test_search_sql_is_index_shaped_and_parameterised():
     assert "ORDER BY (e.embedding <=> $1) + 0" in exact_sql  # no index can serve it
     assert sqlgen.storage_for(2000) == "vector" and sqlgen.storage_for(3072) == "halfvec"
     assert sqlgen.similarity_from_distance("cosine", 0.25) == 0.75
+
+
+def test_lexical_words_split_by_how_many_texts_hold_them():
+    stats = {"words": ["diseas", "oral", "tablet"], "freqs": [0.05, 0.2, 0.001, 0.001, 0.2, 0.0],
+             "reltuples": 1_000_000.0}
+    rows = lexical.word_rows(stats)
+    assert rows == {"diseas": 50_000.0, "oral": 200_000.0, "tablet": 1_000.0}
+    rare, common = lexical.split_words(["acetaminophen", "oral", "tablet", "diseas"], rows)
+    assert rare == "'acetaminophen' | 'tablet'"  # not in the statistics: rarer than all listed
+    assert common == "'oral' & 'diseas'"
+    assert lexical.split_words(["oral"], rows) == (None, "'oral'")
+    assert lexical.split_words(["x"], {}) == ("'x'", None)  # no statistics yet: every word is found
+    assert lexical.word_rows(None) == {} and lexical.word_rows({"words": None, "freqs": None,
+                                                                "reltuples": 0}) == {}
+    # Lexemes are quoted for the tsquery cast: quotes doubled, backslashes escaped.
+    assert lexical.tsquery_literal(["o'brien", "a\\b"], "|") == "'o''brien' | 'a\\\\b'"

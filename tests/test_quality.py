@@ -156,3 +156,38 @@ def test_hybrid_on_e5_finds_lay_terms(e5_sample_db):
     assert 4329847 in got["heart attack"]
     assert 316866 in got["high blood pressure"]
     assert got["closed hip fracture"][0] == 4230399
+
+
+def test_common_words_only_find_texts_together(omop_db, fake_embedder):
+    """At scale, words found in more than 2,000 texts ("disorder", "oral", "tablet") would
+    make the lexical side score most of the vocabulary. They only find texts together
+    (capped); texts sharing a rarer word are all found, and k rows still come back."""
+    from test_nearest import load_vocab
+
+    rows = [(i, f"alpha beta item{i}", "Condition", "V", "C", "S", str(i), None)
+            for i in range(1, 2401)]
+    rows += [(3001, "Alpha gamma", "Condition", "V", "C", "S", "g", None),
+             (3002, "delta", "Condition", "V", "C", "S", "d", None),
+             (3003, "gamma ray", "Condition", "V", "C", "S", "r", None)]
+    load_vocab(omop_db, rows)
+    register_fake_model(omop_db, fake_embedder)
+    with psycopg.connect(omop_db, autocommit=True) as conn:
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")  # ends with ANALYZE
+        freq = dict(conn.execute(
+            "SELECT w, f FROM pg_stats, unnest(most_common_elems::text::text[], most_common_elem_freqs) "
+            "AS x(w, f) WHERE schemaname = 'omop_emb' AND tablename = 'embedding_1_fts'").fetchall())
+    assert freq["alpha"] * 2403 > 2000 and freq["beta"] * 2403 > 2000  # common, per the statistics
+
+    # A rare word and a common one: the text with both ranks first.
+    got = nearest(omop_db, "gamma alpha", k=5, mode="lexical")
+    assert len(got) == 5 and got[0]["concept_id"] == 3001 and got[0]["score"] == pytest.approx(1.0)
+    assert 3003 in [r["concept_id"] for r in got]  # shares only the rare word: still found
+    # Common words only: texts holding all of them, k rows.
+    got = nearest(omop_db, "beta alpha item", k=7, mode="lexical")
+    assert len(got) == 7
+    assert all({"alpha", "beta"} <= set(r["matched_text"].lower().split()) for r in got)
+    # A rare word that no text has: the common words still find k texts.
+    got = nearest(omop_db, "alpha zzzunknown", k=3, mode="hybrid")
+    assert len(got) == 3
+    got = nearest(omop_db, "delta alpha", k=4, mode="lexical")
+    assert len(got) == 4 and got[0]["concept_id"] == 3002

@@ -6,8 +6,10 @@ PostgreSQL's full-text search, English configuration (stemmed words, stop
 words dropped):
 
 * candidates: texts sharing at least one stemmed word with the query
-  (``to_tsvector('english', text) @@ omop_emb.lexical_query(query)``, an OR of
-  the query's words, served by a GIN index per model);
+  (``to_tsvector('english', text) @@`` an OR of the query's words, served by a
+  GIN index per model). Words the index statistics count in more than
+  COMMON_WORD_ROWS texts only find texts together (all of them, capped): see
+  below;
 * lexical score: the Dice overlap of the two sets of stemmed words,
   ``2 * |shared| / (|query words| + |text words|)``, in [0, 1]: 1 when the text
   has exactly the query's words in any order ("Fibrosis of lung" vs "lung
@@ -36,8 +38,7 @@ Pure functions here (no plpy) so that plain pytest can test them.
 
 MODES = ("semantic", "lexical", "hybrid")
 # Semantic by default: hybrid gains +0.005 Recall@1 on two sets (bench/results/quality.md)
-# but its full-text side costs p50 96 ms / p99 1.9 s at 1,000,000 concepts against
-# 14 ms for semantic (bench/results/benchmarks.md): common words match too many texts.
+# for the cost of a full-text search beside the vector search.
 DEFAULT_MODE = "semantic"
 SETTING = "omop_emb.search_mode"
 
@@ -98,22 +99,69 @@ def ensure_index(plpy, model_id):
             plpy.execute(ddl)
 
 
+# Words in more texts than this (planner statistics of the GIN index) are
+# "common". Scoring every text that shares a common word is what made lexical
+# and hybrid search slow at scale ("disorder", "oral", "tablet" are in hundreds
+# of thousands of OMOP names), so common words only find texts together: the
+# texts holding all of the query's common words, at most COMMON_WORD_CAP of them.
+# Texts sharing any rarer word are all scored. Below COMMON_WORD_ROWS texts per
+# word nothing changes: every text sharing a word is scored.
+COMMON_WORD_ROWS = 2000
+COMMON_WORD_CAP = 2000
+
+WORD_STATS_SQL = (
+    "SELECT s.most_common_elems::text::text[] AS words, s.most_common_elem_freqs AS freqs, "
+    "c.reltuples FROM pg_catalog.pg_stats s, pg_catalog.pg_class c "
+    "WHERE s.schemaname = 'omop_emb' AND s.tablename = $1 AND s.attname = 'to_tsvector' "
+    "AND c.oid = $2::regclass")
+
+
+def word_rows(stats_row):
+    """{lexeme: estimated texts holding it} from a WORD_STATS_SQL row (ANALYZE's most
+    common elements of the full-text index; words not listed are rarer than all listed)."""
+    if not stats_row or not stats_row["words"] or not stats_row["freqs"]:
+        return {}
+    n = max(float(stats_row["reltuples"] or 0), 0.0)
+    return {w: f * n for w, f in zip(stats_row["words"], stats_row["freqs"])}
+
+
+def tsquery_literal(words, op):
+    """words joined by op ('|' or '&') as tsquery text; each word quoted as a lexeme
+    (already stemmed: the cast to tsquery does not stem again). None when empty."""
+    if not words:
+        return None
+    return (" %s " % op).join("'%s'" % w.replace("\\", "\\\\").replace("'", "''") for w in words)
+
+
+def split_words(words, rows_by_word, threshold=COMMON_WORD_ROWS):
+    """(rare-word OR query, common-word AND query) for the lexical candidates."""
+    rare = [w for w in words if rows_by_word.get(w, 0) <= threshold]
+    common = [w for w in words if rows_by_word.get(w, 0) > threshold]
+    return tsquery_literal(rare, "|"), tsquery_literal(common, "&")
+
+
 def search_sql(model, where, op, n_filter_params):
-    """Lexical candidates, best first: ($1 query vector or NULL, $2 query text,
-    $3 limit, $4... filter arrays). Returns (sql, types)."""
+    """Lexical candidates, best first: ($1 query vector, $2 query text, $3 limit,
+    $4 rare-word OR tsquery or NULL, $5 common-word AND tsquery or NULL, $6 cap of
+    the common-word part, $7... filter arrays). Returns (sql, types).
+    The distance is computed for the returned rows only."""
     from . import sqlgen
 
     t = sqlgen.table(model["model_id"])
-    sql = (
-        "WITH q AS (SELECT omop_emb.lexical_query($2) AS tsq, "
-        "omop_emb.lexemes($2) AS words) "
-        "SELECT %s, e.embedding %s $1 AS distance, "
-        "omop_emb.lexical_score(q.words, omop_emb.lexemes(e.text)) AS lex_score "
-        "FROM %s e, q WHERE q.tsq IS NOT NULL "
-        "AND to_tsvector('%s'::regconfig, e.text) @@ q.tsq AND %s "
-        "ORDER BY lex_score DESC, length(e.text), e.concept_id LIMIT $3"
-        % (sqlgen.SELECT_COLS, op, t, TS_CONFIG, where))
-    return sql, [sqlgen.vector_type(model), "text", "int4"] + ["text[]"] * n_filter_params
+    tsv = "to_tsvector('%s'::regconfig, e.text)" % TS_CONFIG
+    part = ("SELECT %s, e.embedding, "
+            "omop_emb.lexical_score(q.words, omop_emb.lexemes(e.text)) AS lex_score "
+            "FROM %s e, q WHERE %%s AND %s" % (sqlgen.SELECT_COLS, t, where))
+    rare = part % ("%s @@ $4::tsquery" % tsv)
+    common = part % ("%s @@ $5::tsquery AND NOT coalesce(%s @@ $4::tsquery, false)" % (tsv, tsv))
+    cols = sqlgen.SELECT_COLS.replace("e.", "s.")
+    sql = ("WITH q AS (SELECT omop_emb.lexemes($2) AS words) "
+           "SELECT %s, s.embedding %s $1 AS distance, s.lex_score FROM ("
+           "SELECT * FROM ((%s) UNION ALL (%s LIMIT $6)) u "
+           "ORDER BY lex_score DESC, length(text), concept_id LIMIT $3) s"
+           % (cols, op, rare, common))
+    types = [sqlgen.vector_type(model), "text", "int4", "text", "text", "int4"]
+    return sql, types + ["text[]"] * n_filter_params
 
 
 def best_per_concept(rows, limit):

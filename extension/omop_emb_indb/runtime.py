@@ -7,6 +7,7 @@ that this module imports without PostgreSQL.
 """
 
 import os
+import time
 from collections import OrderedDict
 
 from . import lexical, prefixes, sqlgen, vectors
@@ -44,6 +45,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         self.plans = {}
         self.warned = set()
         self.session_cache = OrderedDict()
+        self.word_stats = {}  # model_id -> (read at, {lexeme: texts holding it})
         self.cache_hits = 0
         self.cache_misses = 0
         self._unflushed = [0, 0]  # hits, misses not yet written to cache_stats
@@ -434,11 +436,29 @@ class Runtime(RegistryMixin, IndexingMixin):
         """{concept_id: best lexical text row} for up to ``want`` concepts, best first."""
         mid = model["model_id"]
         op, _ = sqlgen.METRIC_OPS[model["metric"]]
-        where, names = sqlgen.filter_clause(shape, 4)
+        words = self.plan(plpy, "lexemes", "SELECT omop_emb.lexemes($1) AS words",
+                          ["text"]).execute([query_text])[0]["words"]
+        if not words:
+            return OrderedDict()
+        rare_q, common_q = lexical.split_words(words, self._word_rows(plpy, mid))
+        where, names = sqlgen.filter_clause(shape, 7)
         sql, types = lexical.search_sql(model, where, op, len(names))
         rows = self.plan(plpy, ("lexical", mid, shape), sql, types).execute(
-            [vec, query_text, min(4 * MAX_K, want * 4)] + args)
+            [vec, query_text, min(4 * MAX_K, want * 4), rare_q, common_q,
+             lexical.COMMON_WORD_CAP] + args)
         return lexical.best_per_concept(rows, want)
+
+    def _word_rows(self, plpy, mid):
+        """{lexeme: texts holding it} of a model's full-text index, from the planner
+        statistics; read once a minute per session."""
+        now = time.monotonic()
+        hit = self.word_stats.get(mid)
+        if hit is None or now - hit[0] > 60:
+            rows = self.plan(plpy, "word_stats", lexical.WORD_STATS_SQL, ["name", "text"]).execute(
+                ["embedding_%d_fts" % mid, sqlgen.table(mid)])
+            hit = (now, lexical.word_rows(rows[0] if rows else None))
+            self.word_stats[mid] = hit
+        return hit[1]
 
     def _fusion_features(self, plpy, model, vec, query_text, ids, shape, args):
         """{concept_id: row of its nearest text, with lex_score = its best
