@@ -17,7 +17,7 @@ import numpy as np
 import psycopg
 import requests
 
-from common import log, pct, summary_ms, vm_status
+from common import ROOT, log, pct, summary_ms, vm_status
 
 DIM = 384
 SPREAD = 0.7
@@ -169,6 +169,16 @@ def load(dsn: str, server_url: str, n: int) -> tuple[int, dict]:
     return mid, info
 
 
+def extension_ef_search() -> int:
+    """hnsw.ef_search the extension searches with when omop_emb.ef_search is unset."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "extension"))
+    from omop_emb_indb.runtime import DEFAULT_EF_SEARCH
+
+    return DEFAULT_EF_SEARCH
+
+
 def build_index(dsn: str, mid: int, m: int = 16, ef_construction: int = 128) -> dict:
     with psycopg.connect(dsn, autocommit=True) as c:
         have, params = c.execute("SELECT index_method, index_params FROM omop_emb.model WHERE name = %s",
@@ -231,7 +241,9 @@ def latency(dsn: str, mid: int, server_url: str, n: int) -> dict:
         register_vector(raw)
         out["default_mode"] = ext.execute(
             "SELECT coalesce(current_setting('omop_emb.search_mode', true), '')").fetchone()[0] or "(unset)"
-        raw.execute("SET hnsw.ef_search = 100")  # the extension's default, for a like-for-like baseline
+        ef = extension_ef_search()
+        out["baseline_ef_search"] = ef
+        raw.execute(f"SET hnsw.ef_search = {ef}")  # the extension's default, for a like-for-like baseline
         raw.execute("SET hnsw.iterative_scan = relaxed_order")
         q = "SELECT * FROM omop_emb.nearest(%s, 10, model => %s)"
         qs = "SELECT * FROM omop_emb.nearest(%s, 10, model => %s, mode => 'semantic')"
