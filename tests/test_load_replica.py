@@ -265,6 +265,7 @@ def test_backend_memory_flat(db, pg_server, fake_embedder_session):
         c.execute("SET omop_emb.model = 'fake'")
         cycle(QUERIES)  # warm: runtime loaded, plans prepared, cache filled
         cycle(QUERIES)
+        cycle([f"warm {uuid.uuid4().hex}" for _ in range(5)])  # misses: the HTTP stack is imported
         before = _rss_kb(pid)
         n = 0
         for _ in range(8):

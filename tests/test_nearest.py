@@ -341,3 +341,23 @@ def test_analyst_role_searches_but_cannot_register(omop_db, fake_embedder):
         with connect(omop_db) as conn:
             conn.execute("DROP OWNED BY analyst_t4")
             conn.execute("DROP ROLE analyst_t4")
+
+
+def test_a_session_whose_searches_hit_the_cache_never_loads_the_http_stack(omop_db, fake_embedder):
+    """BI tools and dbt open many short sessions: a session that only repeats cached searches
+    does not pay for importing requests (~80 ms with urllib.request) on its first call."""
+    load_vocab(omop_db, [(i, f"concept {i}", "Condition", "V", "C", "S", str(i), None) for i in range(1, 21)])
+    register_fake_model(omop_db, fake_embedder)
+    with connect(omop_db) as conn:
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
+        conn.execute("SELECT * FROM omop_emb.nearest('concept 3', 3)").fetchall()  # fills the cache
+    loaded = ("DO LANGUAGE plpython3u $$ import sys; "
+              "plpy.notice(str(sorted(m for m in ('requests', 'urllib.request') if m in sys.modules))) $$")
+    with connect(omop_db) as conn:
+        notes = []
+        conn.add_notice_handler(lambda d: notes.append(d.message_primary))
+        assert len(conn.execute("SELECT * FROM omop_emb.nearest('concept 3', 3)").fetchall()) == 3
+        conn.execute(loaded)
+        conn.execute("SELECT * FROM omop_emb.nearest('concept 4 not cached', 3)").fetchall()
+        conn.execute(loaded)
+    assert notes[-2:] == ["[]", "['requests', 'urllib.request']"]

@@ -11,12 +11,6 @@ model, the status and a hint, never the key.
 import json
 import threading
 import time
-import urllib.request
-
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ReadTimeoutError
-from urllib3.util.retry import Retry
 
 from .errors import EmbeddingServiceError, InvalidEmbeddingResponse
 from . import providers
@@ -26,16 +20,36 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 MAX_RETRY_AFTER_S = 10.0
 
 
-class _CappedRetry(Retry):
-    def get_retry_after(self, response):
-        after = super().get_retry_after(response)
-        if after is None:
-            return None
-        return min(after, MAX_RETRY_AFTER_S)
+_CAPPED_RETRY = []
+
+
+def _requests():
+    """requests, imported on the first HTTP call of the session, not when the runtime
+    loads: requests and urllib.request cost ~80 ms to import, and a session whose
+    searches all hit the query cache never needs them (a BI tool or dbt opens many
+    short sessions)."""
+    import requests
+
+    return requests
+
+
+def _capped_retry_class():
+    if not _CAPPED_RETRY:
+        from urllib3.util.retry import Retry
+
+        class CappedRetry(Retry):
+            def get_retry_after(self, response):
+                after = super().get_retry_after(response)
+                if after is None:
+                    return None
+                return min(after, MAX_RETRY_AFTER_S)
+
+        _CAPPED_RETRY.append(CappedRetry)
+    return _CAPPED_RETRY[0]
 
 
 def make_retry(max_retries):
-    return _CappedRetry(
+    return _capped_retry_class()(
         total=max_retries,
         connect=max_retries,
         # A read timeout is not retried: a server that accepts and never answers
@@ -89,6 +103,11 @@ class EmbeddingHTTP:
     def session(self, max_retries):
         s = self._sessions.get(max_retries)
         if s is None:
+            import urllib.request
+
+            requests = _requests()
+            from requests.adapters import HTTPAdapter
+
             s = requests.Session()
             # requests re-reads proxy variables (and .netrc) from the environment on
             # every request (~0.25 ms per call). With no proxy configured for the
@@ -119,6 +138,9 @@ class EmbeddingHTTP:
         where = "embedding server %s (model %s, provider %s)" % (url, model["name"], provider)
         timeout = (float(model["connect_timeout_s"]), float(model["read_timeout_s"]))
         started = time.monotonic()
+        requests = _requests()
+        from urllib3.exceptions import ReadTimeoutError
+
         try:
             self.requests_sent += 1
             try:

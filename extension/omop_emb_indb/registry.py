@@ -8,8 +8,6 @@ only the extension owner can read.
 
 import re
 
-import requests
-
 from . import prefixes, providers, sqlgen
 from .errors import InvalidArgument, ModelNotFound
 
@@ -59,6 +57,8 @@ def discover_prefixes(http, provider, endpoint, timeout=(3.0, 10.0)):
             base = base[: -len(suffix)]
             break
     url = base + "/v1/models"
+    import requests  # loaded by http.session() in any case
+
     try:
         resp = http.session(0).get(url, timeout=timeout)
         data = resp.json().get("data") if resp.status_code == 200 else None
