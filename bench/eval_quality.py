@@ -225,7 +225,7 @@ def markdown(results: list[dict]) -> str:
               "50, ordered by similarity + 0.005 x Dice overlap (score fusion; the weight and "
               "the variants tried, reciprocal rank fusion among them: bench/fusion_sweep.py and "
               "bench/results/fusion_sweep.md). semantic is the default mode: hybrid "
-              "costs ~7x its latency at 1M concepts (docs/benchmarks.md) for < 1 point here."]
+              "costs 2-3x its latency at 1M concepts (bench/results/modes_1m/) for < 1 point here."]
     return "\n".join(lines) + "\n"
 
 
