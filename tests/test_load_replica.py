@@ -55,8 +55,9 @@ def db(module_db, fake_embedder_session) -> str:
     return dsn
 
 
-class Indexer(threading.Thread):
-    """Re-index MODEL2 over and over (a new document prefix each round re-embeds every text)."""
+class BackgroundIndexer(threading.Thread):
+    """Calls ``step(connection)`` in its own session until stopped, ``step`` returns False
+    or an error occurs (kept in ``errors``); ``rounds`` counts the steps done."""
 
     def __init__(self, dsn: str):
         super().__init__(daemon=True)
@@ -65,18 +66,31 @@ class Indexer(threading.Thread):
         self.rounds = 0
         self.errors: list[str] = []
 
+    def step(self, c: psycopg.Connection) -> bool:
+        raise NotImplementedError
+
     def run(self) -> None:
         with connect(self.dsn) as c:
             while not self.stop.is_set():
                 try:
-                    c.execute("SELECT omop_emb.alter_model(%s, document_prefix => %s)",
-                              (MODEL2, f"round {self.rounds}: "))
-                    c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => "
-                              "'gibleed', include_synonyms => true, batch_size => 32)", (MODEL2,))
-                    self.rounds += 1
-                except psycopg.Error as e:  # noqa: PERF203
+                    more = self.step(c)
+                except psycopg.Error as e:
                     self.errors.append(str(e))
                     return
+                self.rounds += 1
+                if not more:
+                    return
+
+
+class Indexer(BackgroundIndexer):
+    """Re-index MODEL2 over and over (a new document prefix each round re-embeds every text)."""
+
+    def step(self, c: psycopg.Connection) -> bool:
+        c.execute("SELECT omop_emb.alter_model(%s, document_prefix => %s)",
+                  (MODEL2, f"round {self.rounds}: "))
+        c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => "
+                  "'gibleed', include_synonyms => true, batch_size => 32)", (MODEL2,))
+        return True
 
 
 def run_load(dsn: str, sessions: int, seconds: float, models=(MODEL,), new_every: int = 10,
@@ -167,29 +181,18 @@ def test_load_nearest_32_sessions(e5_db):
     assert r["queries"] > SESSIONS * 10
 
 
-class DomainIndexer(threading.Thread):
+class DomainIndexer(BackgroundIndexer):
     """Index more domains of the model being searched, a slice of texts per CALL."""
 
     def __init__(self, dsn: str, domains: list[str]):
-        super().__init__(daemon=True)
-        self.dsn, self.domains = dsn, domains
-        self.stop = threading.Event()
-        self.calls = 0
-        self.errors: list[str] = []
+        super().__init__(dsn)
+        self.domains = domains
 
-    def run(self) -> None:
-        with connect(self.dsn) as c:
-            while not self.stop.is_set():
-                try:
-                    c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'cdm', "
-                              "domain_ids => %s, max_texts => 64)", (E5_MODEL, self.domains))
-                    self.calls += 1
-                    if c.execute("SELECT pending FROM omop_emb.index_status WHERE model = %s",
-                                 (E5_MODEL,)).fetchone()[0] == 0:
-                        return
-                except psycopg.Error as e:  # noqa: PERF203
-                    self.errors.append(str(e))
-                    return
+    def step(self, c: psycopg.Connection) -> bool:
+        c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'cdm', "
+                  "domain_ids => %s, max_texts => 64)", (E5_MODEL, self.domains))
+        return c.execute("SELECT pending FROM omop_emb.index_status WHERE model = %s",
+                         (E5_MODEL,)).fetchone()[0] > 0
 
 
 def test_load_nearest_with_index_concepts_alongside(e5_db):
@@ -209,7 +212,7 @@ def test_load_nearest_with_index_concepts_alongside(e5_db):
         idx.join(120)
     with connect(dsn) as c:
         searched, other, duplicates = c.execute(count_sql, (SAMPLE_DOMAINS, SAMPLE_DOMAINS)).fetchone()
-    r["index_calls"] = idx.calls
+    r["index_calls"] = idx.rounds
     r["texts_indexed_alongside"] = other - other_before
     LOAD_RESULTS["nearest + index_concepts (e5 server)"] = str(r)
     print("LOAD nearest + index_concepts (e5 server):", r)
