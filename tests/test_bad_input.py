@@ -321,6 +321,25 @@ def test_property_nearest_batch(prop_conn, prop_snapshot, fake_embedder_session,
     assert all(sorted(r) == [1, 2, 3] for r in per.values())
 
 
+@PROP
+@given(text=texts, mode=st.sampled_from(["lexical", "hybrid"]))
+def test_property_lexical_and_hybrid(prop_conn, prop_snapshot, fake_embedder_session, text, mode):
+    """Any text in the word-based modes (its words become a tsquery): ranked rows, one per
+    concept, scores as documented, and nothing changes in the tables."""
+    rows = prop_conn.execute("SELECT rank, concept_id, score, similarity FROM omop_emb.nearest(%s, 10, "
+                             "mode => %s)", (text, mode)).fetchall()
+    if not text.strip():
+        assert rows == []
+        return
+    assert [r[0] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) <= 10
+    assert len({r[1] for r in rows}) == len(rows)
+    if mode == "lexical":
+        assert all(0 <= r[2] <= 1 for r in rows)
+    else:  # the semantic side always finds k concepts here
+        assert len(rows) == 10
+        assert all(r[2] <= r[3] + 0.005 + 1e-9 for r in rows)
+
+
 def test_zz_report_inputs():
     for k, v in INPUT_RESULTS.items():
         print(f"INPUT {k}: {v}")
