@@ -82,6 +82,9 @@ BEGIN
         ELSIF n < 0 THEN
             -- What is left is claimed by other sessions: wait for them to finish
             -- or fail (a failed batch returns to the queue and is taken here).
+            -- Commit first: texts this transaction took off the queue as already
+            -- embedded stay locked until then, and the others would wait for us.
+            COMMIT;
             waits := waits + 1;
             PERFORM pg_catalog.pg_sleep(0.2);
             CONTINUE;

@@ -260,6 +260,43 @@ def test_sessions_that_finish_indexing_together_do_not_deadlock(omop_db, fake_em
     assert not errors, errors
 
 
+def test_sessions_sharing_a_queue_of_texts_embedded_meanwhile_finish(omop_db, fake_embedder):
+    """A session that prepares while another embeds can queue texts that are embedded by the
+    time they are claimed. Two sessions taking such texts off the queue must not wait for
+    each other (CI once saw both sleep forever): they finish, and nothing is re-embedded."""
+    import threading
+
+    load_vocab(omop_db, [(i, f"concept {i}", "Condition", "V", "C", "S", str(i), None) for i in range(1, 301)])
+    register_fake_model(omop_db, fake_embedder, batch_size=10)
+    cols = ("concept_id, text_kind, text, text_hash, source_concept_id, source_code, concept_name, "
+            "domain_id, vocabulary_id, concept_class_id, standard_concept, invalid_reason")
+    with connect(omop_db) as conn:
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
+        conn.execute(f"INSERT INTO omop_emb.index_queue (model_id, {cols}) SELECT 1, {cols} "
+                     "FROM omop_emb.embedding_1")  # every text queued again, already embedded
+    fake_embedder.reset()
+    errors = []
+
+    def run():
+        try:
+            with connect(omop_db) as conn:
+                conn.execute("SET statement_timeout = '30s'")
+                conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with connect(omop_db) as conn:
+        assert conn.execute("SELECT count(*) FROM omop_emb.index_queue").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM omop_emb.embedding_1").fetchone()[0] == 300
+    assert fake_embedder.stats()["texts"] == 0
+
+
 def unit(v):
     n = sum(x * x for x in v) ** 0.5
     return [x / n for x in v]

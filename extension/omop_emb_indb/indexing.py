@@ -207,8 +207,14 @@ class IndexingMixin:
         if not 1 <= size <= 100000:
             raise InvalidArgument("batch_size = %d is outside 1..100000" % size)
         claim = self.plan(plpy, ("claim", mid), sqlgen.claim(mid), ["int4", "int4"])
-        rows = claim.execute([mid, size])
-        n = rows.nrows()
+        while True:
+            claimed = claim.execute([mid, size])
+            rows = [r for r in claimed if not r["embedded"]]
+            if rows or claimed.nrows() == 0:
+                break
+            # Only texts embedded meanwhile (a session that prepared while this one
+            # embedded queued them again): they are off the queue now; take more.
+        n = len(rows)
         if n == 0:
             # Claimed nothing: either the queue is empty or all of it is locked by
             # other sessions; tell the caller which.

@@ -143,13 +143,14 @@ def exact_match(model, shape):
 
 def claim(model_id):
     """Take up to $2 queued texts of model $1 off the queue (rows locked by other
-    sessions are skipped) and return those whose exact text is not embedded yet."""
+    sessions are skipped) and return them, each with ``embedded``: whether its exact
+    text is embedded already (another session queued it again meanwhile)."""
     return ("WITH claimed AS (DELETE FROM omop_emb.index_queue q WHERE q.ctid = ANY(ARRAY("
             "SELECT ctid FROM omop_emb.index_queue WHERE model_id = $1 "
             "ORDER BY concept_id, text_kind, text LIMIT $2 FOR UPDATE SKIP LOCKED)) "
-            "RETURNING q.*) SELECT c.* FROM claimed c WHERE NOT EXISTS (SELECT 1 FROM %s e "
+            "RETURNING q.*) SELECT c.*, EXISTS (SELECT 1 FROM %s e "
             "WHERE e.concept_id = c.concept_id AND e.text_kind = c.text_kind AND e.text = c.text "
-            "AND e.text_hash = c.text_hash)" % table(model_id))
+            "AND e.text_hash = c.text_hash) AS embedded FROM claimed c" % table(model_id))
 
 
 def upsert(model):
