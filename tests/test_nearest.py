@@ -201,26 +201,34 @@ def test_changed_document_prefix_re_embeds_everything_and_is_recorded(omop_db, f
         assert conn.execute("SELECT document_prefix FROM omop_emb.models").fetchone()[0] == "passage: "
 
 
-def test_two_sessions_index_without_duplicating_work(omop_db, fake_embedder):
+def index_in_sessions(dsn, sessions, statement_timeout=None):
+    """CALL index_concepts in ``sessions`` concurrent sessions; the errors they raised."""
     import threading
 
-    load_vocab(omop_db, [(i, f"concept {i}", "Condition", "V", "C", "S", str(i), None) for i in range(1, 2001)])
-    register_fake_model(omop_db, fake_embedder, batch_size=50)
     errors = []
 
     def run():
         try:
-            with connect(omop_db) as conn:
+            with connect(dsn) as conn:
+                if statement_timeout:
+                    conn.execute(f"SET statement_timeout = '{statement_timeout}'")
                 conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
-        except Exception as e:  # noqa: BLE001 - reported below
+        except Exception as e:  # noqa: BLE001 - returned to the test
             errors.append(e)
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads = [threading.Thread(target=run) for _ in range(sessions)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors
+    return errors
+
+
+def test_two_sessions_index_without_duplicating_work(omop_db, fake_embedder):
+    load_vocab(omop_db, [(i, f"concept {i}", "Condition", "V", "C", "S", str(i), None) for i in range(1, 2001)])
+    register_fake_model(omop_db, fake_embedder, batch_size=50)
+    errors = index_in_sessions(omop_db, 2)
+    assert not errors, errors
     with connect(omop_db) as conn:
         assert conn.execute("SELECT count(*), count(DISTINCT concept_id) FROM omop_emb.embedding_1").fetchone() == (2000, 2000)
         assert conn.execute("SELECT done, pending FROM omop_emb.index_status").fetchone() == (2000, 0)
@@ -264,8 +272,6 @@ def test_sessions_sharing_a_queue_of_texts_embedded_meanwhile_finish(omop_db, fa
     """A session that prepares while another embeds can queue texts that are embedded by the
     time they are claimed. Two sessions taking such texts off the queue must not wait for
     each other (CI once saw both sleep forever): they finish, and nothing is re-embedded."""
-    import threading
-
     load_vocab(omop_db, [(i, f"concept {i}", "Condition", "V", "C", "S", str(i), None) for i in range(1, 301)])
     register_fake_model(omop_db, fake_embedder, batch_size=10)
     cols = ("concept_id, text_kind, text, text_hash, source_concept_id, source_code, concept_name, "
@@ -275,21 +281,7 @@ def test_sessions_sharing_a_queue_of_texts_embedded_meanwhile_finish(omop_db, fa
         conn.execute(f"INSERT INTO omop_emb.index_queue (model_id, {cols}) SELECT 1, {cols} "
                      "FROM omop_emb.embedding_1")  # every text queued again, already embedded
     fake_embedder.reset()
-    errors = []
-
-    def run():
-        try:
-            with connect(omop_db) as conn:
-                conn.execute("SET statement_timeout = '30s'")
-                conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = index_in_sessions(omop_db, 2, statement_timeout="30s")
     assert not errors, errors
     with connect(omop_db) as conn:
         assert conn.execute("SELECT count(*) FROM omop_emb.index_queue").fetchone()[0] == 0
