@@ -141,7 +141,7 @@ def split_words(words, rows_by_word, threshold=COMMON_WORD_ROWS):
 
 
 def search_sql(model, where, op, n_filter_params):
-    """Lexical candidates, best first: ($1 query vector, $2 query text, $3 limit,
+    """Lexical candidates, best first: ($1 query vector, $2 the query's lexemes, $3 limit,
     $4 rare-word OR tsquery or NULL, $5 common-word AND tsquery or NULL, $6 cap of
     the common-word part, $7... filter arrays). Returns (sql, types).
     The distance is computed for the returned rows only."""
@@ -155,12 +155,12 @@ def search_sql(model, where, op, n_filter_params):
     rare = part % ("%s @@ $4::tsquery" % tsv)
     common = part % ("%s @@ $5::tsquery AND NOT coalesce(%s @@ $4::tsquery, false)" % (tsv, tsv))
     cols = sqlgen.SELECT_COLS.replace("e.", "s.")
-    sql = ("WITH q AS (SELECT omop_emb.lexemes($2) AS words) "
+    sql = ("WITH q AS (SELECT $2::text[] AS words) "
            "SELECT %s, s.embedding %s $1 AS distance, s.lex_score FROM ("
            "SELECT * FROM ((%s) UNION ALL (%s LIMIT $6)) u "
            "ORDER BY lex_score DESC, length(text), concept_id LIMIT $3) s"
            % (cols, op, rare, common))
-    types = [sqlgen.vector_type(model), "text", "int4", "text", "text", "int4"]
+    types = [sqlgen.vector_type(model), "text[]", "int4", "text", "text", "int4"]
     return sql, types + ["text[]"] * n_filter_params
 
 

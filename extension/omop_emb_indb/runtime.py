@@ -444,7 +444,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         where, names = sqlgen.filter_clause(shape, 7)
         sql, types = lexical.search_sql(model, where, op, len(names))
         rows = self.plan(plpy, ("lexical", mid, shape), sql, types).execute(
-            [vec, query_text, min(4 * MAX_K, want * 4), rare_q, common_q,
+            [vec, words, min(4 * MAX_K, want * 4), rare_q, common_q,
              lexical.COMMON_WORD_CAP] + args)
         return lexical.best_per_concept(rows, want)
 
