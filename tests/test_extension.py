@@ -13,7 +13,9 @@ import pytest
 import requests
 
 from conftest import register_fake_model
-from omop_emb_pg.install import install
+from omop_emb_pg.install import extension_version, install
+
+VERSION = extension_version()  # the file VERSION, through the build
 
 
 def connect(dsn):
@@ -40,14 +42,14 @@ def test_create_extension_cascade(fresh_db):
     with connect(dsn) as conn:
         conn.execute("CREATE EXTENSION omop_emb CASCADE")
         exts = dict(conn.execute("SELECT extname, extversion FROM pg_extension").fetchall())
-        assert exts["omop_emb"] == "0.1.0"
+        assert exts["omop_emb"] == VERSION
         assert "vector" in exts and "plpython3u" in exts
-        assert conn.execute("SELECT omop_emb.version()").fetchone()[0] == "0.1.0"
+        assert conn.execute("SELECT omop_emb.version()").fetchone()[0] == VERSION
 
 
 def test_install_over_connection_is_idempotent(fresh_db):
     dsn = fresh_db()
-    first = install(dsn, use_extension_files=False)
+    first = install(dsn, method="script")
     assert first.method == "script" and first.changed
     again = install(dsn)
     assert again.method == "already installed" and not again.changed

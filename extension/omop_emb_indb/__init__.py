@@ -4,8 +4,6 @@ Standard library plus ``requests`` only: these modules run on the server's own
 interpreter (Debian's system python3 with python3-requests), never in the
 client's virtualenv. ``extension/build.py`` embeds their source in the
 extension script; ``omop_emb._bootstrap()`` loads them into ``GD`` once per
-session. Nothing here imports ``plpy`` at module level, so plain pytest can
+session (the version, from the file VERSION, is passed in). Nothing here imports ``plpy`` at module level, so plain pytest can
 import and test every module.
 """
-
-__version__ = "0.1.0"

@@ -93,14 +93,17 @@ def add_install_parser(sub: argparse._SubParsersAction) -> None:
                                    "files, else run its script over the connection. Checks plpython3u, "
                                    "requests and pgvector first.")
     _add_conn_args(p, model=False)
+    p.add_argument("--method", choices=("auto", "extension", "script"), default="auto",
+                   help="extension: CREATE/ALTER EXTENSION with the server's files; script: the "
+                        "same SQL over the connection; auto (default): the files when present")
     p.set_defaults(func=cmd_install)
 
 
 def cmd_install(args: argparse.Namespace) -> int:
     from .install import install
 
-    r = install(_dsn(args))
-    state = "installed" if r.changed else "already installed"
+    r = install(_dsn(args), method=args.method)
+    state = ("upgraded" if "upgrade" in r.method else "installed") if r.changed else "already installed"
     print(f"omop_emb {r.version}: {state} ({r.method})")
     return EXIT_OK
 

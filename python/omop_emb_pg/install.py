@@ -16,11 +16,13 @@ first with errors that say what to do.
 from __future__ import annotations
 
 import importlib.resources
+import os
 import pathlib
 import sys
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
 from .errors import InstallError
 
@@ -36,12 +38,13 @@ def extension_version() -> str:
     return extension_files()[0]
 
 
-def extension_files() -> tuple[str, str, str]:
-    """(version, script, control) of the extension this package installs.
+def extension_files() -> tuple[str, dict[str, str]]:
+    """(version, {file name: text}) of the extension this package installs: the
+    install script, the upgrade steps, released install scripts and the control file.
 
-    In a source checkout the script is built from ``sql/`` and
-    ``extension/omop_emb_indb`` so that it is never stale; an installed package
-    uses the copy built into it.
+    In a source checkout the scripts are built from ``sql/`` and
+    ``extension/omop_emb_indb`` so that they are never stale; an installed package
+    uses the copies built into it.
     """
     build = _REPO / "extension" / "build.py"
     if build.exists() and (_REPO / "sql").is_dir():
@@ -50,18 +53,44 @@ def extension_files() -> tuple[str, str, str]:
             import build as _build  # type: ignore[import-not-found]
         finally:
             sys.path.pop(0)
-        control = (_REPO / "extension" / "omop_emb.control").read_text()
-        return _build.version(), _build.build_script(), control
+        return _build.version(), _build.scripts()
     pkg = importlib.resources.files("omop_emb_pg") / "_extension"
-    control = (pkg / "omop_emb.control").read_text()
+    files = {f.name: f.read_text() for f in pkg.iterdir()
+             if f.name.startswith("omop_emb") and f.name.endswith((".sql", ".control"))}
+    control = files["omop_emb.control"]
     version = control.split("default_version", 1)[1].split("'")[1]
-    return version, (pkg / f"omop_emb--{version}.sql").read_text(), control
+    return version, files
+
+
+def _script_body(text: str) -> str:
+    """A script as run over a connection: without psql's ``\\echo ... \\quit`` guard."""
+    return "\n".join(line for line in text.splitlines() if not line.startswith("\\echo"))
+
+
+def upgrade_path(files: dict[str, str], have: str, want: str) -> list[str]:
+    """Names of the step scripts that lead from ``have`` to ``want``, in order."""
+    steps = {}
+    for name in files:
+        parts = name[len("omop_emb--"):-len(".sql")].split("--") if name.endswith(".sql") else []
+        if len(parts) == 2:
+            steps[parts[0]] = (parts[1], name)
+    path, at = [], have
+    while at != want:
+        if at not in steps:
+            raise InstallError(
+                f"no upgrade path from omop_emb {have} to {want} (stuck at {at})",
+                hint="Upgrade with a package version that knows the way, or DROP SCHEMA "
+                     "omop_emb CASCADE and install again (embeddings are rebuilt by "
+                     "index_concepts).")
+        at, name = steps[at]
+        path.append(name)
+    return path
 
 
 @dataclass(frozen=True)
 class InstallResult:
     version: str
-    method: str  # "extension", "script" or "already installed"
+    method: str  # "extension", "script", "already installed" or "<how> upgrade from <version>"
     changed: bool
 
 
@@ -118,9 +147,26 @@ def installed_version(conn: psycopg.Connection) -> tuple[str | None, str | None]
     return None, None
 
 
-def install(conninfo: str | psycopg.Connection, *, use_extension_files: bool = True) -> InstallResult:
-    """Install omop_emb into the database (idempotent, version-checked)."""
-    version, script, _ = extension_files()
+METHODS = ("auto", "extension", "script")
+
+
+def install(conninfo: str | psycopg.Connection, *, method: str = "auto") -> InstallResult:
+    """Install omop_emb into the database, or upgrade an older installation
+    (idempotent, version-checked).
+
+    ``method``: ``"extension"`` (CREATE EXTENSION / ALTER EXTENSION UPDATE: the
+    server has the extension's files), ``"script"`` (the same SQL over the
+    connection, for servers where files cannot be copied; upgrades run the same
+    step scripts) or ``"auto"`` (the files when the server has them). An
+    installation keeps the method it was made with. The environment variable
+    ``OMOP_EMB_INSTALL_METHOD`` overrides ``"auto"``.
+    """
+    if method == "auto":
+        method = os.environ.get("OMOP_EMB_INSTALL_METHOD") or "auto"
+    if method not in METHODS:
+        raise InstallError(f"unknown install method {method!r}",
+                           hint="Use one of: " + ", ".join(METHODS) + ".")
+    version, files = extension_files()
     own = not isinstance(conninfo, psycopg.Connection)
     conn = psycopg.connect(conninfo) if own else conninfo
     try:
@@ -129,26 +175,54 @@ def install(conninfo: str | psycopg.Connection, *, use_extension_files: bool = T
             if have == version:
                 return InstallResult(version, "already installed", False)
             if have is not None:
-                raise InstallError(
-                    f"omop_emb {have} is installed (as {how}); this package installs {version}",
-                    hint="ALTER EXTENSION omop_emb UPDATE when the server has the new files; "
-                         "otherwise DROP SCHEMA omop_emb CASCADE and install again "
-                         "(embeddings are rebuilt by index_concepts).")
+                return _upgrade(conn, have, how, version, files, method)
             if conn.execute("SELECT to_regnamespace('omop_emb') IS NOT NULL").fetchone()[0]:
                 raise InstallError(
                     "schema omop_emb exists but holds no omop_emb installation",
                     hint="Drop or rename that schema first.")
             check_prerequisites(conn)
-            files = conn.execute(
-                "SELECT 1 FROM pg_available_extension_versions WHERE name = 'omop_emb' "
-                "AND version = %s", (version,)).fetchone()
-            if files and use_extension_files:
+            if method != "script" and _server_has(conn, version):
                 conn.execute("CREATE EXTENSION omop_emb CASCADE")
                 return InstallResult(version, "extension", True)
-            body = "\n".join(line for line in script.splitlines() if not line.startswith("\\echo"))
+            if method == "extension":
+                raise _no_files(version)
             conn.execute("CREATE SCHEMA omop_emb")
-            conn.execute(body)
+            conn.execute(_script_body(files[f"omop_emb--{version}.sql"]))
             return InstallResult(version, "script", True)
     finally:
         if own:
             conn.close()
+
+
+def _server_has(conn: psycopg.Connection, version: str) -> bool:
+    return conn.execute(
+        "SELECT 1 FROM pg_available_extension_versions WHERE name = 'omop_emb' "
+        "AND version = %s", (version,)).fetchone() is not None
+
+
+def _no_files(version: str) -> InstallError:
+    return InstallError(
+        f"the server has no files for omop_emb {version}",
+        hint="Install them on the database server (make -C extension install), or install "
+             "over the connection with method 'script' (omop-emb-pg install --method script).")
+
+
+def _upgrade(conn, have, how, version, files, method) -> InstallResult:
+    if _version_tuple(have) > _version_tuple(version):
+        raise InstallError(
+            f"omop_emb {have} is installed; this package installs the older {version}",
+            hint="Use a client package of version " + have + " or newer.")
+    if how == "extension":
+        if method == "script":
+            raise InstallError(
+                f"omop_emb {have} was installed as an extension: it is upgraded with ALTER "
+                "EXTENSION, not over the connection",
+                hint="Install the new files on the server (make -C extension install) and "
+                     "run again without --method script.")
+        if not _server_has(conn, version):
+            raise _no_files(version)
+        conn.execute(sql.SQL("ALTER EXTENSION omop_emb UPDATE TO {}").format(sql.Literal(version)))
+        return InstallResult(version, f"extension upgrade from {have}", True)
+    for name in upgrade_path(files, have, version):
+        conn.execute(_script_body(files[name]))
+    return InstallResult(version, f"script upgrade from {have}", True)

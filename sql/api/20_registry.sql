@@ -1,6 +1,6 @@
 -- The model registry (administrator only).
 
-CREATE FUNCTION omop_emb.register_model(
+CREATE OR REPLACE FUNCTION omop_emb.register_model(
     name text,
     provider text,
     endpoint text,
@@ -22,7 +22,7 @@ $$;
 COMMENT ON FUNCTION omop_emb.register_model(text, text, text, integer, text, text, text, text, text, integer, double precision) IS
 'Register an embedding model: name, provider (''openai'' = any OpenAI-compatible /v1/embeddings, ''ollama'' = /api/embed), endpoint (base URL), dimensions (NULL: discovered with one probe call), metric (cosine, l2, ip), document_prefix and query_prefix (NULL: the settings in force, else what the server advertises, else empty), remote_model (name sent to the server; default: name), api_key_ref (env:VAR or secret:NAME, never the key), batch_size, read_timeout_s. Returns the model id.';
 
-CREATE FUNCTION omop_emb.alter_model(
+CREATE OR REPLACE FUNCTION omop_emb.alter_model(
     name text,
     endpoint text DEFAULT NULL,
     provider text DEFAULT NULL,
@@ -46,14 +46,14 @@ $$;
 COMMENT ON FUNCTION omop_emb.alter_model(text, text, text, text, text, integer, double precision, double precision, integer, integer, text, text, text) IS
 'Change a registered model; only the arguments given change. api_key_ref => '''' removes the key reference. A changed document_prefix makes the next index_concepts() re-embed every text.';
 
-CREATE FUNCTION omop_emb.drop_model(name text, if_exists boolean DEFAULT false) RETURNS boolean
+CREATE OR REPLACE FUNCTION omop_emb.drop_model(name text, if_exists boolean DEFAULT false) RETURNS boolean
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 AS $$
 return @RT@.call(plpy, "drop_model", name, if_exists)
 $$;
 COMMENT ON FUNCTION omop_emb.drop_model(text, boolean) IS 'Drop a model with its embeddings, cached queries and queued work';
 
-CREATE FUNCTION omop_emb.set_secret(name text, value text) RETURNS void
+CREATE OR REPLACE FUNCTION omop_emb.set_secret(name text, value text) RETURNS void
 LANGUAGE sql VOLATILE SECURITY DEFINER
 AS $$
     INSERT INTO omop_emb.secret (name, value) VALUES (set_secret.name, set_secret.value)
@@ -61,7 +61,7 @@ AS $$
 $$;
 COMMENT ON FUNCTION omop_emb.set_secret(text, text) IS 'Store an API key under a name, for api_key_ref => ''secret:NAME''. Only the extension owner can read it back.';
 
-CREATE FUNCTION omop_emb.delete_secret(name text) RETURNS boolean
+CREATE OR REPLACE FUNCTION omop_emb.delete_secret(name text) RETURNS boolean
 LANGUAGE sql VOLATILE SECURITY DEFINER
 AS $$
     WITH d AS (DELETE FROM omop_emb.secret s WHERE s.name = delete_secret.name RETURNING 1)
@@ -69,7 +69,7 @@ AS $$
 $$;
 COMMENT ON FUNCTION omop_emb.delete_secret(text) IS 'Delete a stored API key';
 
-CREATE VIEW omop_emb.models AS
+CREATE OR REPLACE VIEW omop_emb.models AS
 SELECT model_id, name, provider, endpoint, remote_model, dimensions, storage, metric,
        document_prefix, query_prefix, api_key_ref, batch_size, max_input_chars,
        connect_timeout_s, read_timeout_s, max_retries, index_method, index_params,

@@ -2,7 +2,7 @@
 -- embedded here by extension/build.py and loaded into GD once per session, so
 -- that every function below is a one-line call into plain, unit-tested Python.
 
-CREATE FUNCTION omop_emb._bootstrap() RETURNS void
+CREATE OR REPLACE FUNCTION omop_emb._bootstrap() RETURNS void
 LANGUAGE plpython3u VOLATILE
 AS $bootstrap$
 import sys, types
@@ -22,7 +22,7 @@ GD["omop_emb"] = sys.modules["omop_emb_indb.runtime"].Runtime(VERSION)
 $bootstrap$;
 COMMENT ON FUNCTION omop_emb._bootstrap() IS 'Internal: loads the omop_emb Python runtime into this session (GD); called on first use';
 
-CREATE FUNCTION omop_emb.version() RETURNS text
+CREATE OR REPLACE FUNCTION omop_emb.version() RETURNS text
 LANGUAGE sql IMMUTABLE
 AS $$ SELECT @OMOP_EMB_VERSION@::text $$;
 COMMENT ON FUNCTION omop_emb.version() IS 'Version of the omop_emb SQL API installed in this database';

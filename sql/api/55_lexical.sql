@@ -2,13 +2,13 @@
 -- that finds texts sharing one of them, and the overlap score that ranks them.
 -- English text search configuration: stemmed words, stop words dropped.
 
-CREATE FUNCTION omop_emb.lexemes(t text) RETURNS text[]
+CREATE OR REPLACE FUNCTION omop_emb.lexemes(t text) RETURNS text[]
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$ SELECT pg_catalog.tsvector_to_array(pg_catalog.to_tsvector('english'::regconfig, t)) $$;
 COMMENT ON FUNCTION omop_emb.lexemes(text) IS
 'The distinct stemmed words of a text (English full-text configuration, stop words dropped), as used by lexical search';
 
-CREATE FUNCTION omop_emb.lexical_query(t text) RETURNS tsquery
+CREATE OR REPLACE FUNCTION omop_emb.lexical_query(t text) RETURNS tsquery
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$
 SELECT pg_catalog.string_agg(pg_catalog.quote_literal(l), ' | ')::pg_catalog.tsquery
@@ -17,7 +17,7 @@ $$;
 COMMENT ON FUNCTION omop_emb.lexical_query(text) IS
 'Full-text query matching any text that shares at least one stemmed word with t (OR of its words); NULL when t has no words';
 
-CREATE FUNCTION omop_emb.lexical_score(query_words text[], text_words text[]) RETURNS double precision
+CREATE OR REPLACE FUNCTION omop_emb.lexical_score(query_words text[], text_words text[]) RETURNS double precision
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$
 SELECT CASE WHEN pg_catalog.cardinality(query_words) + pg_catalog.cardinality(text_words) = 0 THEN 0

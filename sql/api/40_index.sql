@@ -1,6 +1,6 @@
 -- Indexing the vocabulary's CONCEPT table, and the vector index.
 
-CREATE FUNCTION omop_emb._index_prepare(
+CREATE OR REPLACE FUNCTION omop_emb._index_prepare(
     model text, vocabulary_schema text, domain_ids text[], vocabulary_ids text[],
     concept_class_ids text[], include_classification boolean, include_invalid boolean,
     include_synonyms boolean, include_mapped boolean)
@@ -14,7 +14,7 @@ $$;
 COMMENT ON FUNCTION omop_emb._index_prepare(text, text, text[], text[], text[], boolean, boolean, boolean, boolean) IS
 'Internal step of index_concepts(): queues the concept texts whose embedding is missing or stale';
 
-CREATE FUNCTION omop_emb._index_batch(model text, batch_size integer) RETURNS integer
+CREATE OR REPLACE FUNCTION omop_emb._index_batch(model text, batch_size integer) RETURNS integer
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 AS $$
 return @RT@.call(plpy, "index_batch", model, batch_size)
@@ -25,7 +25,7 @@ COMMENT ON FUNCTION omop_emb._index_batch(text, integer) IS
 -- A procedure so that each batch commits: an interrupted run keeps what it did,
 -- and a re-run resumes. Procedures that commit cannot be SECURITY DEFINER nor
 -- pin search_path, so this one only calls schema-qualified functions.
-CREATE PROCEDURE omop_emb.index_concepts(
+CREATE OR REPLACE PROCEDURE omop_emb.index_concepts(
     model text DEFAULT NULL,
     vocabulary_schema text DEFAULT NULL,
     domain_ids text[] DEFAULT NULL,
@@ -117,7 +117,7 @@ $$;
 COMMENT ON PROCEDURE omop_emb.index_concepts(text, text, text[], text[], text[], boolean, boolean, boolean, boolean, integer, bigint) IS
 'Embed the concepts of the vocabulary''s CONCEPT table (standard, valid concepts by default) with the DOCUMENT role, committing each batch. Resumable: a re-run embeds only texts that are missing or whose exact text sent (prefix included) changed. Several sessions can run it at once. Options: domain_ids, vocabulary_ids, concept_class_ids, include_classification, include_invalid, include_synonyms (English concept_synonym), include_mapped (names of source concepts that ''Maps to'' a standard concept), batch_size, max_texts. Must be CALLed outside an explicit transaction block.';
 
-CREATE FUNCTION omop_emb.create_index(
+CREATE OR REPLACE FUNCTION omop_emb.create_index(
     model text DEFAULT NULL,
     method text DEFAULT 'hnsw',
     m integer DEFAULT 16,
@@ -131,7 +131,7 @@ $$;
 COMMENT ON FUNCTION omop_emb.create_index(text, text, integer, integer, text) IS
 '(Re)build the vector index of a model: method ''hnsw'' (m default 16, ef_construction default 128: measured recall@10 0.985 against 0.93 with 64 at +10% build time) or ''none'' (exact search); metric cosine (default), l2 or ip. The old index is dropped first.';
 
-CREATE VIEW omop_emb.index_status AS
+CREATE OR REPLACE VIEW omop_emb.index_status AS
 SELECT m.name AS model,
        count(p.pid) FILTER (WHERE a.pid IS NOT NULL AND p.finished_at IS NULL) AS active_sessions,
        coalesce(sum(p.done), 0)::bigint AS done,
@@ -148,14 +148,14 @@ LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = p.pid
 GROUP BY m.model_id, m.name;
 COMMENT ON VIEW omop_emb.index_status IS 'omop_emb: progress of index_concepts() per model: texts done in the current run, pending, total, rate';
 
-CREATE FUNCTION omop_emb._index_finish(model text) RETURNS boolean
+CREATE OR REPLACE FUNCTION omop_emb._index_finish(model text) RETURNS boolean
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 AS $$
 return @RT@.call(plpy, "index_finish", model)
 $$;
 COMMENT ON FUNCTION omop_emb._index_finish(text) IS 'Internal last step of index_concepts(): refreshes planner statistics of the embedding table';
 
-CREATE FUNCTION omop_emb.upsert_concept_texts(concept_ids integer[], texts text[], model text DEFAULT NULL)
+CREATE OR REPLACE FUNCTION omop_emb.upsert_concept_texts(concept_ids integer[], texts text[], model text DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 AS $$

@@ -1,24 +1,6 @@
--- omop_emb: schema objects. Tables are owned by the extension owner; analysts
+-- omop_emb 0.1.0: the tables (run once, at install of 0.1.0 or later; never
+-- re-run by an upgrade). Tables are owned by the extension owner; analysts
 -- reach them only through the SECURITY DEFINER functions and the views.
-
-\echo Use "CREATE EXTENSION omop_emb CASCADE" to load this file. \quit
-
--- Roles are cluster-wide: created once, shared by every database that installs
--- the extension. omop_emb_reader searches and embeds; omop_emb_admin also
--- registers models, indexes and configures.
-DO $roles$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'omop_emb_reader') THEN
-        CREATE ROLE omop_emb_reader NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'omop_emb_admin') THEN
-        CREATE ROLE omop_emb_admin NOLOGIN;
-    END IF;
-    IF NOT pg_catalog.pg_has_role('omop_emb_admin', 'omop_emb_reader', 'MEMBER') THEN
-        GRANT omop_emb_reader TO omop_emb_admin;
-    END IF;
-END
-$roles$;
 
 CREATE TABLE omop_emb.model (
     model_id          serial PRIMARY KEY,
@@ -113,13 +95,6 @@ CREATE TABLE omop_emb.index_progress (
     PRIMARY KEY (model_id, pid)
 );
 COMMENT ON TABLE omop_emb.index_progress IS 'omop_emb: texts embedded by each session running index_concepts()';
-
--- Case and whitespace folding for exact matching. Must agree with
--- omop_emb_indb.vectors.fold().
-CREATE FUNCTION omop_emb.fold_text(t text) RETURNS text
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-AS $$ SELECT pg_catalog.lower(pg_catalog.regexp_replace(pg_catalog.btrim(t), '\s+', ' ', 'g')) $$;
-COMMENT ON FUNCTION omop_emb.fold_text(text) IS 'Case and whitespace folding used to find exact matches (lower, trimmed, runs of white space collapsed)';
 
 -- pg_dump keeps the registry, keys and cache of an extension install. (The
 -- script install path has no extension to mark: nothing to do there.)

@@ -1,6 +1,6 @@
 -- Status: what is registered, indexed, pending and cached.
 
-CREATE FUNCTION omop_emb.status()
+CREATE OR REPLACE FUNCTION omop_emb.status()
 RETURNS TABLE (model text, provider text, endpoint text, dimensions integer, metric text,
                document_prefix_recorded text, query_prefix_recorded text,
                document_prefix_in_force text, query_prefix_in_force text,
@@ -15,7 +15,7 @@ $$;
 COMMENT ON FUNCTION omop_emb.status() IS
 'One row per model: recorded prefixes and those in force in this session, embedded texts and concepts, pending texts, vector index and its size, query-cache entries and hit rate.';
 
-CREATE FUNCTION omop_emb.clear_cache(model text DEFAULT NULL) RETURNS bigint
+CREATE OR REPLACE FUNCTION omop_emb.clear_cache(model text DEFAULT NULL) RETURNS bigint
 LANGUAGE sql VOLATILE SECURITY DEFINER
 AS $$
     WITH d AS (DELETE FROM omop_emb.query_cache c

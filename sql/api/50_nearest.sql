@@ -4,7 +4,7 @@
 -- iterative scans (relaxed order, re-sorted) keep filtered searches at k rows;
 -- both settings are restored when the function returns.
 
-CREATE FUNCTION omop_emb.nearest(
+CREATE OR REPLACE FUNCTION omop_emb.nearest(
     query text,
     k integer DEFAULT 10,
     domain_ids text[] DEFAULT NULL,
@@ -29,7 +29,7 @@ $$;
 COMMENT ON FUNCTION omop_emb.nearest(text, integer, text[], text[], text[], boolean, boolean, text, text) IS
 'The k (1..1000) concepts nearest in meaning to a text, one row per concept, best first. A concept whose name, synonym or code equals the query (case and spaces folded) ranks first (exact_match). Filters: domain_ids, vocabulary_ids, concept_class_ids, standard_only (default true), include_invalid (default false), model. similarity: cosine similarity for cosine and ip models, 1/(1+distance) for l2. mode: ''semantic'' (vector ranking), ''lexical'' (full-text: texts sharing a stemmed word with the query, ranked by Dice overlap of stemmed words; embeds nothing, similarity and distance are NULL) or ''hybrid'' (the union of both rankings, filters applied inside both before fusion, ordered by similarity + 0.005 * Dice overlap: the words only decide between concepts the embedding finds nearly equally close); NULL: setting omop_emb.search_mode, default ''semantic''. Columns: similarity and distance are those of matched_text (the concept''s nearest text, also in hybrid; in lexical, its best lexical text); score is what rows are ordered by after exact matches: semantic = similarity, lexical = Dice overlap in [0,1], hybrid = similarity + 0.005 * the concept''s best Dice overlap over its texts (so at most similarity + 0.005). NULL or blank query: no rows.';
 
-CREATE FUNCTION omop_emb.nearest(
+CREATE OR REPLACE FUNCTION omop_emb.nearest(
     query vector,
     k integer DEFAULT 10,
     domain_ids text[] DEFAULT NULL,
@@ -54,7 +54,7 @@ $$;
 COMMENT ON FUNCTION omop_emb.nearest(vector, integer, text[], text[], text[], boolean, boolean, text, text) IS
 'The k concepts nearest to a query vector (e.g. from omop_emb.embed(text, ''query'')); same filters and columns as nearest(text). mode: ''semantic'' or ''hybrid'' (no text: the vector ranking alone); ''lexical'' is an error.';
 
-CREATE FUNCTION omop_emb.nearest_batch(
+CREATE OR REPLACE FUNCTION omop_emb.nearest_batch(
     queries text[],
     k integer DEFAULT 10,
     domain_ids text[] DEFAULT NULL,
@@ -79,7 +79,7 @@ $$;
 COMMENT ON FUNCTION omop_emb.nearest_batch(text[], integer, text[], text[], text[], boolean, boolean, text, text) IS
 'nearest() for many queries in one statement: all queries are embedded in as few HTTP requests as possible (one per batch_size distinct uncached texts). query_index is the 1-based position in queries. mode and the columns (score included) as for nearest(text).';
 
-CREATE FUNCTION omop_emb.explain_nearest(
+CREATE OR REPLACE FUNCTION omop_emb.explain_nearest(
     query text,
     k integer DEFAULT 10,
     domain_ids text[] DEFAULT NULL,
