@@ -69,7 +69,7 @@ def test_every_function_pins_search_path_and_nothing_is_public(omop_db):
     for name, secdef, config, public_exec in rows:
         assert not public_exec, f"{name} is executable by PUBLIC"
         if secdef:
-            assert any(c.startswith("search_path=") and c.endswith("pg_temp") for c in config or []), name
+            assert "search_path=pg_catalog, pg_temp" in (config or []), (name, config)
 
 
 def test_network_functions_are_never_immutable(omop_db):

@@ -63,6 +63,9 @@ class Runtime(RegistryMixin, IndexingMixin):
         if self.http.interrupt is None:
             check = self.plan(plpy, "interrupt", "SELECT pg_catalog.pg_sleep(0)")
             self.http.interrupt = lambda: check.execute([])
+            rows = plpy.execute(sqlgen.VECTOR_SCHEMA_SQL)
+            if rows:
+                sqlgen.set_vector_schema(rows[0]["nspname"])
         try:
             return getattr(self, name)(plpy, *args)
         except OmopEmbError as e:
@@ -230,8 +233,8 @@ class Runtime(RegistryMixin, IndexingMixin):
         # in READ ONLY transactions and on hot standbys, and never queue on a lock.
         self.plan(plpy, "cache_put",
                   "INSERT INTO omop_emb.query_cache (model_id, role, text_hash, text, embedding) "
-                  "SELECT $1, $2, h, t, v::vector FROM unnest($3::bytea[], $4::text[], $5::text[]) "
-                  "AS u(h, t, v) ON CONFLICT DO NOTHING",
+                  "SELECT $1, $2, h, t, v::%s FROM unnest($3::bytea[], $4::text[], $5::text[]) "
+                  "AS u(h, t, v) ON CONFLICT DO NOTHING" % sqlgen.vector_base_type("vector"),
                   ["int4", "text", "bytea[]", "text[]", "text[]"]).execute(
             [mid, role, [vectors.text_hash(s) for s in sent_texts], sent_texts,
              [found[s] for s in sent_texts]])
@@ -435,7 +438,7 @@ class Runtime(RegistryMixin, IndexingMixin):
     def _lexical_ranking(self, plpy, model, vec, query_text, want, shape, args):
         """{concept_id: best lexical text row} for up to ``want`` concepts, best first."""
         mid = model["model_id"]
-        op, _ = sqlgen.METRIC_OPS[model["metric"]]
+        op = sqlgen.op(model["metric"])
         words = self.plan(plpy, "lexemes", "SELECT omop_emb.lexemes($1) AS words",
                           ["text"]).execute([query_text])[0]["words"]
         if not words:
@@ -468,7 +471,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         if not ids:
             return OrderedDict()
         mid = model["model_id"]
-        op, _ = sqlgen.METRIC_OPS[model["metric"]]
+        op = sqlgen.op(model["metric"])
         where, names = sqlgen.filter_clause(shape, 4)
         sql, types = lexical.features_sql(model, where, op, len(names))
         rows = {r["concept_id"]: r for r in self.plan(plpy, ("fusion", mid, shape), sql, types)

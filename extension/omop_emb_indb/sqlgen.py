@@ -6,6 +6,8 @@ users (the vocabulary schema) are quoted by the caller with
 ``plpy.quote_ident``.
 """
 
+import re
+
 METRIC_OPS = {
     # metric: (operator, opclass suffix)
     "cosine": ("<=>", "cosine_ops"),
@@ -25,6 +27,34 @@ MAX_VECTOR_DIMS = 2000    # pgvector's HNSW limit for vector
 MAX_HALFVEC_DIMS = 4000   # and for halfvec
 
 
+# pgvector's schema, read once per session (Runtime.call). Every type, operator and
+# operator class of pgvector is written qualified with it: a SECURITY DEFINER
+# function runs with search_path = pg_catalog, pg_temp, where pgvector's objects
+# are not found, and where nothing a user created (in public, say) can stand in
+# for them.
+VECTOR_SCHEMA = "public"
+
+
+def set_vector_schema(name):
+    global VECTOR_SCHEMA
+    VECTOR_SCHEMA = name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else \
+        '"%s"' % name.replace('"', '""')
+
+
+VECTOR_SCHEMA_SQL = ("SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n "
+                     "ON n.oid = e.extnamespace WHERE e.extname = 'vector'")
+
+
+def op(metric):
+    """The distance operator of a metric, schema-qualified: ``OPERATOR(public.<=>)``."""
+    return "OPERATOR(%s.%s)" % (VECTOR_SCHEMA, METRIC_OPS[metric][0])
+
+
+def vector_base_type(storage):
+    """``public.vector`` or ``public.halfvec``."""
+    return "%s.%s" % (VECTOR_SCHEMA, storage)
+
+
 def storage_for(dimensions):
     return "vector" if dimensions <= MAX_VECTOR_DIMS else "halfvec"
 
@@ -34,7 +64,7 @@ def table(model_id):
 
 
 def vector_type(model):
-    return "%s(%d)" % (model["storage"], int(model["dimensions"]))
+    return "%s(%d)" % (vector_base_type(model["storage"]), int(model["dimensions"]))
 
 
 def create_table(model):
@@ -78,10 +108,10 @@ def hnsw_index_name(model_id):
 
 
 def create_hnsw(model, metric, m, ef_construction):
-    op, suffix = METRIC_OPS[metric]
+    _, suffix = METRIC_OPS[metric]
     return ("CREATE INDEX %s ON %s USING hnsw (embedding %s_%s) WITH (m = %d, ef_construction = %d)"
-            % (hnsw_index_name(model["model_id"]), table(model["model_id"]), model["storage"],
-               suffix, int(m), int(ef_construction)))
+            % (hnsw_index_name(model["model_id"]), table(model["model_id"]),
+               vector_base_type(model["storage"]), suffix, int(m), int(ef_construction)))
 
 
 FILTERS = (
@@ -119,25 +149,24 @@ def search(model, shape, exact=False):
     wrapped so that no index can serve it: an exact scan over the filtered rows,
     the fallback for filters too selective for the graph.
     """
-    op, _ = METRIC_OPS[model["metric"]]
+    dist = op(model["metric"])
     where, names = filter_clause(shape, 3)
-    order = "e.embedding %s $1" % op
+    order = "e.embedding %s $1" % dist
     if exact:
         order = "(%s) + 0" % order
     sql = ("SELECT * FROM (SELECT %s, e.embedding %s $1 AS distance FROM %s e WHERE %s "
            "ORDER BY %s LIMIT $2) s ORDER BY distance"
-           % (SELECT_COLS, op, table(model["model_id"]), where, order))
+           % (SELECT_COLS, dist, table(model["model_id"]), where, order))
     return sql, [vector_type(model), "int4"] + ["text[]"] * len(names), names
 
 
 def exact_match(model, shape):
     """Rows whose text (case/space folded) or source code equals the query."""
-    op, _ = METRIC_OPS[model["metric"]]
     where, names = filter_clause(shape, 3)
     sql = ("SELECT %s, e.embedding %s $1 AS distance FROM %s e "
            "WHERE (omop_emb.fold_text(e.text) = $2 OR lower(e.source_code) = $2) AND %s "
            "ORDER BY distance LIMIT 100"
-           % (SELECT_COLS, op, table(model["model_id"]), where))
+           % (SELECT_COLS, op(model["metric"]), table(model["model_id"]), where))
     return sql, [vector_type(model), "text"] + ["text[]"] * len(names), names
 
 

@@ -2,9 +2,11 @@
 --
 -- Nothing is executable by PUBLIC. omop_emb_reader searches and embeds;
 -- omop_emb_admin (a member of omop_emb_reader) registers models, indexes and
--- configures. Every SECURITY DEFINER function pins search_path to pg_catalog,
--- this schema and pgvector's schema, with pg_temp last, so that no caller can
--- substitute objects through search_path.
+-- configures. Every SECURITY DEFINER function pins search_path to pg_catalog
+-- and pg_temp (last) only: not this schema, not pgvector's (public, where a
+-- user may be allowed to create look-alike functions, operators and casts).
+-- Their SQL names every object with its schema (pgvector's through
+-- omop_emb_indb.sqlgen, whose schema is looked up once per session).
 
 REVOKE ALL ON ALL TABLES IN SCHEMA omop_emb FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA omop_emb FROM PUBLIC;
@@ -37,8 +39,7 @@ BEGIN
             EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO omop_emb_admin', r.sig);
         END IF;
         IF r.prosecdef THEN
-            EXECUTE format('ALTER ROUTINE %s SET search_path = pg_catalog, omop_emb, %I, pg_temp',
-                           r.sig, vector_schema);
+            EXECUTE format('ALTER ROUTINE %s SET search_path = pg_catalog, pg_temp', r.sig);
         END IF;
     END LOOP;
 END
