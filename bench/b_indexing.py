@@ -45,7 +45,7 @@ CREATE OR REPLACE FUNCTION public.bench_profile_batches(model_name text, size in
 RETURNS text LANGUAGE plpython3u AS $f$
 import time, json, cProfile, pstats, io
 if "omop_emb" not in GD:
-    plpy.execute("SELECT omop_emb._bootstrap()")
+    plpy.execute("SELECT omop_emb_internal._bootstrap()")
 rt = GD["omop_emb"]
 import omop_emb_indb.sqlgen as sqlgen, omop_emb_indb.vectors as vectors, omop_emb_indb.providers as providers
 pc = time.perf_counter

@@ -13,7 +13,7 @@ CREATE OR REPLACE FUNCTION public.bench_profile_nearest(model_name text, vec tex
 RETURNS text LANGUAGE plpython3u AS $f$
 import time, json, cProfile, pstats, io
 if "omop_emb" not in GD:
-    plpy.execute("SELECT omop_emb._bootstrap()")
+    plpy.execute("SELECT omop_emb_internal._bootstrap()")
 rt = GD["omop_emb"]
 pc = time.perf_counter
 out = {}

@@ -58,7 +58,7 @@ def runtime_expr(ver):
     on first use, and loaded again when the extension was updated under a
     running session (the runtime in GD is then of another version)."""
     return ('(GD["omop_emb"] if getattr(GD.get("omop_emb"), "version", None) == %r '
-            'else (plpy.execute("SELECT omop_emb._bootstrap()") and GD["omop_emb"]))' % ver)
+            'else (plpy.execute("SELECT omop_emb_internal._bootstrap()") and GD["omop_emb"]))' % ver)
 
 
 # Run by an upgrade before the new API: views first (they may call the
@@ -152,11 +152,24 @@ def _api_files():
     return [p for p in sorted(API_DIR.glob("*.sql")) if p != ROLES]
 
 
+MODULE_QUOTE = "$omop_emb_module$"
+
+
+def module_rows():
+    """The rows of omop_emb_internal.python_module, as the VALUES list of an INSERT:
+    (name, is_package, load_order, source), each source dollar-quoted."""
+    rows = []
+    for order, (name, is_pkg, source) in enumerate(python_modules(), 1):
+        if MODULE_QUOTE in source:
+            raise SystemExit("extension/build.py: module %s contains the dollar-quote tag %s"
+                             % (name, MODULE_QUOTE))
+        rows.append("('%s', %s, %d, %s%s%s)" % (name, "true" if is_pkg else "false", order,
+                                                  MODULE_QUOTE, source, MODULE_QUOTE))
+    return ",\n".join(rows)
+
+
 def _substitute(script, ver):
-    mods = repr(python_modules())
-    if "$bootstrap$" in mods:
-        raise SystemExit("extension/build.py: a module contains the dollar-quote tag $bootstrap$")
-    script = script.replace("@OMOP_EMB_PYTHON_MODULES@", mods)
+    script = script.replace("@OMOP_EMB_PYTHON_MODULES@", module_rows())
     script = script.replace("@OMOP_EMB_VERSION@", repr(ver))
     return script.replace("@RT@", runtime_expr(ver))
 

@@ -118,3 +118,12 @@ def test_lexical_words_split_by_how_many_texts_hold_them():
                                                                 "reltuples": 0}) == {}
     # Lexemes are quoted for the tsquery cast: quotes doubled, backslashes escaped.
     assert lexical.tsquery_literal(["o'brien", "a\\b"], "|") == "'o''brien' | 'a\\\\b'"
+
+
+def test_explain_lines_show_a_vector_abbreviated():
+    vec = vectors.to_sql([0.5, -0.25] + [0.125] * 382)
+    line = "Order By: (embedding <=> '%s'::vector)" % vec
+    short = vectors.abbreviate_literals(line)
+    assert short == "Order By: (embedding <=> '[0.5,-0.25,0.125,... 384 dims]'::vector)"
+    assert vectors.abbreviate_literals("Filter: (domain_id = 'Condition'::text)") == \
+        "Filter: (domain_id = 'Condition'::text)"

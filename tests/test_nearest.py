@@ -322,6 +322,7 @@ def test_hnsw_recall_against_exact_search(omop_db, fake_embedder):
         plan = "\n".join(r[0] for r in conn.execute(
             "SELECT * FROM omop_emb.explain_nearest('vec:' || %s, 10)", (queries[0][1:-1],)).fetchall())
         assert "Index Scan using embedding_1_hnsw" in plan, plan
+        assert f"... {dim} dims]'" in plan and len(plan) < 1500, plan  # the vector abbreviated
         for filt in (None, ["Rare"]):
             got = [ids(conn, "SELECT concept_id FROM omop_emb.nearest(%s::vector, 10, domain_ids => %s)", (q, filt))
                    for q in queries]

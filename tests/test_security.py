@@ -149,7 +149,7 @@ ADMIN_ONLY = [
     ("_index_batch", f"SELECT omop_emb._index_batch('{MODEL}', 10)"),
     ("create_index", f"SELECT omop_emb.create_index('{MODEL}')"),
     ("clear_cache", "SELECT omop_emb.clear_cache()"),
-    ("_bootstrap", "SELECT omop_emb._bootstrap()"),
+    ("_bootstrap", "SELECT omop_emb_internal._bootstrap()"),
     ("UPDATE model", "UPDATE omop_emb.model SET endpoint = 'http://10.0.0.1:1'"),
     ("INSERT model", "INSERT INTO omop_emb.model (name) VALUES ('x')"),
     ("SELECT secret", "SELECT * FROM omop_emb.secret"),

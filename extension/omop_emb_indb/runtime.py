@@ -494,7 +494,7 @@ class Runtime(RegistryMixin, IndexingMixin):
                   ["text"]).execute([str(min(max(fetch, st["ef_search"] or DEFAULT_EF_SEARCH), 1000))])
         rows = plpy.execute(plpy.prepare("EXPLAIN " + sql, types),
                             [vec, fetch] + [f for f in filters if f is not None])
-        return [r["QUERY PLAN"] for r in rows]
+        return [vectors.abbreviate_literals(r["QUERY PLAN"]) for r in rows]
 
     def _explain_empty(self, plpy, model, shape, filters, notice):
         rows = plpy.execute("SELECT EXISTS (SELECT 1 FROM %s) AS any"

@@ -35,6 +35,21 @@ def from_sql(text):
     return [float(x) for x in body.split(",")] if body else []
 
 
+_VECTOR_LITERAL = re.compile(r"'\[([^\]']*)\]'")
+
+
+def abbreviate_literals(line, keep=3):
+    """A plan line with every vector literal ``'[x1,...,x384]'`` shortened to its
+    first ``keep`` numbers and its length: ``'[0.01,-0.2,0.03,... 384 dims]'``
+    (EXPLAIN prints the query vector inline, thousands of characters)."""
+    def short(m):
+        parts = m.group(1).split(",")
+        if len(parts) <= keep + 1:
+            return m.group(0)
+        return "'[%s,... %d dims]'" % (",".join(parts[:keep]), len(parts))
+    return _VECTOR_LITERAL.sub(short, line)
+
+
 def text_hash(sent_text):
     """SHA-256 of the exact text sent to the model (prefix included).
 

@@ -1,14 +1,27 @@
 -- The in-database Python runtime. Its modules (extension/omop_emb_indb/*.py) are
--- embedded here by extension/build.py and loaded into GD once per session, so
--- that every function below is a one-line call into plain, unit-tested Python.
+-- written into omop_emb_internal.python_module by extension/build.py (replaced
+-- by every install and upgrade script) and loaded into GD once per session by
+-- _bootstrap(), so that every function below is a one-line call into plain,
+-- unit-tested Python.
 
-CREATE OR REPLACE FUNCTION omop_emb._bootstrap() RETURNS void
-LANGUAGE plpython3u VOLATILE
+DELETE FROM omop_emb_internal.python_module;
+INSERT INTO omop_emb_internal.python_module (name, is_package, load_order, source) VALUES
+@OMOP_EMB_PYTHON_MODULES@;
+
+CREATE OR REPLACE FUNCTION omop_emb_internal._bootstrap() RETURNS void
+LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $bootstrap$
 import sys, types
 VERSION = @OMOP_EMB_VERSION@
-MODULES = @OMOP_EMB_PYTHON_MODULES@
-for name, is_pkg, source in MODULES:
+rows = plpy.execute("SELECT name, is_package, source FROM omop_emb_internal.python_module "
+                    "ORDER BY load_order")
+if not rows:
+    plpy.error("omop_emb: the runtime's modules are missing (omop_emb_internal.python_module is empty)",
+               hint="Reinstall or upgrade the extension: ALTER EXTENSION omop_emb UPDATE, or "
+                    "omop-emb-pg install --dsn ...")
+for r in rows:
+    name, is_pkg, source = r["name"], r["is_package"], r["source"]
     mod = types.ModuleType(name)
     mod.__file__ = "<omop_emb %s %s>" % (VERSION, name)
     mod.__package__ = name if is_pkg else name.rpartition(".")[0]
@@ -20,7 +33,8 @@ for name, is_pkg, source in MODULES:
         setattr(sys.modules[mod.__package__], name.rpartition(".")[2], mod)
 GD["omop_emb"] = sys.modules["omop_emb_indb.runtime"].Runtime(VERSION)
 $bootstrap$;
-COMMENT ON FUNCTION omop_emb._bootstrap() IS 'Internal: loads the omop_emb Python runtime into this session (GD); called on first use';
+COMMENT ON FUNCTION omop_emb_internal._bootstrap() IS 'Internal: loads the omop_emb Python runtime (omop_emb_internal.python_module) into this session (GD); called on first use';
+REVOKE ALL ON FUNCTION omop_emb_internal._bootstrap() FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION omop_emb.version() RETURNS text
 LANGUAGE sql IMMUTABLE
