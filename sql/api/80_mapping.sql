@@ -820,3 +820,8 @@ BEGIN
 END
 $mapping_grants$;
 GRANT SELECT ON omop_emb.mapping_jobs, omop_emb.mapping_queue, omop_emb.mapping_current_decision TO omop_emb_reader;
+
+COMMENT ON FUNCTION omop_emb._mapping_job(text, boolean) IS 'Internal: the mapping job of a name (clear error when unknown or, for_write, when the caller may not change it)';
+COMMENT ON FUNCTION omop_emb._mapping_check_schema(text, text, text) IS 'Internal: checks that a schema holds a table (clear error otherwise)';
+COMMENT ON FUNCTION omop_emb._mapping_add_terms(bigint, text) IS 'Internal: runs a source query as the caller and adds its rows as terms of a job';
+COMMENT ON FUNCTION omop_emb._mapping_record_counts(bigint) IS 'Internal: computes a job''s record counts per concept once (Achilles results or the clinical tables of its cdm_schema)';
