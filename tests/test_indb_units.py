@@ -40,11 +40,15 @@ def test_mismatch_warns_or_raises_in_strict_mode():
 
 
 @pytest.mark.parametrize("name,family", [("multilingual-e5-small", "e5"), ("nomic-embed-text:v1.5", "nomic-embed-text"),
-                                         ("bge-large-en-v1.5", "bge"), ("text-embedding-3-small", None)])
+                                         ("bge-large-en-v1.5", "bge"), ("text-embedding-3-small", None),
+                                         ("all-MiniLM-L6-v2", "minilm")])
 def test_model_families_are_recognised(name, family):
     assert prefixes.family_of(name)[0] == family
-    _, _, hint = prefixes.empty_prefix_warning("query", name)
-    assert ("usually expects" in hint) == (family is not None)
+    msg, _, hint = prefixes.empty_prefix_warning("query", name)
+    symmetric = family == "minilm"
+    assert ("usually expects" in hint) == (family is not None and not symmetric)
+    # For a symmetric model the warning says empty is right and that nothing is to be done.
+    assert ("which is right" in msg and "Nothing to do" in hint) == symmetric
 
 
 def test_urls_per_provider():

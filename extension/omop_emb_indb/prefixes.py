@@ -29,6 +29,9 @@ MODEL_FAMILIES = (
     ("nomic-embed-text", {"document": "search_document: ", "query": "search_query: "}),
     ("nomic", {"document": "search_document: ", "query": "search_query: "}),
     ("bge", {"document": "", "query": "Represent this sentence for searching relevant passages: "}),
+    # Symmetric sentence-transformers models: no prefix is right.
+    ("minilm", {"document": "", "query": ""}),
+    ("mpnet", {"document": "", "query": ""}),
 )
 
 
@@ -77,7 +80,12 @@ def empty_prefix_warning(role, model_name):
     detail = ("%s is prepended to every %s text. Empty is right for symmetric models; "
               "asymmetric models (E5, nomic-embed-text, BGE) silently lose quality without "
               "their prefixes." % (SETTING_NAMES[role], role))
-    if fam:
+    if fam and not any(prefixes.values()):
+        msg += ", which is right: it looks like the %s family, a symmetric model" % fam
+        hint = ("Nothing to do: %s embeds documents and queries the same way. Leave %s and %s "
+                "unset (or empty) for it." % (model_name, SETTING_NAMES["document"],
+                                              SETTING_NAMES["query"]))
+    elif fam:
         hint = ("Model %s looks like the %s family, which usually expects %s=%r and %s=%r."
                 % (model_name, fam, SETTING_NAMES["document"], prefixes["document"],
                    SETTING_NAMES["query"], prefixes["query"]))

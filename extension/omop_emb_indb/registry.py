@@ -45,10 +45,12 @@ def check_metric(metric):
     return m
 
 
-def discover_prefixes(http, provider, endpoint, timeout=(3.0, 10.0)):
+def discover_prefixes(http, provider, endpoint, timeout=(3.0, 10.0), remote_model=None):
     """Prefixes a server advertises on GET /v1/models (omop-emb-pg serve does).
 
-    Returns {"document": ..., "query": ...} or {} when the server says nothing.
+    A server that lists several models: the entry whose id is ``remote_model``
+    (none matching: nothing is guessed). Returns {"document": ..., "query": ...} or
+    {} when the server says nothing.
     """
     # Ollama serves the OpenAI-compatible /v1/models too.
     base = (endpoint or "").strip().rstrip("/")
@@ -64,9 +66,14 @@ def discover_prefixes(http, provider, endpoint, timeout=(3.0, 10.0)):
         data = resp.json().get("data") if resp.status_code == 200 else None
     except (requests.exceptions.RequestException, ValueError):
         return {}
-    if not data or not isinstance(data, list) or not isinstance(data[0], dict):
+    if not data or not isinstance(data, list):
         return {}
-    entry = data[0]
+    entries = [e for e in data if isinstance(e, dict)]
+    if len(entries) > 1:
+        entries = [e for e in entries if e.get("id") == remote_model]
+    if len(entries) != 1:
+        return {}
+    entry = entries[0]
     found = entry.get("prefixes")
     if isinstance(found, dict):
         doc = found.get("document", found.get("passage"))
@@ -103,7 +110,8 @@ class RegistryMixin:
                 given[role], sources[role] = st[role], "setting"
             else:
                 if advertised is None:
-                    advertised = discover_prefixes(self.http, provider, endpoint)
+                    advertised = discover_prefixes(self.http, provider, endpoint,
+                                                   remote_model=remote_model or name)
                 if role in advertised:
                     given[role], sources[role] = advertised[role], "server"
                 else:

