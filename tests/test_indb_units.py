@@ -131,3 +131,40 @@ def test_explain_lines_show_a_vector_abbreviated():
     assert short == "Order By: (embedding <=> '[0.5,-0.25,0.125,... 384 dims]'::vector)"
     assert vectors.abbreviate_literals("Filter: (domain_id = 'Condition'::text)") == \
         "Filter: (domain_id = 'Condition'::text)"
+
+
+def test_json_float_arrays_are_cut_out_as_pgvector_text_in_input_order():
+    import json
+
+    vecs = [[0.25, -1.5e-3, 3.0], [1.0, 2.0, -0.5]]
+    body = {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": v}
+                                       for i, v in enumerate(vecs)], "model": "m"}
+    for seps in ((",", ":"), (", ", ": ")):
+        raw = json.dumps(body, separators=seps).encode()
+        got = vectors.json_arrays(raw, 2, 3)
+        assert [vectors.from_sql(t) for t in got] == vecs
+    # keys in another order, no index keys: order of appearance
+    raw = json.dumps({"data": [{"embedding": v, "object": "embedding"} for v in vecs]}).encode()
+    assert [vectors.from_sql(t) for t in vectors.json_arrays(raw, 2, 3)] == vecs
+
+
+@pytest.mark.parametrize("change", ["count", "dims", "nan", "inf", "null", "string", "base64", "order"])
+def test_json_arrays_leave_anything_unusual_to_the_full_parse(change):
+    import json
+
+    vecs = [[0.25, -1.5e-3, 3.0], [1.0, 2.0, -0.5]]
+    data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vecs)]
+    count, dims = 2, 3
+    if change == "count":
+        count = 3
+    elif change == "dims":
+        dims = 4
+    elif change in ("nan", "inf", "null", "string"):
+        data[1]["embedding"] = [1.0, {"nan": float("nan"), "inf": float("-inf"), "null": None,
+                                      "string": "x"}[change], 2.0]
+    elif change == "base64":
+        for d in data:
+            d["embedding"] = base64.b64encode(struct.pack("<3f", *d["embedding"])).decode()
+    elif change == "order":
+        data.reverse()
+    assert vectors.json_arrays(json.dumps({"data": data}).encode(), count, dims) is None

@@ -9,13 +9,17 @@ model, the status and a hint, never the key.
 """
 
 import json
+import os
 import threading
 import time
 
 from .errors import EmbeddingServiceError, InvalidEmbeddingResponse
-from . import providers
+from . import providers, vectors
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+# A server of a model with several servers that failed is left out for this long
+# (per session), unless all of them failed.
+SERVER_DOWN_S = 30.0
 # A Retry-After longer than this is shortened: the backend holds locks meanwhile.
 MAX_RETRY_AFTER_S = 10.0
 
@@ -73,6 +77,10 @@ class EmbeddingHTTP:
     def __init__(self, interrupt=None):
         self._sessions = {}
         self.requests_sent = 0
+        # Round robin over a model's servers, starting at the backend's pid so that
+        # concurrent indexing sessions start on different servers.
+        self._turn = os.getpid()
+        self._down = {}  # server URL -> time.monotonic() until which it is skipped
         # ``interrupt()`` raises when the statement was cancelled (pg_cancel_backend,
         # statement_timeout): PostgreSQL cannot interrupt Python blocked in a socket
         # read, so the request runs in a thread while the backend keeps checking.
@@ -123,15 +131,40 @@ class EmbeddingHTTP:
             self._sessions[max_retries] = s
         return s
 
-    def post_embeddings(self, model, texts, api_key=None):
-        """POST one chunk of ``texts``; return validated vectors in order.
+    def embed(self, model, texts, api_key=None, sql_text=False):
+        """Embed one chunk on one of the model's servers (``providers.split_endpoints``):
+        the next in turn, skipping those that failed lately; a server that cannot be
+        reached or fails is left for the next one. Returns as ``post_embeddings``."""
+        servers = providers.split_endpoints(model["endpoint"])
+        if len(servers) == 1:
+            return self.post_embeddings(model, texts, api_key, sql_text)
+        self._turn += 1
+        now = time.monotonic()
+        order = [servers[(self._turn + i) % len(servers)] for i in range(len(servers))]
+        order.sort(key=lambda s: self._down.get(s, 0.0) > now)  # healthy first, turn kept
+        failures = []
+        for server in order:
+            try:
+                return self.post_embeddings(dict(model, endpoint=server), texts, api_key, sql_text)
+            except EmbeddingServiceError as e:
+                self._down[server] = time.monotonic() + SERVER_DOWN_S
+                failures.append(e)
+        raise EmbeddingServiceError(
+            "all %d servers of model %s failed: %s" % (len(servers), model["name"], failures[-1].message),
+            detail="; ".join(e.message for e in failures[:-1]) or None,
+            hint=failures[-1].hint)
+
+    def post_embeddings(self, model, texts, api_key=None, sql_text=False):
+        """POST one chunk of ``texts``; return validated vectors in order
+        (with ``sql_text``: as pgvector's text form, ready for a parameter).
 
         ``model`` is a mapping with name, provider, endpoint, remote_model,
         dimensions, connect_timeout_s, read_timeout_s, max_retries.
         """
         provider = model["provider"]
         url = providers.embeddings_url(provider, model["endpoint"])
-        body = providers.request_body(provider, model["remote_model"] or model["name"], texts)
+        body = providers.request_body(provider, model["remote_model"] or model["name"], texts,
+                                      floats=sql_text)
         headers = {"Content-Type": "application/json"}
         if api_key:
             headers["Authorization"] = "Bearer " + api_key
@@ -179,6 +212,10 @@ class EmbeddingHTTP:
                 "%s answered HTTP %d" % (where, resp.status_code),
                 detail=_short(resp.text, api_key),
                 hint=_status_hint(resp.status_code))
+        if sql_text and provider == "openai" and model.get("dimensions"):
+            fast = vectors.json_arrays(resp.content, len(texts), int(model["dimensions"]))
+            if fast is not None:
+                return fast
         try:
             payload = resp.json()
         except ValueError:
@@ -188,7 +225,8 @@ class EmbeddingHTTP:
                 hint="Is the endpoint an embedding server of provider %r?" % provider)
         try:
             vecs = providers.parse_response(provider, payload, len(texts))
-            return providers.validate_vectors(vecs, model.get("dimensions"))
+            vecs = providers.validate_vectors(vecs, model.get("dimensions"))
+            return [vectors.to_sql(v) for v in vecs] if sql_text else vecs
         except InvalidEmbeddingResponse as e:
             raise InvalidEmbeddingResponse(
                 "%s gave an invalid answer: %s" % (where, e.message),

@@ -227,13 +227,13 @@ class IndexingMixin:
         key = self.api_key(plpy, model)
         chunk = max(1, int(model["batch_size"]))
         for j in range(0, len(texts), chunk):
-            vecs.extend(self.http.post_embeddings(
-                model, [doc_prefix + t for t in texts[j:j + chunk]], key))
+            vecs.extend(self.http.embed(
+                model, [doc_prefix + t for t in texts[j:j + chunk]], key, sql_text=True))
         sql, types = sqlgen.upsert(model)
         cols = [[r[c] for r in rows] for c in sqlgen.ROW_COLUMNS]
         cols[3] = [vectors.text_hash(doc_prefix + t) for t in texts]  # what was really sent
         self.plan(plpy, ("upsert", mid), sql, types).execute(
-            cols + [[vectors.to_sql(v) for v in vecs]])
+            cols + [vecs])
         self.plan(plpy, "progress",
                   "UPDATE omop_emb.index_progress SET done = done + $2, "
                   "updated_at = clock_timestamp() WHERE model_id = $1 AND pid = pg_backend_pid()",

@@ -47,11 +47,32 @@ def embeddings_url(provider, endpoint):
     return url + "/v1/embeddings"
 
 
-def request_body(provider, remote_model, texts):
+def split_endpoints(endpoint):
+    """The servers of a model: its endpoint is one base URL, or several separated by
+    white space (``'http://gpu1:8000 http://gpu2:8000'``), all running the same model."""
+    return (endpoint or "").replace(",", " ").split() or [""]
+
+
+def check_endpoints(provider, endpoint):
+    """Validate every server URL of ``endpoint``; return it normalised (one space
+    between servers). A repeated server is refused: it would take twice the load."""
+    urls = split_endpoints(endpoint)
+    for u in urls:
+        embeddings_url(provider, u)
+    if len(set(u.rstrip("/") for u in urls)) != len(urls):
+        raise InvalidArgument("endpoint %r names a server twice" % (endpoint,),
+                              hint="List each embedding server once, separated by spaces.")
+    return " ".join(urls)
+
+
+def request_body(provider, remote_model, texts, floats=False):
     if provider == "ollama":
         return {"model": remote_model, "input": list(texts)}
-    # base64 halves the bytes on the wire and decodes faster than JSON floats.
-    return {"model": remote_model, "input": list(texts), "encoding_format": "base64"}
+    # base64 halves the bytes on the wire and decodes faster than JSON floats into
+    # Python floats; ``floats`` asks for JSON floats, whose arrays are pgvector's
+    # text form already (vectors.json_arrays: indexing never decodes them).
+    return {"model": remote_model, "input": list(texts),
+            "encoding_format": "float" if floats else "base64"}
 
 
 def _decode_b64(s):

@@ -45,6 +45,24 @@ def check_metric(metric):
     return m
 
 
+def check_storage(storage, dimensions):
+    """``vector`` (float32) or ``halfvec`` (float16: half the table and index, recall
+    within 0.01 at 384 dimensions; bench/b_halfvec.py); NULL picks the default."""
+    if storage is None:
+        return sqlgen.storage_for(dimensions)
+    st = storage.strip().lower()
+    if st not in sqlgen.STORAGES:
+        raise InvalidArgument("unknown storage %r" % (storage,),
+                              hint="Use 'vector' (4 bytes per dimension) or 'halfvec' "
+                                   "(2 bytes per dimension).")
+    if dimensions > sqlgen.STORAGES[st]:
+        raise InvalidArgument(
+            "storage %r cannot index %d dimensions (at most %d)"
+            % (st, dimensions, sqlgen.STORAGES[st]),
+            hint="Use storage => 'halfvec' (HNSW up to %d dimensions)." % sqlgen.MAX_HALFVEC_DIMS)
+    return st
+
+
 def discover_prefixes(http, provider, endpoint, timeout=(3.0, 10.0), remote_model=None):
     """Prefixes a server advertises on GET /v1/models (omop-emb-pg serve does).
 
@@ -53,7 +71,7 @@ def discover_prefixes(http, provider, endpoint, timeout=(3.0, 10.0), remote_mode
     {} when the server says nothing.
     """
     # Ollama serves the OpenAI-compatible /v1/models too.
-    base = (endpoint or "").strip().rstrip("/")
+    base = providers.split_endpoints(endpoint)[0].rstrip("/")
     for suffix in ("/v1/embeddings", "/embeddings", "/api/embed", "/v1"):
         if base.endswith(suffix):
             base = base[: -len(suffix)]
@@ -88,10 +106,10 @@ def discover_prefixes(http, provider, endpoint, timeout=(3.0, 10.0), remote_mode
 class RegistryMixin:
     def register_model(self, plpy, name, provider, endpoint, dimensions, metric,
                        document_prefix, query_prefix, remote_model, api_key_ref, batch_size,
-                       read_timeout_s):
+                       read_timeout_s, storage=None):
         name = check_name(name)
         provider = providers.check_provider(provider)
-        providers.embeddings_url(provider, endpoint)  # validates the URL
+        endpoint = providers.check_endpoints(provider, endpoint)
         metric = check_metric(metric)
         api_key_ref = check_key_ref(api_key_ref)
         if plpy.execute(plpy.prepare("SELECT 1 FROM omop_emb.model WHERE name = $1", ["text"]),
@@ -124,7 +142,7 @@ class RegistryMixin:
         }
         if dimensions is None:
             # One probe call, with the document prefix (some servers refuse bare text).
-            vec = self.http.post_embeddings(model, [given["document"] + PROBE_TEXT],
+            vec = self.http.embed(model, [given["document"] + PROBE_TEXT],
                                             self.api_key(plpy, model))[0]
             dimensions = len(vec)
         if not 1 <= dimensions <= sqlgen.MAX_HALFVEC_DIMS:
@@ -132,6 +150,7 @@ class RegistryMixin:
                 "dimensions = %d is outside 1..%d" % (dimensions, sqlgen.MAX_HALFVEC_DIMS),
                 hint="pgvector indexes vector up to 2000 and halfvec up to 4000 dimensions; "
                      "ask the server for fewer dimensions (Matryoshka models allow it).")
+        storage = check_storage(storage, dimensions)
         row = plpy.execute(plpy.prepare(
             "INSERT INTO omop_emb.model (name, provider, endpoint, remote_model, dimensions, "
             "metric, document_prefix, query_prefix, api_key_ref, batch_size, read_timeout_s, "
@@ -141,7 +160,7 @@ class RegistryMixin:
              "float8", "text"]),
             [name, provider, endpoint, remote_model or name, dimensions, metric,
              given["document"], given["query"], api_key_ref, batch_size, read_timeout_s,
-             sqlgen.storage_for(dimensions)])[0]
+             storage])[0]
         # A table left behind by an earlier installation (DROP EXTENSION keeps
         # tables created by functions) would collide with the new model id.
         if plpy.execute("SELECT to_regclass('%s') IS NOT NULL AS p" % sqlgen.table(row["model_id"]))[0]["p"]:
@@ -165,12 +184,14 @@ class RegistryMixin:
 
     def alter_model(self, plpy, name, endpoint, provider, remote_model, api_key_ref, batch_size,
                     connect_timeout_s, read_timeout_s, max_retries, max_input_chars,
-                    document_prefix, query_prefix, new_name):
+                    document_prefix, query_prefix, new_name, storage=None):
         model = self.model(plpy, check_name(name))
+        if storage is not None:
+            storage = check_storage(storage, model["dimensions"])
         if provider is not None:
             provider = providers.check_provider(provider)
         if endpoint is not None:
-            providers.embeddings_url(provider or model["provider"], endpoint)
+            endpoint = providers.check_endpoints(provider or model["provider"], endpoint)
         if new_name is not None:
             check_name(new_name)
         if api_key_ref is not None:
@@ -191,11 +212,38 @@ class RegistryMixin:
             [model["model_id"], endpoint, provider, remote_model, api_key_ref, batch_size,
              connect_timeout_s, read_timeout_s, max_retries, max_input_chars, document_prefix,
              query_prefix, new_name])
+        if storage is not None and storage != model["storage"]:
+            self._convert_storage(plpy, model, storage)
         if document_prefix is not None and document_prefix != model["document_prefix"]:
             plpy.notice("omop_emb: the document prefix of %s changed; CALL "
                         "omop_emb.index_concepts() re-embeds every concept text" % name)
         self.session_cache.clear()
         return True
+
+    def _convert_storage(self, plpy, model, storage):
+        """Rewrite the embedding table with the other storage type, in this
+        transaction (nothing is lost if it fails), and rebuild the HNSW index
+        with the parameters it had. Searches wait on the table lock meanwhile."""
+        import json
+        from .indexing import _lock_model
+
+        mid = model["model_id"]
+        _lock_model(plpy, mid)
+        info = plpy.execute(plpy.prepare(
+            "SELECT index_method, index_params::text AS params, metric FROM omop_emb.model "
+            "WHERE model_id = $1", ["int4"]), [mid])[0]
+        plpy.execute("DROP INDEX IF EXISTS omop_emb.%s" % sqlgen.hnsw_index_name(mid))
+        plpy.execute(sqlgen.alter_storage(model, storage))
+        plpy.execute(plpy.prepare("UPDATE omop_emb.model SET storage = $2, updated_at = now() "
+                                  "WHERE model_id = $1", ["int4", "text"]), [mid, storage])
+        if info["index_method"] == "hnsw":
+            params = json.loads(info["params"] or "{}")
+            plpy.execute(sqlgen.create_hnsw(dict(model, storage=storage), info["metric"],
+                                            params.get("m", 16), params.get("ef_construction", 128)))
+        plpy.notice("omop_emb: model %s now stores its embeddings as %s%s"
+                    % (model["name"], storage,
+                       " (HNSW index rebuilt)" if info["index_method"] == "hnsw" else ""))
+        self.plans.clear()
 
     def drop_model(self, plpy, name, if_exists):
         try:

@@ -52,11 +52,12 @@ class Runtime(RegistryMixin, IndexingMixin):
 
     # -- plumbing ---------------------------------------------------------
     def plan(self, plpy, key, sql, types=()):
-        p = self.plans.get(key)
-        if p is None:
-            p = plpy.prepare(sql, list(types))
-            self.plans[key] = p
-        return p
+        # Kept with its SQL: a model altered by another session (its storage type,
+        # its metric) generates other SQL, which is prepared anew.
+        hit = self.plans.get(key)
+        if hit is None or hit[0] != sql or hit[1] != tuple(types):
+            hit = self.plans[key] = (sql, tuple(types), plpy.prepare(sql, list(types)))
+        return hit[2]
 
     def call(self, plpy, name, *args):
         """Run method ``name``; turn our errors into PostgreSQL errors."""
@@ -211,9 +212,9 @@ class Runtime(RegistryMixin, IndexingMixin):
             size = max(1, int(model["batch_size"]))
             for j in range(0, len(missing), size):
                 chunk = missing[j:j + size]
-                vecs = self.http.post_embeddings(model, chunk, key)
+                vecs = self.http.embed(model, chunk, key, sql_text=True)
                 for s, v in zip(chunk, vecs):
-                    found[s] = vectors.to_sql(v)
+                    found[s] = v
             self.cache_misses += len(missing)
             self._unflushed[1] += len(missing)
             if use_cache and not st["read_only"]:

@@ -55,8 +55,22 @@ def vector_base_type(storage):
     return "%s.%s" % (VECTOR_SCHEMA, storage)
 
 
+STORAGES = {"vector": MAX_VECTOR_DIMS, "halfvec": MAX_HALFVEC_DIMS}
+
+
 def storage_for(dimensions):
+    """The default storage: ``vector`` (float32) where HNSW can index it, else
+    ``halfvec`` (float16, half the size)."""
     return "vector" if dimensions <= MAX_VECTOR_DIMS else "halfvec"
+
+
+def alter_storage(model, storage):
+    """Convert a model's embedding column in place to ``storage`` (its HNSW index,
+    built for the old type, is dropped first and rebuilt by the caller)."""
+    t = table(model["model_id"])
+    target = "%s(%d)" % (vector_base_type(storage), int(model["dimensions"]))
+    return ("ALTER TABLE %s ALTER COLUMN embedding TYPE %s USING embedding::%s"
+            % (t, target, target))
 
 
 def table(model_id):

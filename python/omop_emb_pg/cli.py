@@ -140,6 +140,9 @@ def add_register_model_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key-ref", default=None, help="env:VAR or secret:NAME (never the key itself)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--read-timeout", type=float, default=None, help="seconds")
+    p.add_argument("--storage", choices=["vector", "halfvec"], default=None,
+                   help="vector = float32; halfvec = float16, half the size (default: vector up to 2,000 "
+                        "dimensions, halfvec above)")
     p.add_argument("--if-not-exists", action="store_true", help="do nothing when NAME is already registered")
     p.set_defaults(func=cmd_register_model)
 
@@ -153,7 +156,7 @@ def cmd_register_model(args: argparse.Namespace) -> int:
                                 metric=args.metric, document_prefix=args.document_prefix,
                                 query_prefix=args.query_prefix, remote_model=args.remote_model,
                                 api_key_ref=args.api_key_ref, batch_size=args.batch_size,
-                                read_timeout_s=args.read_timeout)
+                                read_timeout_s=args.read_timeout, storage=args.storage)
         (st,) = [s for s in db.status() if s.model == args.name] or [None]
         extra = ""
         if st is not None:
@@ -181,6 +184,9 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-mapped", action="store_true", help="also names of source concepts mapped to them")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-texts", type=int, default=None, help="stop after this many texts")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="indexing sessions run at once (each CALLs index_concepts; they share the queue "
+                        "and, for a model with several servers, spread their batches over them)")
     p.add_argument("--create-index", action="store_true", help="build the HNSW index afterwards")
     p.add_argument("--progress", choices=["auto", "bar", "plain", "none"], default="auto",
                    help="bar: rich progress bar; plain: a line every few seconds (default: bar on a terminal)")
@@ -189,33 +195,63 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_index(dsn: str, *, model: str | None = None, progress: str = "auto", poll: float = 0.5,
-              out=None, **kwargs) -> int:
-    """Run index_concepts on one connection (in a thread) while polling index_status on a
-    second one. Returns an exit code (130 when interrupted)."""
+              out=None, jobs: int = 1, **kwargs) -> int:
+    """Run index_concepts on ``jobs`` connections (threads) while polling index_status on
+    another one. Returns an exit code (130 when interrupted)."""
     import threading
     import time
 
     from .client import OmopEmb
 
+    if not 1 <= jobs <= 64:
+        from .errors import InvalidArgument
+
+        raise InvalidArgument(f"--jobs {jobs} is outside 1..64",
+                              hint="Run about as many sessions as the embedding servers can keep busy.")
     out = out or sys.stderr
     if progress == "auto":
         progress = "bar" if out.isatty() else "plain"
-    worker = OmopEmb(dsn, model=model)
+    workers = [OmopEmb(dsn, model=model) for _ in range(jobs)]
+    worker = workers[0]
     watcher = OmopEmb(dsn, model=model)
     result: dict[str, BaseException | None] = {"error": None}
     notices: list[str] = []
+    prepared = threading.Event()
 
-    def work() -> None:
+    def on_notice(msg: str) -> None:
+        notices.append(msg)
+        if "to embed" in msg:
+            prepared.set()
+
+    def work(w) -> None:
         try:
-            worker.index_concepts(on_notice=notices.append, **kwargs)
+            w.index_concepts(on_notice=on_notice if w is worker else None, **kwargs)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            result["error"] = e
+            result["error"] = result["error"] or e
+            for other in workers:  # one failed: stop the others (their batches stay)
+                if other is not w and not other.conn.closed:
+                    other.conn.cancel()
+        finally:
+            prepared.set()
+
+    def start_helpers() -> None:
+        # The helpers start once the first session has queued the work: their own
+        # preparation then finds it queued and they go straight to the batches.
+        prepared.wait()
+        if result["error"] is None:
+            for w in workers[1:]:
+                h = threading.Thread(target=work, args=(w,), name="omop-emb-index", daemon=True)
+                helpers.append(h)
+                h.start()
 
     # The model whose progress to show: the one named, else the only one / the active one.
     name = model
-    t = threading.Thread(target=work, name="omop-emb-index", daemon=True)
+    helpers: list[threading.Thread] = []
+    t = threading.Thread(target=work, args=(worker,), name="omop-emb-index", daemon=True)
     t0 = time.monotonic()
     t.start()
+    if jobs > 1:
+        threading.Thread(target=start_helpers, daemon=True).start()
     bar = None
     last_plain = 0.0
     st = None
@@ -257,19 +293,33 @@ def run_index(dsn: str, *, model: str | None = None, progress: str = "auto", pol
                       f"ETA {'-' if eta is None else f'{eta:.0f} s'})", file=out, flush=True)
                 last_plain = now
 
+    def alive() -> bool:
+        if t.is_alive():
+            return True
+        if jobs > 1 and result["error"] is None and len(helpers) < jobs - 1:
+            time.sleep(0.05)  # the helpers are about to start
+            return True
+        return any(h.is_alive() for h in helpers)
+
     try:
         try:
-            while t.is_alive():
-                t.join(poll)
-                if t.is_alive():
+            while alive():
+                running = t if t.is_alive() else next((h for h in helpers if h.is_alive()), None)
+                if running is None:
+                    continue
+                running.join(poll)
+                if alive():
                     try:
                         st = poll_once() or st
                     except Exception:  # noqa: BLE001 - the watcher is best effort
                         pass
                     show(st)
         except KeyboardInterrupt:
-            worker.conn.cancel()
+            for w in workers:
+                w.conn.cancel()
             t.join(30)
+            for h in helpers:
+                h.join(30)
             if bar is not None:
                 bar.stop()
                 bar = None
@@ -294,7 +344,8 @@ def run_index(dsn: str, *, model: str | None = None, progress: str = "auto", pol
     finally:
         if bar is not None:
             bar.stop()
-        worker.close()
+        for w in workers:
+            w.close()
         watcher.close()
 
 
@@ -302,7 +353,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     kw = {k: getattr(args, k) for k in ("vocabulary_schema", "domain_ids", "vocabulary_ids", "concept_class_ids",
                                          "include_classification", "include_invalid", "include_synonyms",
                                          "include_mapped", "batch_size", "max_texts")}
-    code = run_index(_dsn(args), model=args.model, progress=args.progress, poll=args.poll, **kw)
+    code = run_index(_dsn(args), model=args.model, progress=args.progress, poll=args.poll, jobs=args.jobs, **kw)
     if code == EXIT_OK and args.create_index:
         with _client(args) as db:
             print(f"index: {db.create_index()}")

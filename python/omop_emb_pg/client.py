@@ -330,21 +330,23 @@ class OmopEmb:
                        dimensions: int | None = None, metric: str = "cosine",
                        document_prefix: str | None = None, query_prefix: str | None = None,
                        remote_model: str | None = None, api_key_ref: str | None = None,
-                       batch_size: int | None = None, read_timeout_s: float | None = None) -> int:
+                       batch_size: int | None = None, read_timeout_s: float | None = None,
+                       storage: str | None = None) -> int:
         """Register an embedding model (``omop_emb.register_model``); returns its id.
-        ``None`` prefixes: the settings, else what the server advertises, else empty."""
+        ``None`` prefixes: the settings, else what the server advertises, else empty.
+        ``storage``: 'vector' (float32) or 'halfvec' (float16); None: the default."""
         return self._scalar(
-            "SELECT omop_emb.register_model(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "SELECT omop_emb.register_model(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (name, provider, endpoint, dimensions, metric, document_prefix, query_prefix,
-             remote_model, api_key_ref, batch_size, read_timeout_s))
+             remote_model, api_key_ref, batch_size, read_timeout_s, storage))
 
     def alter_model(self, name: str, **changes: Any) -> bool:
         """Change a registered model (``omop_emb.alter_model``): endpoint, provider, remote_model,
         api_key_ref, batch_size, connect_timeout_s, read_timeout_s, max_retries, max_input_chars,
-        document_prefix, query_prefix, new_name."""
+        document_prefix, query_prefix, new_name, storage."""
         allowed = {"endpoint", "provider", "remote_model", "api_key_ref", "batch_size", "connect_timeout_s",
                    "read_timeout_s", "max_retries", "max_input_chars", "document_prefix", "query_prefix",
-                   "new_name"}
+                   "new_name", "storage"}
         bad = set(changes) - allowed
         if bad:
             raise InvalidArgument(f"alter_model: unknown argument(s) {sorted(bad)}",

@@ -11,16 +11,17 @@ CREATE OR REPLACE FUNCTION omop_emb.register_model(
     remote_model text DEFAULT NULL,
     api_key_ref text DEFAULT NULL,
     batch_size integer DEFAULT NULL,
-    read_timeout_s double precision DEFAULT NULL
+    read_timeout_s double precision DEFAULT NULL,
+    storage text DEFAULT NULL
 ) RETURNS integer
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 AS $$
 return @RT@.call(plpy, "register_model", name, provider, endpoint, dimensions, metric,
                  document_prefix, query_prefix, remote_model, api_key_ref, batch_size,
-                 read_timeout_s)
+                 read_timeout_s, storage)
 $$;
-COMMENT ON FUNCTION omop_emb.register_model(text, text, text, integer, text, text, text, text, text, integer, double precision) IS
-'Register an embedding model: name, provider (''openai'' = any OpenAI-compatible /v1/embeddings, ''ollama'' = /api/embed), endpoint (base URL), dimensions (NULL: discovered with one probe call), metric (cosine, l2, ip), document_prefix and query_prefix (NULL: the settings in force, else what the server advertises, else empty), remote_model (name sent to the server; default: name), api_key_ref (env:VAR or secret:NAME, never the key), batch_size, read_timeout_s. Returns the model id.';
+COMMENT ON FUNCTION omop_emb.register_model(text, text, text, integer, text, text, text, text, text, integer, double precision, text) IS
+'Register an embedding model: name, provider (''openai'' = any OpenAI-compatible /v1/embeddings, ''ollama'' = /api/embed), endpoint (base URL), dimensions (NULL: discovered with one probe call), metric (cosine, l2, ip), document_prefix and query_prefix (NULL: the settings in force, else what the server advertises, else empty), remote_model (name sent to the server; default: name), api_key_ref (env:VAR or secret:NAME, never the key), batch_size, read_timeout_s, storage (''vector'': float32, the default up to 2,000 dimensions; ''halfvec'': float16, half the size, HNSW up to 4,000 dimensions, the default above 2,000). Returns the model id.';
 
 CREATE OR REPLACE FUNCTION omop_emb.alter_model(
     name text,
@@ -35,16 +36,17 @@ CREATE OR REPLACE FUNCTION omop_emb.alter_model(
     max_input_chars integer DEFAULT NULL,
     document_prefix text DEFAULT NULL,
     query_prefix text DEFAULT NULL,
-    new_name text DEFAULT NULL
+    new_name text DEFAULT NULL,
+    storage text DEFAULT NULL
 ) RETURNS boolean
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 AS $$
 return @RT@.call(plpy, "alter_model", name, endpoint, provider, remote_model, api_key_ref,
                  batch_size, connect_timeout_s, read_timeout_s, max_retries, max_input_chars,
-                 document_prefix, query_prefix, new_name)
+                 document_prefix, query_prefix, new_name, storage)
 $$;
-COMMENT ON FUNCTION omop_emb.alter_model(text, text, text, text, text, integer, double precision, double precision, integer, integer, text, text, text) IS
-'Change a registered model; only the arguments given change. api_key_ref => '''' removes the key reference. A changed document_prefix makes the next index_concepts() re-embed every text.';
+COMMENT ON FUNCTION omop_emb.alter_model(text, text, text, text, text, integer, double precision, double precision, integer, integer, text, text, text, text) IS
+'Change a registered model; only the arguments given change. api_key_ref => '''' removes the key reference. A changed document_prefix makes the next index_concepts() re-embed every text. storage => ''halfvec'' or ''vector'' converts the stored embeddings in place (no re-embedding) and rebuilds the HNSW index.';
 
 CREATE OR REPLACE FUNCTION omop_emb.drop_model(name text, if_exists boolean DEFAULT false) RETURNS boolean
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER

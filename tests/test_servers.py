@@ -1,0 +1,101 @@
+"""Issue 16.6: a model served by several embedding servers. Indexing sessions
+spread their batches over them, queries go to any healthy one, and
+`omop-emb-pg index --jobs N` runs N indexing sessions at once."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from conftest import register_fake_model
+from omop_emb_pg import cli
+from omop_emb_pg.testing import DeterministicEmbeddingServer
+
+
+def connect(dsn):
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def load_vocab(dsn, n):
+    with connect(dsn) as conn:
+        conn.execute("CREATE SCHEMA vocab")
+        conn.execute("""CREATE TABLE vocab.concept (concept_id int PRIMARY KEY, concept_name text,
+            domain_id text, vocabulary_id text, concept_class_id text, standard_concept text,
+            concept_code text, valid_start_date date, valid_end_date date, invalid_reason text)""")
+        with conn.cursor().copy("COPY vocab.concept (concept_id, concept_name, domain_id, vocabulary_id, "
+                                "concept_class_id, standard_concept, concept_code) FROM STDIN") as cp:
+            for i in range(1, n + 1):
+                cp.write_row((i, f"concept {i}", "Condition", "V", "C", "S", f"C{i}"))
+
+
+@pytest.fixture
+def second_embedder():
+    with DeterministicEmbeddingServer(dim=384) as srv:
+        yield srv
+
+
+class _Endpoints:
+    def __init__(self, *servers):
+        self.url = " ".join(s.url for s in servers)
+        self.dim = servers[0].dim
+
+
+def test_one_session_spreads_its_batches_over_both_servers(omop_db, fake_embedder, second_embedder):
+    load_vocab(omop_db, 1000)
+    register_fake_model(omop_db, _Endpoints(fake_embedder, second_embedder), batch_size=50)
+    with connect(omop_db) as conn:
+        assert conn.execute("SELECT endpoint FROM omop_emb.models").fetchone()[0] == \
+            f"{fake_embedder.url} {second_embedder.url}"
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
+        assert conn.execute("SELECT count(*) FROM omop_emb.embedding_1").fetchone()[0] == 1000
+    a, b = fake_embedder.stats()["texts"], second_embedder.stats()["texts"]
+    assert a + b == 1000 and a >= 300 and b >= 300, (a, b)
+
+
+def test_index_jobs_runs_sessions_that_share_the_servers(omop_db, fake_embedder, second_embedder, capsys):
+    load_vocab(omop_db, 3000)
+    register_fake_model(omop_db, _Endpoints(fake_embedder, second_embedder), batch_size=50)
+    code = cli.main(["index", "--dsn", omop_db, "--schema", "vocab", "--jobs", "2", "--progress", "plain"])
+    assert code == 0
+    with connect(omop_db) as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT concept_id) FROM omop_emb.embedding_1"
+                            ).fetchone() == (3000, 3000)
+        sessions = conn.execute("SELECT count(*), sum(done) FROM omop_emb.index_progress").fetchone()
+    assert sessions[0] == 2 and sessions[1] == 3000  # two sessions did the work between them
+    a, b = fake_embedder.stats()["texts"], second_embedder.stats()["texts"]
+    assert a + b <= 3000 + 100 and a >= 500 and b >= 500, (a, b)
+    assert "3000" in capsys.readouterr().err
+
+
+def test_a_server_that_is_down_is_skipped(omop_db, fake_embedder, second_embedder):
+    load_vocab(omop_db, 300)
+    register_fake_model(omop_db, _Endpoints(fake_embedder, second_embedder), batch_size=50)
+    second_embedder.set_fault("refuse")
+    with connect(omop_db) as conn:
+        conn.execute("SELECT omop_emb.alter_model('fake', max_retries => 0)")
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
+        assert conn.execute("SELECT count(*) FROM omop_emb.embedding_1").fetchone()[0] == 300
+        for q in ("fever", "cough", "rash"):
+            assert conn.execute("SELECT count(*) FROM omop_emb.nearest(%s, 5)", (q,)).fetchone()[0] == 5
+    assert fake_embedder.stats()["texts"] == 303
+    second_embedder.clear_fault()
+    fake_embedder.set_fault("refuse")
+    with connect(omop_db) as conn:  # a new session: the other server takes over
+        assert conn.execute("SELECT count(*) FROM omop_emb.nearest('headache', 5)").fetchone()[0] == 5
+        second_embedder.set_fault("refuse")
+        with pytest.raises(psycopg.Error) as e:
+            conn.execute("SELECT * FROM omop_emb.nearest('nausea', 5)")
+        assert "all 2 servers of model fake failed" in e.value.diag.message_primary
+
+
+@pytest.mark.parametrize("endpoint,message", [
+    ("http://127.0.0.1:1 http://127.0.0.1:1", "names a server twice"),
+    ("http://127.0.0.1:1 ftp://x", "'ftp://x' is not an http(s) URL"),
+])
+def test_bad_server_lists_are_refused(omop_db, endpoint, message):
+    with connect(omop_db) as conn:
+        with pytest.raises(psycopg.Error) as e:
+            conn.execute("SELECT omop_emb.register_model('m', 'openai', %s, dimensions => 8, "
+                         "document_prefix => '', query_prefix => '')", (endpoint,))
+        assert message in e.value.diag.message_primary
+        assert conn.execute("SELECT count(*) FROM omop_emb.models").fetchone()[0] == 0
