@@ -361,6 +361,58 @@ def test_cancel_during_hung_call_returns_within_read_timeout(vocab_db, pg, fake_
                          (unique(), fault_model)).fetchone()[0]
 
 
+# ---------------------------------------------------------------- drip-feeding servers (issue 12)
+HTTP_THREADS_SQL = """CREATE OR REPLACE FUNCTION public.t_http_threads() RETURNS integer
+LANGUAGE plpython3u AS $$
+import threading
+return sum(1 for t in threading.enumerate() if t.name.startswith('omop_emb-http'))
+$$"""
+
+
+def test_drip_feeding_server_hits_the_total_deadline(vocab_db, fake_embedder, fault_model):
+    """One byte every 0.5 s never trips the 2 s read timeout; the deadline of the
+    whole request (connect_timeout_s + read_timeout_s) ends it."""
+    fake_embedder.set_fault("drip", interval=0.5, seconds=30)
+    with connect(vocab_db) as c:
+        c.execute("SELECT omop_emb.alter_model(%s, connect_timeout_s => 1)", (fault_model,))
+        c.execute("SET statement_timeout = '12s'")  # the old behaviour: drips until this
+        e, elapsed = sql_error(c, "SELECT omop_emb.embed(%s, 'query', %s)", (unique(), fault_model))
+    msg = full_text(e)
+    assert e.diag.sqlstate == "OE001", msg
+    assert "deadline" in msg and fake_embedder.url in msg, msg
+    assert elapsed < 1 + READ_TIMEOUT + 2, elapsed
+    FAULT_RESULTS["drip (1 byte / 0.5 s)"] = f"OE001 in {elapsed:.2f}s: {e.diag.message_primary}"
+
+
+def test_cancelled_calls_leave_no_http_threads_behind(vocab_db, pg, fake_embedder, fault_model):
+    fake_embedder.set_fault("drip", interval=0.5, seconds=60)
+    with connect(vocab_db) as c:
+        c.execute(HTTP_THREADS_SQL)
+        c.execute("SET statement_timeout = '300ms'")
+        for _ in range(10):
+            e, _ = sql_error(c, "SELECT omop_emb.embed(%s, 'query', %s)", (unique(), fault_model))
+            assert e.diag.sqlstate == "57014", full_text(e)
+        c.execute("SET statement_timeout = 0")
+        deadline = time.monotonic() + 3
+        while (threads := scalar(c, "SELECT public.t_http_threads()")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert threads == 0, f"{threads} HTTP threads left after 10 cancels"
+    FAULT_RESULTS["10 cancels of drip-fed calls"] = f"{threads} HTTP threads left in the backend"
+
+
+def test_register_model_discovery_is_cancellable(vocab_db, fake_embedder):
+    fake_embedder.set_fault("drip", interval=0.5, seconds=20)
+    name = "d" + uuid.uuid4().hex[:8]
+    with connect(vocab_db) as c:
+        c.execute("SET statement_timeout = '1s'")
+        e, elapsed = sql_error(c, "SELECT omop_emb.register_model(%s, 'openai', %s, dimensions => 384)",
+                               (name, fake_embedder.url))
+        assert e.diag.sqlstate == "57014", full_text(e)
+        assert elapsed < 3, elapsed
+        assert scalar(c, "SELECT count(*) FROM omop_emb.model WHERE name = %s", (name,)) == 0
+    FAULT_RESULTS["register_model discovery on a drip"] = f"cancelled by statement_timeout after {elapsed:.2f}s"
+
+
 def test_zz_report_fault_figures():
     """Prints the figures collected above (run with -s to see them)."""
     for k, v in FAULT_RESULTS.items():

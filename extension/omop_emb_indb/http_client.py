@@ -1,7 +1,12 @@
 """HTTP calls to the embedding server.
 
 Python inside PostgreSQL is not interrupted by ``statement_timeout``, so every
-call has its own connect and read timeout. One ``requests.Session`` per backend
+call has its own connect and read timeout, and a deadline for the whole request
+(connect_timeout_s + read_timeout_s, retries included): a server that sends one
+byte just before each read timeout would otherwise hold the backend forever. The
+request runs in a thread while the backend polls for cancels; a cancelled or
+overdue request has its socket shut down, so its thread ends at once instead of
+piling up. One ``requests.Session`` per backend
 is reused across calls (a new connection per text costs ~100x a batched call).
 Retries are bounded and done by urllib3's ``Retry`` (429, 5xx, connection
 errors, honouring ``Retry-After`` up to a cap). Errors name the endpoint, the
@@ -10,6 +15,7 @@ model, the status and a hint, never the key.
 
 import json
 import os
+import socket
 import threading
 import time
 
@@ -25,6 +31,44 @@ MAX_RETRY_AFTER_S = 10.0
 
 
 _CAPPED_RETRY = []
+_TRACKING_POOLS = []
+# thread id -> the urllib3 connection that thread is using (to shut it down).
+_ACTIVE_CONNECTIONS = {}
+
+
+class DeadlineExceeded(Exception):
+    """The whole request took longer than its deadline."""
+
+
+def _tracking_pool_classes():
+    """urllib3 pools that remember which connection each thread took, so that
+    the waiting backend can shut down the socket of a request it abandons."""
+    if not _TRACKING_POOLS:
+        from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+        def tracking(base):
+            class Pool(base):
+                def _get_conn(self, timeout=None):
+                    conn = super()._get_conn(timeout)
+                    _ACTIVE_CONNECTIONS[threading.get_ident()] = conn
+                    return conn
+            Pool.__name__ = "Tracking" + base.__name__
+            return Pool
+
+        _TRACKING_POOLS.append({"http": tracking(HTTPConnectionPool),
+                                "https": tracking(HTTPSConnectionPool)})
+    return _TRACKING_POOLS[0]
+
+
+def _abort(thread):
+    """Shut down the socket a request thread reads from: its read returns at once."""
+    conn = _ACTIVE_CONNECTIONS.pop(thread.ident, None)
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _requests():
@@ -86,27 +130,41 @@ class EmbeddingHTTP:
         # read, so the request runs in a thread while the backend keeps checking.
         self.interrupt = interrupt
 
-    def _send(self, session, url, data, headers, timeout):
-        if self.interrupt is None:
-            return session.post(url, data=data, headers=headers, timeout=timeout)
+    def _send(self, session, method, url, timeout, deadline_s, **kw):
+        """``session.request`` in a thread, given up (socket shut down) when the
+        statement is cancelled or after ``deadline_s`` seconds in all."""
         box = {}
         done = threading.Event()
 
         def work():
             try:
-                box["resp"] = session.post(url, data=data, headers=headers, timeout=timeout)
+                box["resp"] = session.request(method, url, timeout=timeout, **kw)
             except BaseException as e:  # handed to the waiting backend below
                 box["exc"] = e
             finally:
+                _ACTIVE_CONNECTIONS.pop(threading.get_ident(), None)
                 done.set()
 
-        threading.Thread(target=work, name="omop_emb-http", daemon=True).start()
+        thread = threading.Thread(target=work, name="omop_emb-http", daemon=True)
+        thread.start()
+        ends = time.monotonic() + deadline_s
         while not done.wait(self.INTERRUPT_POLL_S):
-            # Raises on cancel; the abandoned request ends at its own read timeout.
-            self.interrupt()
+            if time.monotonic() > ends:
+                _abort(thread)
+                raise DeadlineExceeded()
+            if self.interrupt is not None:
+                try:
+                    self.interrupt()  # raises when the statement was cancelled
+                except BaseException:
+                    _abort(thread)
+                    raise
         if "exc" in box:
             raise box["exc"]
         return box["resp"]
+
+    def get(self, url, timeout):
+        """A GET (prefix discovery): cancellable, within connect + read timeout in all."""
+        return self._send(self.session(0), "GET", url, timeout, sum(timeout))
 
     def session(self, max_retries):
         s = self._sessions.get(max_retries)
@@ -125,6 +183,7 @@ class EmbeddingHTTP:
                 s.trust_env = False
             adapter = HTTPAdapter(max_retries=make_retry(max_retries), pool_connections=4,
                                   pool_maxsize=4)
+            adapter.poolmanager.pool_classes_by_scheme = _tracking_pool_classes()
             s.mount("http://", adapter)
             s.mount("https://", adapter)
             s.headers["User-Agent"] = "omop_emb/0.1 (PostgreSQL PL/Python)"
@@ -170,6 +229,7 @@ class EmbeddingHTTP:
             headers["Authorization"] = "Bearer " + api_key
         where = "embedding server %s (model %s, provider %s)" % (url, model["name"], provider)
         timeout = (float(model["connect_timeout_s"]), float(model["read_timeout_s"]))
+        deadline_s = timeout[0] + timeout[1]
         started = time.monotonic()
         requests = _requests()
         from urllib3.exceptions import ReadTimeoutError
@@ -177,8 +237,8 @@ class EmbeddingHTTP:
         try:
             self.requests_sent += 1
             try:
-                resp = self._send(self.session(int(model["max_retries"])), url,
-                                  json.dumps(body), headers, timeout)
+                resp = self._send(self.session(int(model["max_retries"])), "POST", url,
+                                  timeout, deadline_s, data=json.dumps(body), headers=headers)
             except requests.exceptions.ConnectionError as e:
                 # With Retry(read=0) urllib3 wraps a read timeout in MaxRetryError, which
                 # requests reports as ConnectionError: report it as the timeout it is.
@@ -186,6 +246,14 @@ class EmbeddingHTTP:
                               ReadTimeoutError):
                     raise requests.exceptions.ReadTimeout(str(e))
                 raise
+        except DeadlineExceeded:
+            raise EmbeddingServiceError(
+                "no complete answer from %s within the deadline of %.1f s per request"
+                % (where, deadline_s),
+                detail="The deadline is connect_timeout_s + read_timeout_s for the whole request, "
+                       "retries included; the server was still sending (or retrying) after it.",
+                hint="The server answers too slowly or drips its answer. Raise read_timeout_s "
+                     "with omop_emb.alter_model() for slow servers, or reduce batch_size.")
         except requests.exceptions.ConnectTimeout:
             raise EmbeddingServiceError(
                 "could not connect to %s within %.1f s" % (where, timeout[0]),

@@ -28,6 +28,40 @@ ENGLISH = 4180186
 MODEL_LOCK_CLASS = 0x4F456D64
 
 
+def _model_columns():
+    from .runtime import MODEL_COLUMNS
+    return MODEL_COLUMNS
+
+
+SWAP_LOCK_TIMEOUT_MS = 200
+SWAP_TRIES = 20
+
+
+def _with_short_locks(plpy, statements):
+    """Run ``statements`` in a subtransaction with a short lock_timeout, tried
+    SWAP_TRIES times; a last try waits as long as it must."""
+    if not statements:
+        return
+    before = plpy.execute("SELECT pg_catalog.current_setting('lock_timeout') AS v")[0]["v"]
+    try:
+        for attempt in range(SWAP_TRIES + 1):
+            last = attempt == SWAP_TRIES
+            plpy.execute("SELECT pg_catalog.set_config('lock_timeout', '%s', true)"
+                         % (before if last else "%dms" % SWAP_LOCK_TIMEOUT_MS))
+            try:
+                with plpy.subtransaction():
+                    for stmt in statements:
+                        plpy.execute(stmt)
+                return
+            except plpy.SPIError as e:
+                if last or getattr(e, "sqlstate", None) != "55P03":
+                    raise
+                plpy.execute("SELECT pg_catalog.pg_sleep(%f)" % (0.05 * (attempt + 1)))
+    finally:
+        plpy.execute(plpy.prepare("SELECT pg_catalog.set_config('lock_timeout', $1, true)",
+                                  ["text"]), [before])
+
+
 def _lock_model(plpy, model_id):
     plpy.execute("SELECT pg_advisory_xact_lock(%d, %d)" % (MODEL_LOCK_CLASS, int(model_id)))
 
@@ -118,7 +152,20 @@ class IndexingMixin:
                                       hint="GRANT SELECT on the vocabulary tables to the role "
                                            "that runs index_concepts.")
         filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
-        params, args, types = [], [doc_prefix], ["text"]
+        mid = int(model["model_id"])
+        _lock_model(plpy, mid)
+        if doc_prefix != model["document_prefix"]:
+            # Indexing with another document prefix (a setting) changes the vectors.
+            from .registry import mark_identity_changed
+            plpy.execute(plpy.prepare("UPDATE omop_emb.model SET document_prefix = $2 "
+                                      "WHERE model_id = $1", ["int4", "text"]), [mid, doc_prefix])
+            mark_identity_changed(plpy, mid)
+            model = self._current(self.plan(
+                plpy, "model_by_id", "SELECT %s FROM omop_emb.model WHERE model_id = $1"
+                % _model_columns(), ["int4"]).execute([mid])[0])
+        # $1: what goes before a text in the hash of what is sent (vectors.identity_hash).
+        hashed_prefix = vectors.identity_salt(model["identity_version"]) + doc_prefix
+        params, args, types = [], [hashed_prefix], ["text"]
         for col, arr in zip(("domain_id", "vocabulary_id", "concept_class_id"), filters):
             if arr is not None:
                 args.append(arr)
@@ -127,8 +174,6 @@ class IndexingMixin:
         vocab = plpy.quote_ident(vocab_schema)
         desired = desired_texts_sql(vocab, bool(include_classification), bool(include_invalid),
                                     bool(include_synonyms), bool(include_mapped), params)
-        mid = int(model["model_id"])
-        _lock_model(plpy, mid)
         emb = sqlgen.table(mid)
         cols = ", ".join(sqlgen.ROW_COLUMNS)
         # Stale rows: the concept is in scope but this text is no longer asked for
@@ -174,6 +219,19 @@ class IndexingMixin:
             % (desired, cols, mid, emb), types), args).nrows()
         total = plpy.execute(plpy.prepare(
             "WITH d AS (%s) SELECT count(*) AS n FROM d" % desired, types), args)[0]["n"]
+        if model["vectors_stale"]:
+            # What produces the vectors changed: every row made before is queued
+            # again, in the scope of this run or not, so that no vector of the old
+            # model stays.
+            queued += plpy.execute(plpy.prepare(
+                "INSERT INTO omop_emb.index_queue (model_id, %s) "
+                "SELECT $1, e.concept_id, e.text_kind, e.text, "
+                "pg_catalog.sha256(pg_catalog.convert_to($2 || e.text, 'UTF8')), e.source_concept_id, e.source_code, "
+                "e.concept_name, e.domain_id, e.vocabulary_id, e.concept_class_id, "
+                "e.standard_concept, e.invalid_reason FROM %s e "
+                "WHERE e.text_hash <> pg_catalog.sha256(pg_catalog.convert_to($2 || e.text, 'UTF8')) "
+                "ON CONFLICT (model_id, concept_id, text_kind, text) DO NOTHING"
+                % (cols, emb), ["int4", "text"]), [mid, hashed_prefix]).nrows()
         version = None
         if plpy.execute(plpy.prepare("SELECT to_regclass(quote_ident($1) || '.vocabulary') "
                                      "IS NOT NULL AS v", ["text"]), [vocab_schema])[0]["v"]:
@@ -231,7 +289,9 @@ class IndexingMixin:
                 model, [doc_prefix + t for t in texts[j:j + chunk]], key, sql_text=True))
         sql, types = sqlgen.upsert(model)
         cols = [[r[c] for r in rows] for c in sqlgen.ROW_COLUMNS]
-        cols[3] = [vectors.text_hash(doc_prefix + t) for t in texts]  # what was really sent
+        # What was really sent, by the model as this batch read it: when alter_model()
+        # commits meanwhile, these rows keep the old identity and are re-embedded.
+        cols[3] = [vectors.identity_hash(doc_prefix + t, model["identity_version"]) for t in texts]
         self.plan(plpy, ("upsert", mid), sql, types).execute(
             cols + [vecs])
         self.plan(plpy, "progress",
@@ -255,22 +315,36 @@ class IndexingMixin:
         if not 4 <= ef_construction <= 1000 or ef_construction < 2 * m:
             raise InvalidArgument("ef_construction = %d must be in 4..1000 and at least 2 * m"
                                   % ef_construction)
-        _lock_model(plpy, model["model_id"])
-        name = sqlgen.hnsw_index_name(model["model_id"])
-        if plpy.execute("SELECT to_regclass('omop_emb.%s') IS NOT NULL AS present" % name)[0]["present"]:
-            plpy.execute("DROP INDEX omop_emb.%s" % name)
-        lexical.ensure_index(plpy, model["model_id"])
+        mid = model["model_id"]
+        _lock_model(plpy, mid)
+        name = sqlgen.hnsw_index_name(mid)
+        lexical.ensure_index(plpy, mid)
         params = {}
         if method == "hnsw":
+            # Built beside the old index, under another name: CREATE INDEX takes a
+            # SHARE lock, which holds writers of this model (index_concepts) back
+            # but not searches, which keep using the old index meanwhile. (CREATE
+            # INDEX CONCURRENTLY cannot run in a function, nor in a procedure.)
             model["metric"] = metric
-            plpy.execute(sqlgen.create_hnsw(model, metric, m, ef_construction))
+            plpy.execute("DROP INDEX IF EXISTS omop_emb.%s_new" % name)
+            plpy.execute(sqlgen.create_hnsw(model, metric, m, ef_construction,
+                                            name=name + "_new"))
             params = {"m": m, "ef_construction": ef_construction}
+        # The swap takes an ACCESS EXCLUSIVE lock for a moment: each try waits at
+        # most SWAP_LOCK_TIMEOUT for searches running now (while a lock request
+        # waits, searches that start queue behind it), between tries they run.
+        present = plpy.execute("SELECT pg_catalog.to_regclass('omop_emb.%s') IS NOT NULL AS present"
+                               % name)[0]["present"]
+        swap = (["DROP INDEX omop_emb.%s" % name] if present else []) + \
+            (["ALTER INDEX omop_emb.%s_new RENAME TO %s" % (name, name)] if method == "hnsw" else [])
+        _with_short_locks(plpy, swap)
         plpy.execute(plpy.prepare(
             "UPDATE omop_emb.model SET index_method = $2, index_params = $3::jsonb, metric = $4, "
+            "generation = pg_catalog.nextval('omop_emb.model_generation_seq'), "
             "updated_at = now() WHERE model_id = $1", ["int4", "text", "text", "text"]),
-            [model["model_id"], method, json.dumps(params), metric])
-        # Plans were prepared for the old metric.
-        self.plans = {k: v for k, v in self.plans.items() if not isinstance(k, tuple)}
+            [mid, method, json.dumps(params), metric])
+        # Plans were prepared for the old metric (other sessions see the generation).
+        self.forget_model(mid)
         return method
 
     def index_finish(self, plpy, model_name):
@@ -279,6 +353,16 @@ class IndexingMixin:
         _lock_model(plpy, model["model_id"])
         lexical.ensure_index(plpy, model["model_id"])
         plpy.execute("ANALYZE %s" % sqlgen.table(model["model_id"]))
+        if model["vectors_stale"]:
+            # Searchable again once no row made before the change is left.
+            plpy.execute(plpy.prepare(
+                "UPDATE omop_emb.model m SET vectors_stale = false, generation = "
+                "pg_catalog.nextval('omop_emb.model_generation_seq') WHERE m.model_id = $1 AND "
+                "NOT EXISTS (SELECT 1 FROM %s e WHERE e.text_hash <> "
+                "pg_catalog.sha256(pg_catalog.convert_to($2 || e.text, 'UTF8')))" % sqlgen.table(model["model_id"]),
+                ["int4", "text"]),
+                [model["model_id"], vectors.identity_salt(model["identity_version"])
+                 + model["document_prefix"]])
         plpy.execute(plpy.prepare(
             "UPDATE omop_emb.index_progress SET finished_at = clock_timestamp() "
             "WHERE model_id = $1 AND pid = pg_backend_pid()", ["int4"]), [model["model_id"]])
@@ -322,7 +406,8 @@ class IndexingMixin:
         for cid, t in zip(concept_ids, texts):
             a = attrs.get(cid) or {}
             row = {"concept_id": cid, "text_kind": "name", "text": t,
-                   "text_hash": vectors.text_hash(doc_prefix + t), "source_concept_id": cid,
+                   "text_hash": vectors.identity_hash(doc_prefix + t, model["identity_version"]),
+                   "source_concept_id": cid,
                    "source_code": a.get("concept_code"), "concept_name": t,
                    "domain_id": a.get("domain_id"), "vocabulary_id": a.get("vocabulary_id"),
                    "concept_class_id": a.get("concept_class_id"),

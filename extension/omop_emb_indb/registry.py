@@ -63,6 +63,33 @@ def check_storage(storage, dimensions):
     return st
 
 
+# What produces a model's vectors. A change of any of them puts the stored
+# vectors in another space: searches refuse until index_concepts() re-embedded
+# them (mark_identity_changed). The endpoint is not part of it: pointing a model
+# at another server that serves the same model (a replica, a new host) needs no
+# re-embedding. A different model behind the same remote_model name is a change
+# the database cannot see: change remote_model too (or drop and re-register).
+IDENTITY_FIELDS = ("provider", "remote_model", "dimensions", "document_prefix")
+
+
+def mark_identity_changed(plpy, model_id):
+    """Record that what produces the vectors of a model changed: a new identity
+    version (query-cache keys), a new generation (every session drops its plans
+    and cached vectors), and stale vectors when the table holds any."""
+    mid = int(model_id)
+    plpy.execute(
+        "UPDATE omop_emb.model SET identity_version = identity_version + 1, "
+        "identity_changed_at = pg_catalog.now(), "
+        "generation = pg_catalog.nextval('omop_emb.model_generation_seq'), "
+        "vectors_stale = EXISTS (SELECT 1 FROM %s), updated_at = pg_catalog.now() "
+        "WHERE model_id = %d" % (sqlgen.table(mid), mid))
+
+
+def bump_generation(plpy, model_id):
+    plpy.execute("UPDATE omop_emb.model SET generation = pg_catalog.nextval("
+                 "'omop_emb.model_generation_seq') WHERE model_id = %d" % int(model_id))
+
+
 def discover_prefixes(http, provider, endpoint, timeout=(3.0, 10.0), remote_model=None):
     """Prefixes a server advertises on GET /v1/models (omop-emb-pg serve does).
 
@@ -78,11 +105,14 @@ def discover_prefixes(http, provider, endpoint, timeout=(3.0, 10.0), remote_mode
             break
     url = base + "/v1/models"
     import requests  # loaded by http.session() in any case
+    from .http_client import DeadlineExceeded
 
     try:
-        resp = http.session(0).get(url, timeout=timeout)
+        # Through the cancellable path: a cancel or statement_timeout ends it, and
+        # so does the deadline (a server that drips its answer).
+        resp = http.get(url, timeout)
         data = resp.json().get("data") if resp.status_code == 200 else None
-    except (requests.exceptions.RequestException, ValueError):
+    except (requests.exceptions.RequestException, ValueError, DeadlineExceeded):
         return {}
     if not data or not isinstance(data, list):
         return {}
@@ -214,10 +244,18 @@ class RegistryMixin:
              query_prefix, new_name])
         if storage is not None and storage != model["storage"]:
             self._convert_storage(plpy, model, storage)
-        if document_prefix is not None and document_prefix != model["document_prefix"]:
-            plpy.notice("omop_emb: the document prefix of %s changed; CALL "
-                        "omop_emb.index_concepts() re-embeds every concept text" % name)
-        self.session_cache.clear()
+            bump_generation(plpy, model["model_id"])  # other sessions' plans name the old type
+        new = {"provider": provider, "remote_model": remote_model,
+               "document_prefix": document_prefix}
+        changed = [f for f in IDENTITY_FIELDS
+                   if new.get(f) is not None and new[f] != model[f]]
+        if changed:
+            mark_identity_changed(plpy, model["model_id"])
+            plpy.notice("omop_emb: %s of model %s changed, so its stored embeddings are of "
+                        "another model: vector searches are refused until CALL "
+                        "omop_emb.index_concepts(model => '%s') re-embeds them"
+                        % (" and ".join(changed), new_name or name, new_name or name))
+        self.forget_model(model["model_id"])
         return True
 
     def _convert_storage(self, plpy, model, storage):
@@ -255,5 +293,5 @@ class RegistryMixin:
         plpy.execute("DROP TABLE IF EXISTS %s" % sqlgen.table(model["model_id"]))
         plpy.execute(plpy.prepare("DELETE FROM omop_emb.model WHERE model_id = $1", ["int4"]),
                      [model["model_id"]])
-        self.session_cache.clear()
+        self.forget_model(model["model_id"])
         return True

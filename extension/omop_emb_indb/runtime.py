@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 
 from . import lexical, prefixes, sqlgen, vectors
-from .checks import MAX_K, check_filters, check_k, int_setting
+from .checks import MAX_K, check_batch_size, check_filters, check_input_length, check_k, int_setting
 from .errors import InvalidArgument, ModelNotFound, NotIndexed, OmopEmbError
 from .http_client import EmbeddingHTTP
 from .indexing import IndexingMixin
@@ -25,7 +25,8 @@ DEFAULT_EF_SEARCH = 200
 
 MODEL_COLUMNS = ("model_id, name, provider, endpoint, remote_model, dimensions, metric, "
                  "document_prefix, query_prefix, api_key_ref, batch_size, max_input_chars, "
-                 "connect_timeout_s, read_timeout_s, max_retries, storage, index_method")
+                 "connect_timeout_s, read_timeout_s, max_retries, storage, index_method, "
+                 "generation, identity_version, vectors_stale")
 
 SETTINGS_SQL = """SELECT current_setting('omop_emb.model', true) AS model,
        current_setting('omop_emb.document_embedding_prefix', true) AS document,
@@ -43,6 +44,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         self.version = version
         self.http = EmbeddingHTTP()
         self.plans = {}
+        self.generations = {}  # model_id -> generation the plans and caches were made for
         self.warned = set()
         self.session_cache = OrderedDict()
         self.word_stats = {}  # model_id -> (read at, {lexeme: texts holding it})
@@ -106,7 +108,7 @@ class Runtime(RegistryMixin, IndexingMixin):
                              "SELECT %s FROM omop_emb.model WHERE name = $1" % MODEL_COLUMNS,
                              ["text"]).execute([name])
             if rows:
-                return dict(rows[0])
+                return self._current(rows[0])
             raise ModelNotFound("unknown model %r" % (name,),
                                 detail="Registered models: %s" % self._model_names(plpy),
                                 hint="Pick one of the registered models (SET omop_emb.model = "
@@ -115,7 +117,7 @@ class Runtime(RegistryMixin, IndexingMixin):
                          "SELECT %s FROM omop_emb.model ORDER BY name LIMIT 2" % MODEL_COLUMNS
                          ).execute([])
         if len(rows) == 1:
-            return dict(rows[0])
+            return self._current(rows[0])
         if not rows:
             raise ModelNotFound(
                 "no embedding model is registered",
@@ -124,6 +126,26 @@ class Runtime(RegistryMixin, IndexingMixin):
         raise ModelNotFound("several models are registered and none is chosen",
                             detail="Registered models: %s" % self._model_names(plpy),
                             hint="SET omop_emb.model = '<name>', or pass model => '<name>'.")
+
+    def _current(self, row):
+        """The model row, after dropping what this session prepared or cached for
+        an older generation of the model (another session ran create_index,
+        alter_model, a re-index with another prefix, or dropped and registered it)."""
+        model = dict(row)
+        mid, gen = model["model_id"], model["generation"]
+        if self.generations.get(mid, gen) != gen:
+            self.forget_model(mid)
+        self.generations[mid] = gen
+        return model
+
+    def forget_model(self, mid):
+        """Drop the plans, cached query vectors and word statistics of a model."""
+        self.plans = {k: v for k, v in self.plans.items()
+                      if not (isinstance(k, tuple) and len(k) > 1 and k[1] == mid)}
+        for key in [k for k in self.session_cache if k[0] == mid]:
+            del self.session_cache[key]
+        self.word_stats.pop(mid, None)
+        self.generations.pop(mid, None)
 
     def _model_names(self, plpy):
         rows = plpy.execute("SELECT string_agg(name, ', ' ORDER BY name) AS n FROM omop_emb.model")
@@ -172,22 +194,19 @@ class Runtime(RegistryMixin, IndexingMixin):
         role = prefixes.check_role(role)
         prefix, _ = self.prefix(plpy, model, role, st)
         mid = model["model_id"]
+        # Cached vectors are those of this identity of the model (provider, remote
+        # model, dimensions, document prefix): never an older one's.
+        ident = model["identity_version"]
         out = [None] * len(texts)
         todo = OrderedDict()  # sent text -> positions
-        limit = int(model["max_input_chars"])
+        check_input_length(model, texts, prefix, role)
         for i, t in enumerate(texts):
             if t is None or not t.strip():
                 continue
-            if len(t) > limit:
-                raise InvalidArgument(
-                    "text %d is %d characters long; model %s accepts at most %d"
-                    % (i + 1, len(t), model["name"], limit),
-                    detail="Text starts with: %r" % t[:60],
-                    hint="Shorten the text, or raise max_input_chars with omop_emb.alter_model().")
             sent = prefix + t
-            hit = self.session_cache.get((mid, role, sent)) if use_cache else None
+            hit = self.session_cache.get((mid, ident, role, sent)) if use_cache else None
             if hit is not None:
-                self.session_cache.move_to_end((mid, role, sent))
+                self.session_cache.move_to_end((mid, ident, role, sent))
                 out[i] = hit
                 self.cache_hits += 1
                 self._unflushed[0] += 1
@@ -197,7 +216,7 @@ class Runtime(RegistryMixin, IndexingMixin):
             return out
         found = {}
         if use_cache:
-            hashes = {vectors.text_hash(s): s for s in todo}
+            hashes = {vectors.identity_hash(s, ident): s for s in todo}
             rows = self.plan(plpy, "cache_get",
                              "SELECT text_hash, embedding::text AS v FROM omop_emb.query_cache "
                              "WHERE model_id = $1 AND role = $2 AND text_hash = ANY($3)",
@@ -218,27 +237,45 @@ class Runtime(RegistryMixin, IndexingMixin):
             self.cache_misses += len(missing)
             self._unflushed[1] += len(missing)
             if use_cache and not st["read_only"]:
-                self._cache_put(plpy, mid, role, missing, found)
+                self._cache_put(plpy, mid, ident, role, missing, found)
         for s, positions in todo.items():
             v = found[s]
             for i in positions:
                 out[i] = v
             if use_cache:
-                self.session_cache[(mid, role, s)] = v
+                self.session_cache[(mid, ident, role, s)] = v
         while len(self.session_cache) > SESSION_CACHE_SIZE:
             self.session_cache.popitem(last=False)
         return out
 
-    def _cache_put(self, plpy, mid, role, sent_texts, found):
-        # Written only on a miss, so that cached searches stay read-only: they run
-        # in READ ONLY transactions and on hot standbys, and never queue on a lock.
-        self.plan(plpy, "cache_put",
-                  "INSERT INTO omop_emb.query_cache (model_id, role, text_hash, text, embedding) "
-                  "SELECT $1, $2, h, t, v::%s FROM unnest($3::bytea[], $4::text[], $5::text[]) "
-                  "AS u(h, t, v) ON CONFLICT DO NOTHING" % sqlgen.vector_base_type("vector"),
-                  ["int4", "text", "bytea[]", "text[]", "text[]"]).execute(
-            [mid, role, [vectors.text_hash(s) for s in sent_texts], sent_texts,
-             [found[s] for s in sent_texts]])
+    def _cache_put(self, plpy, mid, ident, role, sent_texts, found):
+        """Write the new query vectors to the shared cache, never waiting for anyone.
+
+        Written only on a miss, so that cached searches stay read-only: they run
+        in READ ONLY transactions and on hot standbys. The INSERT runs in the
+        caller's transaction: when another session inserted the same text and has
+        not committed (a client idle in transaction), ON CONFLICT would wait for
+        it. So it runs in a subtransaction with lock_timeout 1 ms (0 would mean
+        no limit) and is skipped on a conflict: the other session's row serves
+        the next search once it commits; this one already has its vector.
+        """
+        put = self.plan(plpy, "cache_put",
+                        "INSERT INTO omop_emb.query_cache (model_id, role, text_hash, text, embedding) "
+                        "SELECT $1, $2, h, t, v::%s FROM unnest($3::bytea[], $4::text[], $5::text[]) "
+                        "AS u(h, t, v) ON CONFLICT DO NOTHING" % sqlgen.vector_base_type("vector"),
+                        ["int4", "text", "bytea[]", "text[]", "text[]"])
+        timeout = self.plan(plpy, "lock_timeout", "SELECT pg_catalog.current_setting('lock_timeout') "
+                            "AS v, pg_catalog.set_config('lock_timeout', $1, true)", ["text"])
+        before = timeout.execute(["1ms"])[0]["v"]
+        try:
+            with plpy.subtransaction():
+                put.execute([mid, role, [vectors.identity_hash(s, ident) for s in sent_texts],
+                             sent_texts, [found[s] for s in sent_texts]])
+        except plpy.SPIError as e:
+            if getattr(e, "sqlstate", None) != "55P03":  # lock_not_available
+                raise
+        finally:
+            timeout.execute([before])
         hits, misses = self._unflushed
         self.plan(plpy, "stats_put",
                   "INSERT INTO omop_emb.cache_stats (model_id, hits, misses) VALUES ($1, $2, $3)",
@@ -284,9 +321,13 @@ class Runtime(RegistryMixin, IndexingMixin):
         if query is None or not query.strip():
             return []
         model = self.model(plpy, model_name, st)
-        # Lexical mode needs no embedding service: similarity/distance are NULL.
-        vec = None if mode == "lexical" else \
-            self.embed_texts(plpy, model, "query", [query], st)[0]
+        if mode == "lexical":
+            # Lexical mode needs no embedding service: similarity/distance are NULL.
+            check_input_length(model, [query])
+            vec = None
+        else:
+            self.check_vectors_current(model)
+            vec = self.embed_texts(plpy, model, "query", [query], st)[0]
         return self.search(plpy, model, st, vec, k, filters, standard_only, include_invalid,
                            query_text=query, mode=mode)
 
@@ -302,37 +343,84 @@ class Runtime(RegistryMixin, IndexingMixin):
             return []
         st = self.settings(plpy)
         model = self.model(plpy, model_name, st)
-        dims = len(vectors.from_sql(vec))
+        parsed = vectors.from_sql(vec)
+        dims = len(parsed)
         if dims != model["dimensions"]:
             raise InvalidArgument(
                 "query vector has %d dimensions; model %s has %d"
                 % (dims, model["name"], model["dimensions"]),
                 hint="Embed the query with omop_emb.embed(text, 'query') for this model.")
+        if model["metric"] != "l2" and vectors.norm(parsed) == 0:
+            raise InvalidArgument(
+                "query vector is all zeros: %s similarity to it is undefined (model %s)"
+                % ("cosine" if model["metric"] == "cosine" else "inner-product", model["name"]),
+                detail="Every concept would be equally far (cosine: NaN), so the ranking "
+                       "would be arbitrary.",
+                hint="Pass the vector of a text, e.g. omop_emb.embed('...', 'query').")
+        self.check_vectors_current(model)
         # No text: the vector ranking alone (hybrid falls back to semantic).
         return self.search(plpy, model, st, vec, k, filters, standard_only, include_invalid,
                            mode="semantic")
 
     def nearest_batch(self, plpy, queries, k, domain_ids, vocabulary_ids, concept_class_ids,
                       standard_only, include_invalid, model_name, mode=None):
+        """Rows of every query, streamed: a generator, so that PostgreSQL takes
+        each row as it comes (its tuplestore spills to disk past work_mem) and
+        this backend holds one query's rows at a time. queries x k is capped
+        (checks.MAX_BATCH_ROWS) before any work."""
         k = check_k(k)
         filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
         st = self.settings(plpy)
         mode = lexical.check_mode(mode, st["search_mode"])
         if not queries:
             return []
+        queries = list(queries)
+        check_batch_size(len(queries), k)
         model = self.model(plpy, model_name, st)
         if mode == "lexical":
+            check_input_length(model, queries)
             vecs = [None if q is None or not q.strip() else "" for q in queries]
         else:
-            vecs = self.embed_texts(plpy, model, "query", list(queries), st)
-        out = []
+            self.check_vectors_current(model)
+            vecs = self.embed_texts(plpy, model, "query", queries, st)
+        return self._stream(plpy, self._batch_rows(plpy, model, st, queries, vecs, k, filters,
+                                                   standard_only, include_invalid, mode))
+
+    def _batch_rows(self, plpy, model, st, queries, vecs, k, filters, standard_only,
+                    include_invalid, mode):
         for i, (q, v) in enumerate(zip(queries, vecs)):
             if v is None:
                 continue
+            vecs[i] = None  # what was searched is let go
             for row in self.search(plpy, model, st, v or None, k, filters, standard_only,
                                    include_invalid, query_text=q, notice=False, mode=mode):
-                out.append((i + 1, q) + row)
-        return out
+                yield (i + 1, q) + row
+
+    def _stream(self, plpy, rows):
+        """Rows of a generator, with our errors raised as PostgreSQL errors (the
+        generator runs after call() returned, outside its error handling)."""
+        try:
+            for row in rows:
+                yield row
+        except OmopEmbError as e:
+            extra = {k: v for k, v in (("detail", e.detail), ("hint", e.hint)) if v is not None}
+            plpy.error(e.message, sqlstate=e.sqlstate, **extra)
+
+    def check_vectors_current(self, model):
+        """Refuse a vector search while the stored vectors come from what the model
+        was before a change of provider, remote model or document prefix."""
+        if model["vectors_stale"]:
+            raise NotIndexed(
+                "the embeddings of model %s were made by what the model was before its last "
+                "change (provider %s, remote model %s, document prefix %r now): vector "
+                "searches are refused until they are re-embedded"
+                % (model["name"], model["provider"], model["remote_model"],
+                   model["document_prefix"]),
+                detail="Comparing a query vector of one model with document vectors of "
+                       "another ranks concepts at random. Lexical search (mode => 'lexical') "
+                       "reads no vector and keeps working.",
+                hint="An administrator re-embeds them with CALL omop_emb.index_concepts("
+                     "model => '%s'); (a re-run resumes where it stopped)." % model["name"])
 
     def search(self, plpy, model, st, vec, k, filters, standard_only, include_invalid,
                query_text=None, notice=True, mode="semantic"):
@@ -388,7 +476,13 @@ class Runtime(RegistryMixin, IndexingMixin):
                 # The text shown: the concept's nearest text (semantic, hybrid),
                 # its best lexical text (lexical).
                 picked[cid] = (sem or {}).get(cid) or lex[cid]
-        if not picked:
+        if not picked and mode == "lexical":
+            self._explain_empty(plpy, model, shape, filters, False)
+            if notice:
+                plpy.notice("omop_emb: no word of the query (stemmed, stop words dropped) is in "
+                            "an indexed text that passes the filters; lexical search needs a "
+                            "shared word (mode => 'semantic' compares meaning)")
+        elif not picked:
             self._explain_empty(plpy, model, shape, filters, notice)
         metric = model["metric"]
         out = []
@@ -486,6 +580,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
         st = self.settings(plpy)
         model = self.model(plpy, model_name, st)
+        self.check_vectors_current(model)
         vec = self.embed_texts(plpy, model, "query", [query], st)[0]
         standard_only = True if standard_only is None else bool(standard_only)
         shape = (tuple(f is not None for f in filters), standard_only, bool(include_invalid))

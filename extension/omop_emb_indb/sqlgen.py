@@ -121,10 +121,10 @@ def hnsw_index_name(model_id):
     return "embedding_%d_hnsw" % int(model_id)
 
 
-def create_hnsw(model, metric, m, ef_construction):
+def create_hnsw(model, metric, m, ef_construction, name=None):
     _, suffix = METRIC_OPS[metric]
     return ("CREATE INDEX %s ON %s USING hnsw (embedding %s_%s) WITH (m = %d, ef_construction = %d)"
-            % (hnsw_index_name(model["model_id"]), table(model["model_id"]),
+            % (name or hnsw_index_name(model["model_id"]), table(model["model_id"]),
                vector_base_type(model["storage"]), suffix, int(m), int(ef_construction)))
 
 
@@ -187,7 +187,8 @@ def exact_match(model, shape):
 def claim(model_id):
     """Take up to $2 queued texts of model $1 off the queue (rows locked by other
     sessions are skipped) and return them, each with ``embedded``: whether its exact
-    text is embedded already (another session queued it again meanwhile)."""
+    text is embedded already (another session queued it again meanwhile; the hash
+    is salted with the model's identity version, vectors.identity_hash)."""
     return ("WITH claimed AS (DELETE FROM omop_emb.index_queue q WHERE q.ctid = ANY(ARRAY("
             "SELECT ctid FROM omop_emb.index_queue WHERE model_id = $1 "
             "ORDER BY concept_id, text_kind, text LIMIT $2 FOR UPDATE SKIP LOCKED)) "

@@ -98,6 +98,26 @@ def text_hash(sent_text):
     return hashlib.sha256(sent_text.encode("utf-8")).digest()
 
 
+def identity_salt(identity_version):
+    """What goes before the text sent in ``identity_hash`` (also in SQL:
+    ``sha256(convert_to(salt || prefix || text, 'UTF8'))``)."""
+    return "omop_emb identity %d\n" % int(identity_version) if identity_version else ""
+
+
+def identity_hash(sent_text, identity_version):
+    """The hash of the exact text sent, salted with the model's identity version
+    (omop_emb.model.identity_version): the ``text_hash`` of embedding rows and the
+    key of the query cache. A vector made before a change of provider, remote
+    model, dimensions or document prefix so never passes for one of the model as
+    it is now: indexing re-embeds such rows, the cache misses. Version 0 salts
+    nothing: rows and cache entries made before versions existed stay valid."""
+    return text_hash(identity_salt(identity_version) + sent_text)
+
+
+def norm(vec):
+    return sum(x * x for x in vec) ** 0.5
+
+
 def fold(text):
     """Case and whitespace folding used by exact matching.
 

@@ -31,6 +31,9 @@ Fault modes (applied to the next ``times`` embedding requests, then back to norm
     wrong_dim     embeddings of dimension dim-1
     nan / inf     the first component of every embedding is NaN / Infinity
     die_mid_batch read the request, then close the socket without answering
+    drip          answer 200 with a long Content-Length, then one byte every ``interval`` seconds
+                  (default 2) for ``seconds`` (default 60): every read gets a byte before the
+                  read timeout, the answer never ends. Also applied to GET /v1/models (not counted)
 
 In-process::
 
@@ -63,7 +66,7 @@ from .._http import FastThreadingHTTPServer, HTTPError, JSONRequestHandler, Serv
 __all__ = ["DeterministicEmbeddingServer", "deterministic_vector", "FAULT_MODES", "main"]
 
 FAULT_MODES = ("refuse", "hang", "slow", "status", "not_json", "wrong_count", "wrong_dim",
-               "nan", "inf", "die_mid_batch")
+               "nan", "inf", "die_mid_batch", "drip")
 MODEL_ID = "deterministic"
 _VEC_RE = re.compile(r"vec:\s*([-+0-9.eE,\s]*)$")
 
@@ -100,6 +103,10 @@ class _Handler(JSONRequestHandler):
         if path in ("/health", ""):
             self.send_json(200, {"status": "ok", "model": MODEL_ID, "dimensions": owner.dim})
         elif path == "/v1/models":
+            fault = owner.stats()["fault"]
+            if fault and fault.get("mode") == "drip":
+                self._drip(fault)
+                return
             self.send_json(200, {"object": "list", "data": [
                 {"id": MODEL_ID, "object": "model", "owned_by": "omop_emb_pg.testing", "dimensions": owner.dim}]})
         elif path == "/_control/stats":
@@ -148,6 +155,9 @@ class _Handler(JSONRequestHandler):
         if mode == "die_mid_batch":
             self._reset_connection()
             return
+        if mode == "drip":
+            self._drip(fault)
+            return
         if mode == "hang":
             owner._release.wait(float(fault.get("seconds", 60)))
             self.close_connection = True
@@ -191,6 +201,25 @@ class _Handler(JSONRequestHandler):
             self.send_json(200, {"model": model, "embeddings": vecs})
         else:
             self.send_json(200, {"embedding": vecs[0] if vecs else []})
+
+    def _drip(self, fault: dict) -> None:
+        """Headers at once, then the body one byte per ``interval`` s: it never completes."""
+        interval = float(fault.get("interval", 2.0))
+        owner = self.server.owner
+        self.close_connection = True
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 1000000\r\n\r\n")
+            self.wfile.flush()
+            waited = 0.0
+            limit = float(fault.get("seconds", 60))
+            while waited < limit and not owner._release.wait(interval):
+                waited += interval
+                self.wfile.write(b" ")
+                self.wfile.flush()
+        except OSError:  # the client gave up: what a drip must make it do
+            with owner._lock:
+                owner._drips_abandoned += 1
 
     def _reset_connection(self) -> None:
         """Close with RST (SO_LINGER 0): the client sees a connection reset, not a reply."""
@@ -289,10 +318,12 @@ class DeterministicEmbeddingServer:
                 "last_texts": list(self.received_texts)[-50:],
                 "fault": dict(self._fault) if self._fault else None,
                 "dim": self.dim,
+                "drips_abandoned": self._drips_abandoned,
             }
 
     # ------------------------------------------------------------ internals
     def _reset_counters(self) -> None:
+        self._drips_abandoned = 0
         self._requests = 0
         self._texts = 0
         self._by_route: dict[str, int] = {}
