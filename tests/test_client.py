@@ -107,6 +107,11 @@ def test_get_nearest_concepts_from_query_texts(db, fake_embedder):
 def test_status_index_status_create_index(db):
     (st,) = [s for s in db.status() if s.model == "fake"]
     assert isinstance(st, ModelStatus) and st.texts > 100 and st.pending == 0 and st.index_method == "hnsw"
+    # status() says which domains a search can find: those of the standard concepts indexed.
+    want = [r["domain_id"] for r in db._rows(
+        "SELECT DISTINCT domain_id FROM gibleed.concept WHERE standard_concept IN ('S', 'C') "
+        "AND invalid_reason IS NULL ORDER BY 1")]
+    assert st.domains == want and "Condition" in want and "Drug" in want
     (ix,) = db.index_status()
     assert isinstance(ix, IndexStatus) and ix.model == "fake" and ix.pending == 0 and ix.done == ix.total
     assert ix.fraction == pytest.approx(1.0) or ix.total == 0

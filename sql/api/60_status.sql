@@ -7,13 +7,13 @@ RETURNS TABLE (model text, provider text, endpoint text, dimensions integer, met
                texts bigint, concepts bigint, pending bigint, index_method text,
                index_params jsonb, index_size text, cache_entries bigint,
                cache_hits bigint, cache_misses bigint, cache_hit_rate double precision,
-               vocabulary_version text, indexed_at timestamptz)
+               vocabulary_version text, indexed_at timestamptz, domains text[])
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 AS $$
 return @RT@.call(plpy, "status")
 $$;
 COMMENT ON FUNCTION omop_emb.status() IS
-'One row per model: recorded prefixes and those in force in this session, embedded texts and concepts, pending texts, vector index and its size, query-cache entries and hit rate.';
+'One row per model: recorded prefixes and those in force in this session, embedded texts and concepts, pending texts, vector index and its size, query-cache entries and hit rate, and the domains of the embedded concepts (what a search can find).';
 
 CREATE OR REPLACE FUNCTION omop_emb.clear_cache(model text DEFAULT NULL) RETURNS bigint
 LANGUAGE sql VOLATILE SECURITY DEFINER
