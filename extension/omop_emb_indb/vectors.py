@@ -100,7 +100,8 @@ def text_hash(sent_text):
 
 def identity_salt(identity_version):
     """What goes before the text sent in ``identity_hash`` (also in SQL:
-    ``sha256(convert_to(salt || prefix || text, 'UTF8'))``)."""
+    ``sha256(convert_to(salt || prefix || text, 'UTF8'))``; written out again in
+    sql/api/46_bundle.sql, whose plpgsql cannot call this)."""
     return "omop_emb identity %d\n" % int(identity_version) if identity_version else ""
 
 

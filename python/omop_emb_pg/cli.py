@@ -513,6 +513,54 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     progress=args.progress)
 
 
+# ---------------------------------------------------------------- bundles
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a model's embeddings to a Parquet bundle (administrator)",
+                       description="Write every stored embedding of a model (concept id, text kind, text, the "
+                                   "exact text hash, attributes, vector) with the model's identity (provider, "
+                                   "remote model, dimensions, metric, prefixes, storage) to one Parquet file, "
+                                   "to load into other databases with `omop-emb-pg import`.")
+    _add_conn_args(p)
+    p.add_argument("path", help="the Parquet file to write (e.g. e5-small.parquet)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bundle import export_bundle
+
+    r = export_bundle(_dsn(args), args.path, model=args.model)
+    print(f"exported {r.rows} embeddings of model {r.model!r} ({r.dimensions} dimensions) to {r.path}: "
+          f"{r.bytes / 1e6:.1f} MB in {r.seconds:.1f} s ({r.per_s:,.0f} vectors/s)")
+    return EXIT_OK
+
+
+def add_import_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="load a Parquet bundle of embeddings into a model (administrator)",
+                       description="Load a bundle written by `omop-emb-pg export` into a registered model with "
+                                   "the same identity (provider, remote model, dimensions, metric, prefixes); "
+                                   "no embedding request is made. Texts already stored with the same hash are "
+                                   "skipped; rows whose hash differs are queued for re-embedding. Run "
+                                   "`omop-emb-pg index` afterwards to refresh attributes and embed what the "
+                                   "bundle did not hold.")
+    _add_conn_args(p)
+    p.add_argument("path", help="the Parquet bundle")
+    p.set_defaults(func=cmd_import)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .bundle import import_bundle, read_identity
+
+    ident = read_identity(args.path)
+    print(f"bundle {args.path}: model {ident.get('name')!r} ({ident.get('provider')} {ident.get('remote_model')}, "
+          f"{ident.get('dimensions')} dimensions, {ident.get('metric')}, document prefix "
+          f"{_fmt_prefix(ident.get('document_prefix'))}, query prefix {_fmt_prefix(ident.get('query_prefix'))})")
+    r = import_bundle(_dsn(args), args.path, model=args.model)
+    print(f"imported {r.imported} embeddings into model {r.model!r}, skipped {r.skipped} already present with "
+          f"the same hash, queued {r.queued} for re-embedding; {r.rows} rows in {r.seconds:.1f} s "
+          f"({r.per_s:,.0f} vectors/s)")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- registry
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_install_parser,
@@ -522,6 +570,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_search_parser,
     add_status_parser,
     add_demo_parser,
+    add_export_parser,
+    add_import_parser,
 ]
 
 

@@ -1,0 +1,161 @@
+"""Issue 16.5: embedding bundles. `omop-emb-pg export` writes a model's embeddings
+and identity to Parquet; `omop-emb-pg import` loads them into another database
+without any embedding request, refuses a bundle of another model, skips what is
+present and queues rows whose hash differs."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+
+from conftest import register_fake_model
+from omop_emb_pg import cli
+
+import pyarrow.parquet as pq  # the test extra has pyarrow: a missing one fails, never skips
+
+
+def connect(dsn):
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def load_vocab(dsn, n=400):
+    with connect(dsn) as conn:
+        conn.execute("CREATE SCHEMA vocab")
+        conn.execute("""CREATE TABLE vocab.concept (concept_id int PRIMARY KEY, concept_name text,
+            domain_id text, vocabulary_id text, concept_class_id text, standard_concept text,
+            concept_code text, valid_start_date date, valid_end_date date, invalid_reason text)""")
+        with conn.cursor().copy("COPY vocab.concept (concept_id, concept_name, domain_id, vocabulary_id, "
+                                "concept_class_id, standard_concept, concept_code) FROM STDIN") as cp:
+            for i in range(1, n + 1):
+                cp.write_row((i, f"concept {i} kind {i % 9}", ["Condition", "Drug"][i % 2], "V", "C", "S", f"C{i}"))
+
+
+def nearest_by_vector(dsn, vectors):
+    with connect(dsn) as conn:
+        return [conn.execute("SELECT concept_id, round(distance::numeric, 5) FROM omop_emb.nearest(%s::vector, 10)",
+                             (v,)).fetchall() for v in vectors]
+
+
+@pytest.fixture
+def two_dbs(fresh_db, fake_embedder):
+    from conftest import install_extension
+
+    a, b = install_extension(fresh_db()), install_extension(fresh_db())
+    for dsn in (a, b):
+        load_vocab(dsn)
+        register_fake_model(dsn, fake_embedder, document_prefix="passage: ", query_prefix="query: ")
+    with connect(a) as conn:
+        # A's identity version moves on (and salts its stored hashes); B's stays 0:
+        # bundles carry the unsalted hash of the text sent.
+        conn.execute("SELECT omop_emb.alter_model('fake', document_prefix => 'other: ')")
+        conn.execute("SELECT omop_emb.alter_model('fake', document_prefix => 'passage: ')")
+        assert conn.execute("SELECT identity_version FROM omop_emb.model").fetchone()[0] > 0
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
+        conn.execute("SELECT omop_emb.create_index()")
+        vecs = [r[0] for r in conn.execute(
+            "SELECT omop_emb.embed(t, 'query') FROM unnest(ARRAY['kind 3', 'concept 17', 'drug 5']) t")]
+    return a, b, vecs
+
+
+def test_round_trip_gives_the_same_results_without_embedding(two_dbs, fake_embedder, tmp_path, capsys):
+    a, b, vecs = two_dbs
+    path = tmp_path / "fake.parquet"
+    assert cli.main(["export", "--dsn", a, str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "exported 400 embeddings of model 'fake'" in out
+    ident = cli_identity(path)
+    assert ident["remote_model"] == "fake" and ident["dimensions"] == 384 and ident["document_prefix"] == "passage: "
+    assert pq.read_table(path).num_rows == 400
+    fake_embedder.reset()
+    assert cli.main(["import", "--dsn", b, str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "imported 400 embeddings into model 'fake', skipped 0" in out and "queued 0" in out
+    assert "vectors/s" in out
+    assert fake_embedder.stats()["texts"] == 0  # no embedding request
+    assert nearest_by_vector(b, vecs) == nearest_by_vector(a, vecs)
+    with connect(b) as conn:
+        assert conn.execute("SELECT omop_emb.create_index()").fetchone()[0] == "hnsw"
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
+    assert fake_embedder.stats()["texts"] == 0  # everything was in the bundle
+    assert nearest_by_vector(b, vecs) == nearest_by_vector(a, vecs)
+    # a second import skips everything
+    assert cli.main(["import", "--dsn", b, str(path)]) == 0
+    assert "imported 0 embeddings into model 'fake', skipped 400" in capsys.readouterr().out
+
+
+def cli_identity(path):
+    from omop_emb_pg.bundle import read_identity
+
+    return read_identity(path)
+
+
+def test_rows_whose_hash_differs_are_queued_for_re_embedding(two_dbs, fake_embedder, tmp_path, capsys):
+    import pyarrow as pa
+
+    a, b, _ = two_dbs
+    path = tmp_path / "fake.parquet"
+    assert cli.main(["export", "--dsn", a, str(path)]) == 0
+    t = pq.read_table(path)
+    hashes = t.column("text_hash").to_pylist()
+    hashes[7] = bytes(32)  # this vector was not embedded from 'passage: ' + its text
+    t = t.set_column(t.schema.get_field_index("text_hash"), t.schema.field("text_hash"),
+                     pa.array(hashes, pa.binary(32)))
+    pq.write_table(t, path)
+    capsys.readouterr()
+    assert cli.main(["import", "--dsn", b, str(path)]) == 0
+    assert "imported 399 embeddings into model 'fake', skipped 0 already present with the same hash, " \
+           "queued 1 for re-embedding" in capsys.readouterr().out
+    fake_embedder.reset()
+    with connect(b) as conn:
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
+        assert conn.execute("SELECT count(*) FROM omop_emb.embedding_1").fetchone()[0] == 400
+    assert list(fake_embedder.received_texts) == ["passage: " + t.column("text").to_pylist()[7]]
+
+
+@pytest.mark.parametrize("change,detail", [
+    ({"dims": 8}, "dimensions: bundle 384, model 8"),
+    ({"remote_model": "other-model"}, "remote_model: bundle 'fake', model 'other-model'"),
+    ({"document_prefix": "search_document: "}, "document_prefix: bundle 'passage: ', model 'search_document: '"),
+])
+def test_a_bundle_of_another_model_is_refused(two_dbs, fresh_db, fake_embedder, tmp_path, capsys, change, detail):
+    from conftest import install_extension
+
+    a, _, _ = two_dbs
+    path = tmp_path / "fake.parquet"
+    assert cli.main(["export", "--dsn", a, str(path)]) == 0
+    c = install_extension(fresh_db())
+    kw = {"document_prefix": "passage: ", "query_prefix": "query: ", **change}
+    register_fake_model(c, fake_embedder, **kw)
+    capsys.readouterr()
+    assert cli.main(["import", "--dsn", c, str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "the bundle of model 'fake' does not match registered model 'fake'" in err and detail in err, err
+    # the database function refuses it too (a client that skips the check)
+    with connect(c) as conn:
+        ident = cli_identity(path)
+        with pytest.raises(psycopg.Error) as e:
+            conn.execute("SELECT * FROM omop_emb.import_embeddings('fake', %s::jsonb, '{}', '{}', '{}', '{}', '{}', "
+                         "'{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}')", (psycopg.types.json.Jsonb(ident),))
+        assert "does not match registered model" in e.value.diag.message_primary
+        assert detail.replace("bundle 384", "bundle '384'").replace("model 8", "model '8'") in e.value.diag.message_detail
+        assert conn.execute("SELECT count(*) FROM omop_emb.embedding_1").fetchone()[0] == 0
+
+
+def test_analysts_cannot_import_or_export(two_dbs):
+    a, _, _ = two_dbs
+    role = f"analyst_{uuid.uuid4().hex[:8]}"
+    with connect(a) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'x' IN ROLE omop_emb_reader")
+    try:
+        dsn = psycopg.conninfo.make_conninfo(a, user=role, password="x")
+        with connect(dsn) as conn:
+            for sql in ("SELECT * FROM omop_emb.export_embeddings('fake')",
+                        "SELECT * FROM omop_emb.import_embeddings('fake', '{}', '{}', '{}', '{}', '{}', '{}', "
+                        "'{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}')"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(sql)
+    finally:
+        with connect(a) as conn:
+            conn.execute(f"DROP ROLE {role}")
