@@ -3,7 +3,9 @@
 #   PostgreSQL (the major already installed, else the distribution default),
 #   postgresql-plpython3-N, postgresql-server-dev-N, python3-requests, dpkg-dev,
 #   and pgvector >= 0.8 (binary package when apt has one, else built from
-#   Debian's own source package of the next release, against pg_config).
+#   Debian's own source package of the next release, against pg_config);
+#   chromium, the headless browser the review page's end-to-end tests drive
+#   (OMOP_EMB_NO_BROWSER=1 skips it on a server that will never run the tests).
 #
 # Idempotent: a second run checks what is there and exits in well under a second.
 # Run as root or through sudo.
@@ -13,6 +15,7 @@
 #   PGVECTOR_MIN        minimum pgvector version (default 0.8.0)
 #   PGVECTOR_SRC_SUITE  Debian suite whose source index holds pgvector (default trixie)
 #   OMOP_EMB_VERBOSE=1  show apt/make output
+#   OMOP_EMB_NO_BROWSER=1  do not install chromium
 
 set -euo pipefail
 
@@ -53,6 +56,8 @@ export DEBIAN_FRONTEND=noninteractive
 
 # ---------------------------------------------------------------- helpers
 pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+is_debian() { [ -r /etc/os-release ] && grep -qE '^ID=("?)debian\1$' /etc/os-release; }
 
 # version_ge A B: true when A >= B (dpkg ordering).
 version_ge() { dpkg --compare-versions "$1" ge "$2"; }
@@ -105,6 +110,11 @@ want=(
     "python3-requests"
     "dpkg-dev"
 )
+# Debian's chromium (Ubuntu has only a snap wrapper under that name; there, install a browser
+# yourself and point OMOP_EMB_CHROMIUM at it).
+if [ "${OMOP_EMB_NO_BROWSER:-0}" != 1 ] && is_debian; then
+    want+=("chromium")
+fi
 missing=()
 for p in "${want[@]}"; do pkg_installed "$p" || missing+=("$p"); done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -157,7 +167,6 @@ debian_uri() {
     echo "${uri:-http://deb.debian.org/debian}"
 }
 
-is_debian() { [ -r /etc/os-release ] && grep -qE '^ID=("?)debian\1$' /etc/os-release; }
 
 build_pgvector_from_debian_source() {
     local uri
@@ -219,4 +228,4 @@ else
     pgvector_ok || die "pgvector >= ${PGVECTOR_MIN} still not found in ${EXTDIR} (found: '$(pgvector_version)')"
 fi
 
-log "ok: PostgreSQL ${PG_MAJOR} ($("$PG_CONFIG" --version)), plpython3u, pgvector $(pgvector_version), python3-requests"
+log "ok: PostgreSQL ${PG_MAJOR} ($("$PG_CONFIG" --version)), plpython3u, pgvector $(pgvector_version), python3-requests$(command -v chromium >/dev/null 2>&1 && echo ', chromium')"

@@ -561,6 +561,54 @@ def cmd_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- ui
+def add_ui_parser(sub: argparse._SubParsersAction) -> None:
+    from .web import server as w  # stdlib + psycopg at import time; starlette is loaded when serving
+
+    p = sub.add_parser(
+        "ui", help="serve the review page: search and mapping review in the browser, as your database role",
+        description="Serve the review page (needs the 'ui' extra). Each person logs in with a PostgreSQL user "
+                    "and password and every query runs as that role. Listens on 127.0.0.1 unless --host; a "
+                    "non-loopback address needs --tls-cert/--tls-key or --insecure-bind.")
+    p.add_argument("--dsn", default=None,
+                   help="where the database is: host, port and dbname are used, the login form gives user "
+                        "and password (default: $OMOP_EMB_DSN, else the PG* environment variables)")
+    p.add_argument("--host", default=w.DEFAULT_HOST, help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=w.DEFAULT_PORT, help="TCP port (default %(default)s)")
+    p.add_argument("--tls-cert", default=None, help="TLS certificate (PEM) for https")
+    p.add_argument("--tls-key", default=None, help="TLS private key (PEM) for https")
+    p.add_argument("--insecure-bind", action="store_true",
+                   help="allow a non-loopback --host without TLS (e.g. behind a TLS-terminating proxy)")
+    p.add_argument("--single-user", action="store_true",
+                   help="no login form: everyone who reaches the page is the DSN's user (loopback only)")
+    p.add_argument("--model", default=None, help="model of the search page (default: the omop_emb.model "
+                                                 "setting, else the only model)")
+    p.add_argument("--vocabulary-schema", default=None,
+                   help="schema of concept, concept_synonym, concept_ancestor, concept_relationship for the "
+                        "concept pages (default: the model's vocabulary_schema in omop_emb.models)")
+    p.add_argument("--idle-timeout", type=float, default=w.DEFAULT_IDLE_TIMEOUT_S / 60,
+                   help="minutes without a request after which a session ends (default %(default)g)")
+    p.set_defaults(func=cmd_ui)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    try:
+        from .web.server import UiStartError, run
+        import starlette, jinja2, uvicorn, multipart, itsdangerous  # noqa: F401,E401 - the extra, checked up front
+    except ImportError as e:
+        print(f"omop-emb-pg ui: the review page needs the 'ui' extra ({e.name} is missing): "
+              f"pip install 'omop-emb-pg[ui]'", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return run(_dsn(args), host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                   insecure_bind=args.insecure_bind, single_user=args.single_user, model=args.model,
+                   vocabulary_schema=args.vocabulary_schema,
+                   idle_timeout=args.idle_timeout * 60)
+    except UiStartError as e:
+        print(f"omop-emb-pg ui: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 # ---------------------------------------------------------------- registry
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_install_parser,
@@ -572,6 +620,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_demo_parser,
     add_export_parser,
     add_import_parser,
+    add_ui_parser,
 ]
 
 

@@ -2,7 +2,9 @@
 
 ``LocalCluster`` wraps ``initdb`` / ``pg_ctl`` of the PostgreSQL found through
 ``pg_config --bindir``. The cluster listens on 127.0.0.1 only (plus a unix
-socket inside the data directory), trusts local connections, and records its
+socket inside the data directory), trusts local connections -- except those of
+members of the role ``password_login`` over TCP, which must give their password
+(scram-sha-256), so that a login form can be tested -- and records its
 port in the data directory so that a second run reuses it (fast ``make demo``).
 
 ``initdb`` refuses to run as root: when the current process is root the data
@@ -28,10 +30,12 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-__all__ = ["LocalCluster", "ClusterError", "free_port", "find_bindir"]
+__all__ = ["LocalCluster", "ClusterError", "free_port", "find_bindir", "PASSWORD_LOGIN_ROLE"]
 
 #: File (inside the data directory) holding the settings this module manages.
 CONF_NAME = "omop_emb_cluster.conf"
+#: Members of this role (when it exists) must give their password over TCP; every other role is trusted.
+PASSWORD_LOGIN_ROLE = "password_login"
 #: File (inside the data directory) recording port and superuser for reuse.
 STATE_NAME = "omop_emb_cluster.json"
 LOG_NAME = "server.log"
@@ -426,7 +430,19 @@ class LocalCluster:
         lines = ["# Written by omop_emb_pg.cluster.LocalCluster on every start; edits are overwritten."]
         lines += [f"{k} = {_conf_value(v)}" for k, v in base.items()]
         self._write_owned(self.datadir / CONF_NAME, "\n".join(lines) + "\n")
+        self._write_hba()
         self._write_state({"port": self.port, "socket_dir": str(sock) if sock != self.datadir else None})
+
+    def _write_hba(self) -> None:
+        """pg_hba.conf: trust, except members of PASSWORD_LOGIN_ROLE over TCP (first match wins)."""
+        lines = ["# Written by omop_emb_pg.cluster.LocalCluster on every start; edits are overwritten.",
+                 "local all all trust"]
+        for net in ("127.0.0.1/32", "::1/128"):
+            lines.append(f"host all +{PASSWORD_LOGIN_ROLE} {net} scram-sha-256")
+        for net in ("127.0.0.1/32", "::1/128"):
+            lines += [f"host all all {net} trust", f"host replication all {net} trust"]
+        lines.append("local replication all trust")
+        self._write_owned(self.datadir / "pg_hba.conf", "\n".join(lines) + "\n")
 
     def _wait_accepting(self) -> None:
         deadline = time.monotonic() + self.start_timeout
