@@ -9,9 +9,9 @@ message, detail and hint, never as a stack trace.
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import re
+import tempfile
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,10 +358,8 @@ def create_app(settings: UiSettings, store: SessionStore | None = None) -> Starl
                 model_list, error = [], error_view(e)
             if p["q"].strip() and error is None:
                 try:
-                    if p["mode"] not in SEARCH_MODES:
-                        raise PageError(f"unknown search mode {p['mode']!r}",
-                                        hint="Use semantic, lexical or hybrid (blank: the omop_emb.search_mode setting).")
-                    rows = search_rows(conn, p["q"], k=parse_int(p["k"], "k", DEFAULT_SEARCH_K, 1, 1000),
+                    # k's range and the mode are the extension's to check: its message is shown.
+                    rows = search_rows(conn, p["q"], k=parse_int(p["k"], "k", DEFAULT_SEARCH_K, -2**31, 2**31 - 1),
                                        domain_ids=split_list(p["domain"]), vocabulary_ids=split_list(p["vocabulary"]),
                                        concept_class_ids=split_list(p["concept_class"]),
                                        standard_only=p["standard"], mode=p["mode"], model=p["model"] or None)
@@ -468,7 +466,8 @@ def create_app(settings: UiSettings, store: SessionStore | None = None) -> Starl
                 q_all(conn, "SELECT omop_emb.record_decision(%s::bigint, %s::text, %s::integer[], %s::text, %s::text)",
                       (term_id, status, concept_ids, equivalence, comment))
             what = status + (f" → {', '.join(map(str, concept_ids))}" if concept_ids else "")
-            s.flash.append(("ok", f"term {term_id}: {what}" + (" (with comment)" if comment else "")))
+            label = (form.get("source_code") or "").strip() or f"term {term_id}"
+            s.flash.append(("ok", f"{label}: {what}" + (" (with comment)" if comment else "")))
             return RedirectResponse(_with_term(back, advance), status_code=303)
         except psycopg.Error as e:
             # Back to the same term, the database's refusal on top.
@@ -480,12 +479,13 @@ def create_app(settings: UiSettings, store: SessionStore | None = None) -> Starl
         from .. import mapping
 
         job_id = job_id_of(request)
-        with s.connection() as conn:
+        with s.connection() as conn, tempfile.TemporaryDirectory(prefix="omop_emb_ui_") as tmp:
             name = _job_name(conn, job_id)
-            buf = io.StringIO()
-            mapping.export_usagi_csv(conn, name, buf)
+            path = Path(tmp) / "usagi.csv"
+            mapping.export_usagi_csv(conn, name, path)  # what `omop-emb-pg map export-usagi` writes
+            body = path.read_bytes()
         filename = re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".usagi.csv"
-        return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
+        return Response(body, media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     def export_stcm(request: Request, s: Session) -> Response:

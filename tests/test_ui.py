@@ -1,0 +1,280 @@
+"""The review page (omop-emb-pg ui), end to end in a real browser.
+
+Debian's chromium, driven by Playwright's Python API (no browser download), against
+``omop-emb-pg ui`` started as a subprocess on a copy of the e5 sample database. Roles log
+in with their password (the test cluster asks members of ``password_login`` for it):
+a reviewer (omop_emb_mapper) searches, opens a job, approves with the keyboard and
+exports; a reader sees the job but the database refuses its decision; a wrong password
+is refused. The run saves screenshots of the search and review pages into docs/img/.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from conftest import E5_MODEL, ROOT, free_port, serve_command, stop_process, wait_http_ok
+
+CHROMIUM = os.environ.get("OMOP_EMB_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+IMG = ROOT / "docs" / "img"
+JOB = "ui-clinic-terms"
+# Source terms of a clinic's local list (code, text, how often it occurs).
+TERMS = [
+    ("HTN", "high blood pressure", 950),
+    ("MI", "heart attack", 410),
+    ("ASTH", "asthma attack", 380),
+    ("SINUS", "sinus infection", 260),
+    ("OTIT", "ear infection", 120),
+    ("FX-ARM", "broken arm", 75),
+    ("DIAB2", "type 2 diabetes", 40),
+    ("ZZZ", "patient requested a copy of the leaflet", 3),
+]
+
+
+def _copy_database(pg_server, template: str, name: str) -> str:
+    """CREATE DATABASE name TEMPLATE template (retried: the template must have no session)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name),
+                                                                             sql.Identifier(template)))
+            return pg_server.dsn(name)
+        except psycopg.errors.ObjectInUse:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def ui_env(pg_server, e5_sample_db):
+    """A copy of the e5 sample database, a reviewer (omop_emb_mapper) and a reader
+    (omop_emb_reader), both with passwords, and ``omop-emb-pg ui`` serving it."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from omop_emb_pg.cluster import PASSWORD_LOGIN_ROLE
+
+    tag = uuid.uuid4().hex[:8]
+    dbname = f"ui_{tag}"
+    dsn = _copy_database(pg_server, conninfo_to_dict(e5_sample_db)["dbname"], dbname)
+    reviewer, reader = f"ui_reviewer_{tag}", f"ui_reader_{tag}"
+    pw = {reviewer: f"rev-{tag}", reader: f"read-{tag}"}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (PASSWORD_LOGIN_ROLE,)).fetchone():
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(PASSWORD_LOGIN_ROLE)))
+        for role, group in ((reviewer, "omop_emb_mapper"), (reader, "omop_emb_reader")):
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}, {}").format(
+                sql.Identifier(role), sql.Literal(pw[role]), sql.Identifier(group),
+                sql.Identifier(PASSWORD_LOGIN_ROLE)))
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA cdm TO {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA cdm TO {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT INSERT, UPDATE ON cdm.source_to_concept_map TO {}").format(
+            sql.Identifier(reviewer)))
+
+    port = free_port()
+    proc = subprocess.Popen(serve_command("ui", "--dsn", dsn, "--port", str(port)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/login", 60, proc)
+        yield {"url": f"http://127.0.0.1:{port}", "dsn": dsn, "reviewer": reviewer, "reader": reader, "pw": pw,
+               "reviewer_dsn": make_conninfo(dsn, user=reviewer, password=pw[reviewer])}
+    finally:
+        stop_process(proc)
+        pg_server.drop_database(dbname)
+        with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as conn:
+            for role in (reviewer, reader):
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@pytest.fixture(scope="module")
+def mapping_job(ui_env) -> str:
+    """The reviewer's job over TERMS, its candidates suggested by the e5 model."""
+    values = ", ".join(f"('{c}', '{n}', {f})" for c, n, f in TERMS)
+    with psycopg.connect(ui_env["reviewer_dsn"], autocommit=True) as conn:
+        conn.execute("SELECT omop_emb.create_mapping_job(%s, %s, model => %s, domain_ids => ARRAY['Condition'], "
+                     "vocabulary_schema => 'cdm', cdm_schema => 'cdm', candidates_per_term => 5)",
+                     (JOB, f"SELECT * FROM (VALUES {values}) v(source_code, source_name, source_frequency)",
+                      E5_MODEL))
+        conn.execute("CALL omop_emb.suggest_mappings(%s)", (JOB,))
+    return JOB
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: sudo bash scripts/install-server-deps.sh installs chromium"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+    pg = ctx.new_page()
+    pg.set_default_timeout(60_000)  # the first search embeds through the real model, on a loaded machine
+    try:
+        yield pg
+    finally:
+        ctx.close()
+
+
+def login(page, env, role: str, password: str | None = None, then: str = "/jobs") -> None:
+    page.goto(env["url"] + then)
+    assert "/login" in page.url  # not logged in yet: the page asks who you are
+    page.fill("input[name=user]", role)
+    page.fill("input[name=password]", env["pw"][role] if password is None else password)
+    page.click("button[type=submit]")
+    page.wait_for_load_state()
+
+
+def current_decision(dsn: str, source_code: str) -> dict:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT status, concept_ids, decided_by FROM omop_emb.mapping_queue q "
+                           "JOIN omop_emb.mapping_job j USING (job_id) WHERE j.name = %s AND q.source_code = %s",
+                           (JOB, source_code)).fetchone()
+    return {"status": row[0], "concept_ids": row[1], "decided_by": row[2]}
+
+
+def rank1(dsn: str, source_code: str) -> tuple[int, str]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT c.concept_id, c.concept_name FROM omop_emb.mapping_candidate c "
+                            "JOIN omop_emb.mapping_term t USING (term_id) JOIN omop_emb.mapping_job j USING (job_id) "
+                            "WHERE j.name = %s AND t.source_code = %s AND c.rank = 1", (JOB, source_code)).fetchone()
+
+
+def test_search_filters_errors_and_concept_detail(ui_env, page):
+    env = ui_env
+    login(page, env, env["reader"], then="/search")
+    assert page.url.endswith("/search")
+    assert page.text_content("#current-role") == env["reader"]
+
+    # Search: rank, concept, domain, similarity, matched text, match kind.
+    page.fill("#q", "high blood pressure")
+    page.press("#q", "Enter")
+    page.wait_for_selector("#results")
+    first = page.locator("#results tbody tr").first
+    cells = first.locator("td").all_text_contents()
+    assert cells[0] == "1" and "hypertens" in cells[1].lower(), cells
+    assert cells[2] == "Condition"
+    assert 0.5 < float(cells[6]) <= 1.0
+    IMG.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(IMG / "ui-search.png"), full_page=True)
+
+    # A bad value: the extension's message and hint, no stack trace; the form keeps what was typed.
+    page.fill("input[name=k]", "5000")
+    page.press("#q", "Enter")
+    err = page.locator(".error").first
+    err.wait_for()
+    assert "k = 5000 is outside 1..1000" in err.text_content()
+    assert "1 to 1000" in page.text_content(".error .hint")
+    assert "Traceback" not in page.content()
+    assert page.input_value("#q") == "high blood pressure"
+
+    # The concept's detail: its ancestors come from the vocabulary schema.
+    page.fill("input[name=k]", "")
+    page.press("#q", "Enter")
+    page.locator("#results tbody tr").first.locator("td a").click()
+    page.wait_for_selector("h1")
+    assert "hypertens" in page.text_content("h1").lower()
+    assert page.locator("h2", has_text="Ancestors").count() == 1
+
+
+
+def test_reviewer_approves_with_the_keyboard_and_exports(ui_env, mapping_job, page):
+    env = ui_env
+    login(page, env, env["reviewer"])
+
+    # The job list shows the job and its progress; open it.
+    row = page.locator("#jobs tr", has_text=JOB)
+    assert row.locator("td").nth(3).text_content() == str(len(TERMS))  # terms
+    row.locator("a").click()
+    page.wait_for_selector("#queue")
+    codes = page.locator("#queue tr.term td:first-child").all_text_contents()
+    assert codes == [c for c, _, _ in sorted(TERMS, key=lambda t: -t[2])]  # by frequency
+    assert "current" in page.get_attribute("#queue tr.term >> nth=0", "class")
+
+    # Approve the most frequent term's top candidate with the keyboard: 'a'.
+    concept_id, concept_name = rank1(env["dsn"], "HTN")
+    page.keyboard.press("a")
+    page.wait_for_selector(".flash.ok")
+    assert f"approved → {concept_id}" in page.text_content(".flash.ok")
+    assert page.text_content("#queue tr.term >> nth=0 >> .status") == "approved"
+    assert "current" in page.get_attribute("#queue tr.term >> nth=1", "class")  # moved on to the next term
+    d = current_decision(env["dsn"], "HTN")
+    assert d == {"status": "approved", "concept_ids": [concept_id], "decided_by": env["reviewer"]}
+
+    # Another term: 'j' moves down, '2' picks the second candidate, 'f' flags it with that concept.
+    page.keyboard.press("j")  # ASTH (MI is current after the approval)
+    assert "current" in page.get_attribute("#queue tr.term >> nth=2", "class")
+    page.keyboard.press("2")
+    page.keyboard.press("f")
+    page.wait_for_selector(".flash.ok")
+    d = current_decision(env["dsn"], "ASTH")
+    with psycopg.connect(env["dsn"]) as conn:
+        second = conn.execute("SELECT c.concept_id FROM omop_emb.mapping_candidate c JOIN omop_emb.mapping_term t "
+                              "USING (term_id) WHERE t.source_code = 'ASTH' AND c.rank = 2").fetchone()[0]
+    assert d["status"] == "flagged" and d["concept_ids"] == [second]
+    page.screenshot(path=str(IMG / "ui-review.png"), full_page=True)
+
+    # Usagi CSV download: the approved row with its concept.
+    with page.expect_download() as dl:
+        page.click("#export-usagi")
+    text = Path(dl.value.path()).read_text(encoding="utf-8")
+    rows = {r["sourceCode"]: r for r in csv.DictReader(io.StringIO(text))}
+    assert rows["HTN"]["conceptId"] == str(concept_id) and rows["HTN"]["mappingStatus"] == "APPROVED"
+
+    # SOURCE_TO_CONCEPT_MAP export: the decision lands in the CDM table.
+    page.goto(env["url"] + "/jobs")
+    page.locator("#jobs a", has_text=JOB).click()
+    page.fill("#export-stcm input[name=target_table]", "cdm.source_to_concept_map")
+    page.click("#export-stcm button")
+    page.wait_for_selector(".flash")
+    assert "1 inserted" in page.text_content(".flash.ok")
+    with psycopg.connect(env["dsn"]) as conn:
+        stcm = conn.execute("SELECT source_code, target_concept_id FROM cdm.source_to_concept_map "
+                            "WHERE source_code IN ('HTN', 'ASTH') AND invalid_reason IS NULL").fetchall()
+    assert stcm == [("HTN", concept_id)]  # flagged terms are not exported
+
+
+def test_reader_sees_the_job_but_the_database_refuses_its_decision(ui_env, mapping_job, page):
+    env = ui_env
+    login(page, env, env["reader"])
+    page.locator("#jobs a", has_text=JOB).click()
+    page.wait_for_selector("#queue")
+    before = current_decision(env["dsn"], "DIAB2")
+    page.select_option("#status-filter", "unreviewed")
+    page.click("#filters button")
+    page.wait_for_selector("#queue")
+    page.locator("#queue tr.term", has_text="DIAB2").click()
+    page.keyboard.press("a")
+    alert = page.locator(".flash.error")
+    alert.wait_for()
+    text = alert.text_content()
+    assert "may not decide" in text or "permission denied" in text, text
+    assert current_decision(env["dsn"], "DIAB2") == before
+
+
+def test_wrong_password_is_refused(ui_env, page):
+    env = ui_env
+    login(page, env, env["reviewer"], password="not-the-password")
+    assert "/login" in page.url
+    assert "password authentication failed" in page.text_content(".error")
+    page.goto(env["url"] + "/jobs")
+    assert "/login" in page.url  # still nobody
