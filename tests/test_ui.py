@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import shutil
 import subprocess
 import time
 import uuid
@@ -187,7 +186,26 @@ def test_search_filters_errors_and_concept_detail(ui_env, page):
     assert "Traceback" not in page.content()
     assert page.input_value("#q") == "high blood pressure"
 
+    # The embedding server is down (this copy's model points at a closed port): its message.
+    with psycopg.connect(env["dsn"], autocommit=True) as conn:
+        endpoint, retries = conn.execute("SELECT endpoint, max_retries FROM omop_emb.models WHERE name = %s",
+                                         (E5_MODEL,)).fetchone()
+        conn.execute("SELECT omop_emb.alter_model(%s, endpoint => %s, max_retries => 0)",
+                     (E5_MODEL, f"http://127.0.0.1:{free_port()}"))
+    try:
+        page.fill("input[name=k]", "")
+        page.fill("#q", f"a query never embedded before {uuid.uuid4().hex[:6]}")
+        page.press("#q", "Enter")
+        page.locator(".error").first.wait_for()
+        assert "embedding" in page.text_content(".error .message").lower()
+        assert "Traceback" not in page.content()
+    finally:
+        with psycopg.connect(env["dsn"], autocommit=True) as conn:
+            conn.execute("SELECT omop_emb.alter_model(%s, endpoint => %s, max_retries => %s)",
+                         (E5_MODEL, endpoint, retries))
+
     # The concept's detail: its ancestors come from the vocabulary schema.
+    page.fill("#q", "high blood pressure")
     page.fill("input[name=k]", "")
     page.press("#q", "Enter")
     page.locator("#results tbody tr").first.locator("td a").click()
@@ -278,3 +296,42 @@ def test_wrong_password_is_refused(ui_env, page):
     assert "password authentication failed" in page.text_content(".error")
     page.goto(env["url"] + "/jobs")
     assert "/login" in page.url  # still nobody
+
+
+def test_logout_ends_the_session(ui_env, page):
+    env = ui_env
+    login(page, env, env["reader"])
+    assert page.url.endswith("/jobs")
+    page.click("text=log out")
+    page.wait_for_url("**/login")
+    page.goto(env["url"] + "/search?q=asthma")
+    assert "/login" in page.url
+
+
+# ---------------------------------------------------------------- without a browser
+def test_non_loopback_bind_needs_tls_or_an_explicit_flag():
+    from omop_emb_pg.web.server import UiStartError, check_bind
+
+    assert check_bind("127.0.0.1", tls=False, insecure_bind=False, single_user=False) == []
+    with pytest.raises(UiStartError, match="--tls-cert and --tls-key, or --insecure-bind"):
+        check_bind("0.0.0.0", tls=False, insecure_bind=False, single_user=False)
+    (warning,) = check_bind("0.0.0.0", tls=False, insecure_bind=True, single_user=False)
+    assert "WITHOUT TLS" in warning
+    assert "with TLS" in check_bind("192.0.2.7", tls=True, insecure_bind=False, single_user=False)[0]
+    with pytest.raises(UiStartError, match="loopback only"):
+        check_bind("0.0.0.0", tls=True, insecure_bind=True, single_user=True)
+    r = subprocess.run(serve_command("ui", "--host", "0.0.0.0", "--dsn", "host=127.0.0.1 dbname=x"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "clear text" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sessions_expire_and_cookies_cannot_be_forged():
+    from omop_emb_pg.web.sessions import SessionStore
+
+    store = SessionStore(idle_timeout=0.2, max_age=60)
+    s, cookie = store.create("alice", "host=127.0.0.1 user=alice password=secret")
+    assert store.get(cookie) is s and "secret" not in repr(s)
+    assert store.get(s.sid) is None  # the bare id, unsigned
+    assert store.get(cookie[:-2] + ("AA" if not cookie.endswith("AA") else "BB")) is None
+    time.sleep(0.3)
+    assert store.get(cookie) is None and len(store) == 0 and s.conninfo == ""  # idle: ended, password dropped
