@@ -10,8 +10,6 @@ is refused. The run saves screenshots of the search and review pages into docs/i
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import subprocess
 import time
@@ -215,7 +213,7 @@ def test_search_filters_errors_and_concept_detail(ui_env, page):
 
 
 
-def test_reviewer_approves_with_the_keyboard_and_exports(ui_env, mapping_job, page):
+def test_reviewer_approves_with_the_keyboard(ui_env, mapping_job, page):
     env = ui_env
     login(page, env, env["reviewer"])
 
@@ -250,25 +248,6 @@ def test_reviewer_approves_with_the_keyboard_and_exports(ui_env, mapping_job, pa
                               "USING (term_id) WHERE t.source_code = 'ASTH' AND c.rank = 2").fetchone()[0]
     assert d["status"] == "flagged" and d["concept_ids"] == [second]
     page.screenshot(path=str(IMG / "ui-review.png"), full_page=True)
-
-    # Usagi CSV download: the approved row with its concept.
-    with page.expect_download() as dl:
-        page.click("#export-usagi")
-    text = Path(dl.value.path()).read_text(encoding="utf-8")
-    rows = {r["sourceCode"]: r for r in csv.DictReader(io.StringIO(text))}
-    assert rows["HTN"]["conceptId"] == str(concept_id) and rows["HTN"]["mappingStatus"] == "APPROVED"
-
-    # SOURCE_TO_CONCEPT_MAP export: the decision lands in the CDM table.
-    page.goto(env["url"] + "/jobs")
-    page.locator("#jobs a", has_text=JOB).click()
-    page.fill("#export-stcm input[name=target_table]", "cdm.source_to_concept_map")
-    page.click("#export-stcm button")
-    page.wait_for_selector(".flash")
-    assert "1 inserted" in page.text_content(".flash.ok")
-    with psycopg.connect(env["dsn"]) as conn:
-        stcm = conn.execute("SELECT source_code, target_concept_id FROM cdm.source_to_concept_map "
-                            "WHERE source_code IN ('HTN', 'ASTH') AND invalid_reason IS NULL").fetchall()
-    assert stcm == [("HTN", concept_id)]  # flagged terms are not exported
 
 
 def test_reader_sees_the_job_but_the_database_refuses_its_decision(ui_env, mapping_job, page):
