@@ -1,9 +1,13 @@
 """The dbt example (examples/dbt) built with dbt-postgres against the real stack.
 
-`dbt build` seeds local source terms and concept-set descriptions, builds the
-mapping (nearest_batch) and the concept sets (LATERAL nearest + concept_ancestor)
-as tables, and runs the dbt tests. A second build must make no embedding
-request: every query text is in omop_emb.query_cache by then.
+`dbt build` seeds local source terms and concept-set descriptions, keeps a
+mapping job in step with them (pre-hooks: create, add terms, suggest through
+nearest_batch, auto-approve), builds mapping_candidates, the
+source_to_concept_map of the job's approved decisions and the concept sets
+(LATERAL nearest + concept_ancestor) as tables, and runs the dbt tests (every
+approved decision is exported). A decision recorded in SQL between two builds
+is in the second one, which makes no embedding request: every query text is in
+omop_emb.query_cache by then.
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ def dbt_schema(e5_sample_db):
     yield schema
     with psycopg.connect(e5_sample_db, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        # The session's database is shared: leave no mapping job behind.
+        conn.execute("DELETE FROM omop_emb.mapping_job WHERE name = %s", (f"{schema}_local_dx",))
 
 
 def test_dbt_build_maps_terms_and_rerun_hits_the_cache(e5_sample_db, dbt_schema, tmp_path):
@@ -94,15 +100,29 @@ def test_dbt_build_maps_terms_and_rerun_hits_the_cache(e5_sample_db, dbt_schema,
 
     with psycopg.connect(e5_sample_db) as conn:
         rows = conn.execute(sql.SQL(
-            "SELECT source_code_description, target_concept_id, candidate_concept_id, similarity, "
-            "exact_match FROM {}.source_to_concept_map").format(sql.Identifier(dbt_schema))).fetchall()
-        mapping = {r[0]: r for r in rows}
+            "SELECT source_code_description, candidate_concept_id, similarity, exact_match, status, automatic "
+            "FROM {}.mapping_candidates").format(sql.Identifier(dbt_schema))).fetchall()
+        candidates = {r[0]: r for r in rows}
         assert len(rows) == 15
         for term, concept_id in EXPECTED.items():
-            assert mapping[term][1] == concept_id, (term, mapping[term])
-            assert 0.8 < mapping[term][3] <= 1.0
-        assert mapping["gout"][4] is True  # exact name match
-        assert all(r[2] is not None for r in rows)
+            assert candidates[term][1] == concept_id, (term, candidates[term])
+            assert 0.8 < candidates[term][2] <= 1.0
+        assert candidates["gout"][3] is True  # exact name match
+        # Auto-approved terms only so far, and every one is in source_to_concept_map.
+        auto = {r[0]: r[1] for r in rows if r[4] == "approved"}
+        assert auto and all(r[5] for r in rows if r[4] == "approved")
+        assert all(r[4] == "unreviewed" for r in rows if r[0] not in auto)
+        stcm = conn.execute(sql.SQL(
+            "SELECT source_code_description, target_concept_id, source_vocabulary_id, target_vocabulary_id, "
+            "valid_end_date, automatic FROM {}.source_to_concept_map").format(sql.Identifier(dbt_schema))).fetchall()
+        assert {r[0]: r[1] for r in stcm} == auto
+        assert all(r[2] == "LOCAL_DX" and r[3] and str(r[4]) == "2099-12-31" and r[5] for r in stcm)
+        # A reviewer decides (replacing an automatic approval, if there is one).
+        pending = "high blood pressure"
+        conn.execute("SELECT omop_emb.record_decision(term_id, 'approved', ARRAY[%s]) FROM omop_emb.mapping_term "
+                     "WHERE job_id = (SELECT job_id FROM omop_emb.mapping_job WHERE name = %s) AND source_name = %s",
+                     (EXPECTED[pending], f"{dbt_schema}_local_dx", pending))
+        conn.commit()
 
         sets = conn.execute(sql.SQL(
             "SELECT concept_set_name, concept_id, levels_of_separation, is_seed FROM {}.concept_sets")
@@ -120,3 +140,7 @@ def test_dbt_build_maps_terms_and_rerun_hits_the_cache(e5_sample_db, dbt_schema,
     # Re-running made no embedding request: every query text came from the cache.
     assert misses_after == misses_before
     assert entries_after == entries_before
+    with psycopg.connect(e5_sample_db) as conn:
+        stcm = conn.execute(sql.SQL("SELECT source_code_description, target_concept_id, automatic FROM "
+                                    "{}.source_to_concept_map").format(sql.Identifier(dbt_schema))).fetchall()
+    assert (pending, EXPECTED[pending], False) in stcm and len(stcm) == len(auto | {pending: 0})

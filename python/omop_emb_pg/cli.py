@@ -558,6 +558,218 @@ def cmd_import(args: argparse.Namespace) -> int:
     print(f"imported {r.imported} embeddings into model {r.model!r}, skipped {r.skipped} already present with "
           f"the same hash, queued {r.queued} for re-embedding; {r.rows} rows in {r.seconds:.1f} s "
           f"({r.per_s:,.0f} vectors/s)")
+# ---------------------------------------------------------------- map
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="registered model (default: the omop_emb.model setting, else the only model)")
+    p.add_argument("--domain", dest="domain_ids", action="append", help="search only this domain_id (repeatable)")
+    p.add_argument("--vocabulary", dest="vocabulary_ids", action="append", help="vocabulary_id (repeatable)")
+    p.add_argument("--class", dest="concept_class_ids", action="append", help="concept_class_id (repeatable)")
+    p.add_argument("--source-vocabulary", dest="source_vocabulary_id", default=None,
+                   help="SOURCE_TO_CONCEPT_MAP.source_vocabulary_id the export writes")
+    p.add_argument("--vocabulary-schema", default=None, help="schema of CONCEPT (default: the model's)")
+    p.add_argument("--cdm-schema", default=None, help="CDM schema for record counts (default: none)")
+    p.add_argument("--candidates", dest="candidates_per_term", type=int, default=None,
+                   help="candidates per term (default 10)")
+
+
+def _job_options(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k, None) for k in ("model", "domain_ids", "vocabulary_ids", "concept_class_ids",
+                                                 "source_vocabulary_id", "vocabulary_schema", "cdm_schema",
+                                                 "candidates_per_term")}
+
+
+def add_map_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("map", help="map source codes to standard concepts (Usagi's workflow in the database)",
+                       description="Mapping jobs: create one from a CSV of source codes, suggest candidates, "
+                                   "follow progress, import/export Usagi CSV files, export a "
+                                   "SOURCE_TO_CONCEPT_MAP table. Decisions are recorded in SQL "
+                                   "(omop_emb.record_decision) or in Usagi and imported.")
+    msub = p.add_subparsers(dest="map_command", metavar="SUBCOMMAND")
+
+    c = msub.add_parser("create", help="create a job from a CSV of source codes and suggest candidates")
+    _add_conn_args(c, model=False)
+    c.add_argument("job", help="job name")
+    c.add_argument("csv", help="CSV with a header: source_code/sourceCode, source_name/sourceName, "
+                               "optionally source_frequency/sourceFrequency; other columns are kept")
+    c.add_argument("--code-column", default=None)
+    c.add_argument("--name-column", default=None)
+    c.add_argument("--frequency-column", default=None)
+    _add_job_options(c)
+    c.add_argument("--no-suggest", action="store_true", help="only load the terms")
+    _add_suggest_options(c)
+    c.set_defaults(func=cmd_map_create)
+
+    s = msub.add_parser("suggest", help="candidates for every term without current ones (resumable)")
+    _add_conn_args(s, model=False)
+    s.add_argument("job")
+    s.add_argument("--resuggest", action="store_true",
+                   help="every term again (after a vocabulary or model change); decisions are kept")
+    _add_suggest_options(s)
+    s.set_defaults(func=cmd_map_suggest)
+
+    st = msub.add_parser("status", help="progress of one job or of all")
+    _add_conn_args(st, model=False)
+    st.add_argument("job", nargs="?")
+    st.set_defaults(func=cmd_map_status)
+
+    a = msub.add_parser("auto-approve", help="approve (marked automatic) clear rank-1 candidates")
+    _add_conn_args(a, model=False)
+    a.add_argument("job")
+    a.add_argument("--min-confidence", type=float, required=True,
+                   help="smallest confidence (until a calibrated one exists: similarity margin of rank 1 over rank 2)")
+    a.set_defaults(func=cmd_map_auto_approve)
+
+    ck = msub.add_parser("check", help="flag approved mappings whose concept became invalid or non-standard")
+    _add_conn_args(ck, model=False)
+    ck.add_argument("job")
+    ck.set_defaults(func=cmd_map_check)
+
+    eu = msub.add_parser("export-usagi", help="write a job as a Usagi mapping CSV")
+    _add_conn_args(eu, model=False)
+    eu.add_argument("job")
+    eu.add_argument("csv", help="output file")
+    eu.set_defaults(func=cmd_map_export_usagi)
+
+    iu = msub.add_parser("import-usagi", help="read a Usagi mapping CSV into a job (created if missing)")
+    _add_conn_args(iu, model=False)
+    iu.add_argument("job")
+    iu.add_argument("csv")
+    _add_job_options(iu)
+    iu.set_defaults(func=cmd_map_import_usagi)
+
+    es = msub.add_parser("export-stcm", help="write approved decisions into a SOURCE_TO_CONCEPT_MAP table")
+    _add_conn_args(es, model=False)
+    es.add_argument("job")
+    es.add_argument("table", help="schema.table, e.g. cdm.source_to_concept_map")
+    es.set_defaults(func=cmd_map_export_stcm)
+    p.set_defaults(func=lambda args: (p.print_help(), EXIT_USAGE)[1])
+
+
+def _add_suggest_options(p: argparse.ArgumentParser) -> None:
+    from .mapping import DEFAULT_BATCH_SIZE
+
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="terms per committed batch (default %(default)s)")
+    p.add_argument("--no-context", action="store_true", help="no parents, descendant and record counts")
+    p.add_argument("--progress", choices=["auto", "bar", "plain", "none"], default="auto",
+                   help="bar: rich progress bar; plain: a line per batch (default: bar on a terminal)")
+
+
+def run_suggest(dsn: str, job: str, *, resuggest: bool = False, batch_size: int | None = None,
+                context: bool = True, progress: str = "auto", out=None) -> int:
+    from .mapping import DEFAULT_BATCH_SIZE, suggest
+
+    out = out or sys.stderr
+    if progress == "auto":
+        progress = "bar" if out.isatty() else "plain"
+    bar = None
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal bar
+        if progress == "bar":
+            if bar is None:
+                from rich.console import Console
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+                bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                               TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(),
+                               console=Console(file=out, force_terminal=out.isatty() or None))
+                bar.start()
+                bar.add_task(f"suggesting {job}", total=max(total, 1))
+            bar.update(0, completed=done, total=max(total, 1))
+        elif progress == "plain":
+            print(f"suggesting {job}: {done}/{total} terms", file=out, flush=True)
+
+    try:
+        r = suggest(dsn, job, batch_size=batch_size or DEFAULT_BATCH_SIZE, resuggest=resuggest,
+                    context=context, on_progress=on_progress)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.stop()
+        print(f"\ninterrupted: committed batches are kept; run `omop-emb-pg map suggest {job}` to resume.",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if bar is not None:
+            bar.stop()
+    print(f"{job}: {r.suggested} of {r.terms} terms suggested in {r.seconds:.1f} s", file=out, flush=True)
+    return EXIT_OK
+
+
+def cmd_map_create(args: argparse.Namespace) -> int:
+    from .mapping import create_job_from_csv, job_progress
+
+    job_id = create_job_from_csv(_dsn(args), args.job, args.csv, code_column=args.code_column,
+                                 name_column=args.name_column, frequency_column=args.frequency_column,
+                                 **_job_options(args))
+    terms = job_progress(_dsn(args), args.job)[0]["terms"]
+    print(f"created mapping job {args.job!r} (job_id {job_id}) with {terms} terms")
+    if args.no_suggest:
+        return EXIT_OK
+    return run_suggest(_dsn(args), args.job, batch_size=args.batch_size, context=not args.no_context,
+                       progress=args.progress)
+
+
+def cmd_map_suggest(args: argparse.Namespace) -> int:
+    return run_suggest(_dsn(args), args.job, resuggest=args.resuggest, batch_size=args.batch_size,
+                       context=not args.no_context, progress=args.progress)
+
+
+def cmd_map_status(args: argparse.Namespace) -> int:
+    from .mapping import job_progress
+
+    rows = job_progress(_dsn(args), args.job)
+    if not rows:
+        print("no mapping jobs")
+    for r in rows:
+        print(f"{r['name']} (model {r['model']}, by {r['created_by']}): {r['terms']} terms, "
+              f"{r['suggested']} suggested, {r['approved']} approved ({r['auto_approved']} automatically), "
+              f"{r['flagged']} flagged, {r['unmapped']} unmapped, {r['ignored']} ignored, "
+              f"{r['unreviewed']} unreviewed; reviewed {r['progress']:.0%}")
+    return EXIT_OK
+
+
+def cmd_map_auto_approve(args: argparse.Namespace) -> int:
+    import psycopg
+
+    with psycopg.connect(_dsn(args), autocommit=True) as conn:
+        n = conn.execute("SELECT omop_emb.auto_approve(%s, %s)", (args.job, args.min_confidence)).fetchone()[0]
+    print(f"{args.job}: {n} terms approved automatically")
+    return EXIT_OK
+
+
+def cmd_map_check(args: argparse.Namespace) -> int:
+    import psycopg
+
+    with psycopg.connect(_dsn(args), autocommit=True) as conn:
+        rows = conn.execute("SELECT * FROM omop_emb.check_mappings(%s)", (args.job,)).fetchall()
+    for r in rows:
+        print(f"{r[1]}: concept {r[2]} {r[3]}" + (f", now {r[4]}" if r[4] is not None else ""))
+    print(f"{args.job}: {len(rows)} mappings flagged")
+    return EXIT_OK
+
+
+def cmd_map_export_usagi(args: argparse.Namespace) -> int:
+    from .mapping import export_usagi_csv
+
+    n = export_usagi_csv(_dsn(args), args.job, args.csv)
+    print(f"wrote {n} rows to {args.csv}")
+    return EXIT_OK
+
+
+def cmd_map_import_usagi(args: argparse.Namespace) -> int:
+    from .mapping import import_usagi_csv
+
+    r = import_usagi_csv(_dsn(args), args.job, args.csv, **_job_options(args))
+    print(f"{args.job}: {r.terms_added} terms added, {r.decisions_added} decisions recorded, "
+          f"{r.unchanged} unchanged" + (f", targets not in the vocabulary: {r.invalid_targets}" if r.invalid_targets else ""))
+    return EXIT_OK
+
+
+def cmd_map_export_stcm(args: argparse.Namespace) -> int:
+    from .mapping import export_source_to_concept_map
+
+    r = export_source_to_concept_map(_dsn(args), args.job, args.table)
+    print(f"{args.table}: {r['inserted']} inserted, {r['end_dated']} end-dated, {r['unchanged']} unchanged")
     return EXIT_OK
 
 
@@ -621,6 +833,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_export_parser,
     add_import_parser,
     add_ui_parser,
+    add_map_parser,
 ]
 
 

@@ -210,7 +210,11 @@ BEGIN
         EXECUTE format($sql$
             INSERT INTO omop_emb.mapping_term (job_id, source_code, source_name, source_frequency, extra)
             SELECT $1, s.j ->> 'source_code', s.j ->> 'source_name', (s.j ->> 'source_frequency')::bigint,
-                   nullif(s.j - 'source_code' - 'source_name' - 'source_frequency', '{}'::jsonb)
+                   -- A jsonb object column named extra is taken as the extra itself.
+                   nullif(CASE jsonb_typeof(s.j -> 'extra')
+                              WHEN 'object' THEN (s.j -> 'extra') || (s.j - 'source_code' - 'source_name' - 'source_frequency' - 'extra')
+                              WHEN 'null' THEN s.j - 'source_code' - 'source_name' - 'source_frequency' - 'extra'
+                              ELSE s.j - 'source_code' - 'source_name' - 'source_frequency' END, '{}'::jsonb)
             FROM (SELECT pg_catalog.to_jsonb(s) AS j FROM (%s) s) s
             ON CONFLICT (job_id, source_code) DO NOTHING$sql$, q) USING job_id;
     EXCEPTION
@@ -685,7 +689,11 @@ BEGIN
     IF target IS NULL THEN
         RAISE EXCEPTION 'omop_emb: table %.% does not exist', quote_ident(parts[1]), quote_ident(parts[2])
             USING ERRCODE = '42P01',
-                  HINT = format('Create it (OMOP CDM 5.4): CREATE TABLE %I.%I (source_code varchar(50) NOT NULL, source_concept_id integer NOT NULL, source_vocabulary_id varchar(20) NOT NULL, source_code_description varchar(255), target_concept_id integer NOT NULL, target_vocabulary_id varchar(20) NOT NULL, valid_start_date date NOT NULL, valid_end_date date NOT NULL, invalid_reason varchar(1));', parts[1], parts[2]);
+                  HINT = format('Create it (OMOP CDM 5.4): CREATE TABLE %I.%I (source_code varchar(50) NOT NULL, '
+                                || 'source_concept_id integer NOT NULL, source_vocabulary_id varchar(20) NOT NULL, '
+                                || 'source_code_description varchar(255), target_concept_id integer NOT NULL, '
+                                || 'target_vocabulary_id varchar(20) NOT NULL, valid_start_date date NOT NULL, '
+                                || 'valid_end_date date NOT NULL, invalid_reason varchar(1));', parts[1], parts[2]);
     END IF;
     SELECT string_agg(w.col, ', ') INTO missing
     FROM unnest(ARRAY['source_code', 'source_concept_id', 'source_vocabulary_id', 'source_code_description',

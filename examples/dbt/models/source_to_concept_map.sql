@@ -1,46 +1,31 @@
 {#-
-  Map every local source term to its nearest standard concept, in the shape of
-  the OMOP CDM SOURCE_TO_CONCEPT_MAP table (plus similarity and exact_match for
-  review). All terms go to the embedding service in one nearest_batch() call,
-  i.e. one HTTP request per batch of terms not yet in the shared query cache;
-  a re-run finds them all cached and makes no request at all.
-  A term whose best match is below var('min_similarity') stays unmapped
-  (target_concept_id 0, the CDM convention).
+  The OMOP CDM 5.4 SOURCE_TO_CONCEPT_MAP of the local source terms: the approved
+  decisions of the mapping job only (one row per target concept; a term may map
+  to several). Decisions are taken elsewhere: omop_emb.record_decision() in SQL,
+  the review page, a Usagi file imported with `omop-emb-pg map import-usagi`,
+  or the automatic approvals of the pre-hook (column automatic).
+  To load a CDM table incrementally (end-dating withdrawn rows instead of
+  rebuilding), use omop_emb.export_source_to_concept_map(job, 'cdm.source_to_concept_map').
 -#}
 {{ config(materialized='table') }}
-
-with terms as (
-    select source_code, source_term,
-           row_number() over (order by source_code) as query_index
-    from {{ ref('local_source_terms') }}
-),
-
-best as (
-    select n.*
-    from (select array_agg(source_term order by query_index) as queries from terms) q
-    cross join lateral omop_emb.nearest_batch(
-        q.queries,
-        k => 1,
-        domain_ids => {{ omop_emb_text_array(var('mapping_domains')) }},
-        model => {{ omop_emb_model() }}
-    ) n
-)
+-- depends_on: {{ ref('mapping_candidates') }}
 
 select
     t.source_code,
     0                                            as source_concept_id,
-    'LOCAL_DX'::text                             as source_vocabulary_id,
-    t.source_term                                as source_code_description,
-    case when b.similarity >= {{ var('min_similarity') }} then b.concept_id else 0 end
-                                                 as target_concept_id,
-    case when b.similarity >= {{ var('min_similarity') }} then b.vocabulary_id end
-                                                 as target_vocabulary_id,
-    b.concept_id                                 as candidate_concept_id,
-    b.concept_name                               as candidate_concept_name,
-    b.similarity,
-    coalesce(b.exact_match, false)               as exact_match,
-    current_date                                 as valid_start_date,
+    j.source_vocabulary_id,
+    left(t.source_name, 255)                     as source_code_description,
+    u.concept_id                                 as target_concept_id,
+    c.vocabulary_id                              as target_vocabulary_id,
+    d.decided_at::date                           as valid_start_date,
     date '2099-12-31'                            as valid_end_date,
-    null::text                                   as invalid_reason
-from terms t
-left join best b on b.query_index = t.query_index
+    null::text                                   as invalid_reason,
+    d.equivalence,
+    d.automatic,
+    d.decided_by
+from omop_emb.mapping_job j
+join omop_emb.mapping_term t on t.job_id = j.job_id
+join omop_emb.mapping_current_decision d on d.term_id = t.term_id and d.status = 'approved'
+cross join lateral unnest(d.concept_ids) as u(concept_id)
+join {{ source('cdm', 'concept') }} c on c.concept_id = u.concept_id
+where j.name = {{ omop_emb_mapping_job() }}

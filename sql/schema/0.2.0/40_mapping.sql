@@ -80,6 +80,10 @@ CREATE TABLE omop_emb.mapping_decision (
     automatic   boolean NOT NULL DEFAULT false,
     decided_by  name NOT NULL DEFAULT current_user,
     decided_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- Where an imported decision came from (Usagi: statusSetBy, statusSetOn,
+    -- mappingStatus, and per concept mappingType, createdBy, createdOn), so
+    -- that an export writes back what was read.
+    provenance  jsonb,
     CHECK (status <> 'approved' OR cardinality(concept_ids) > 0)
 );
 CREATE INDEX ON omop_emb.mapping_decision (term_id, decision_id DESC);
