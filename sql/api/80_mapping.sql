@@ -470,8 +470,8 @@ BEGIN
     END IF;
     -- A calibrated confidence from nearest_batch when it has one; until then the
     -- similarity margin of a candidate over the best of the others.
-    SELECT 'confidence' = ANY (p.proargnames) INTO has_confidence
-    FROM pg_proc p WHERE p.oid = 'omop_emb.nearest_batch(text[],integer,text[],text[],text[],boolean,boolean,text,text)'::regprocedure;
+    SELECT coalesce(bool_or('confidence' = ANY (p.proargnames)), false) INTO has_confidence
+    FROM pg_proc p WHERE p.pronamespace = 'omop_emb'::regnamespace AND p.proname = 'nearest_batch';
     IF has_confidence THEN
         conf_expr := 'r.confidence, ''calibrated''';
     ELSE
@@ -492,7 +492,8 @@ BEGIN
     DELETE FROM omop_emb.mapping_candidate c WHERE c.term_id = ANY (ids);
     EXECUTE format($sql$
         WITH b AS (
-            SELECT * FROM omop_emb.nearest_batch($2, $3, $4, $5, $6, true, false, $7)
+            SELECT * FROM omop_emb.nearest_batch(queries => $2, k => $3, domain_ids => $4, vocabulary_ids => $5,
+                concept_class_ids => $6, standard_only => true, include_invalid => false, model => $7)
         ), r AS (
             SELECT b.*,
                    max(b.similarity) OVER w AS best,
