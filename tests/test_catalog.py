@@ -29,9 +29,9 @@ def test_df_plus_of_the_api_is_small_and_the_runtime_is_a_table(omop_db, fake_em
         names = {name for name, _ in rows}
         # Before 0.2.0 one body held all the Python on a 102 KB line (\df+: 20.9 MB).
         print(f"\n\\df+ omop_emb.*: {len(rows)} routines, {total} characters of source, longest line {longest}")
-        # About 8 KB of SQL and PL/Python entry points, and 32 KB of PL/pgSQL for the
-        # mapping jobs (sql/api/80_mapping.sql): readable source, not the runtime's 21 MB.
-        assert total < 50_000, f"\\df+ omop_emb.* prints {total} characters of source"
+        # The SQL and PL/Python entry points (~18 KB) and the mapping jobs' PL/pgSQL
+        # (sql/api/80_mapping.sql, ~32 KB): readable source, not the runtime's 21 MB.
+        assert total < 80_000, f"\\df+ omop_emb.* prints {total} characters of source"
         assert longest < 300, f"a source line of {longest} characters"
         assert "_bootstrap" not in names
         modules = conn.execute("SELECT name FROM omop_emb_internal.python_module "
