@@ -101,11 +101,20 @@ def ensure_db(base: str, name: str) -> str:
     return psycopg.conninfo.make_conninfo(base, dbname=name)
 
 
-def register(conn, name: str, url: str) -> None:
-    """Register (or re-point) model ``name``; prefixes: what the server advertises."""
-    conn.execute("SELECT omop_emb.register_model(%s, 'openai', %s, remote_model => %s) "
+def advertised_prefixes(url: str) -> dict[str, tuple[str, str]]:
+    """model id -> (document prefix, query prefix), as the server lists them."""
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+        return {m["id"]: (m["prefixes"]["document"], m["prefixes"]["query"])
+                for m in json.load(r)["data"]}
+
+
+def register(conn, name: str, url: str, prefixes: tuple[str, str]) -> None:
+    """Register (or re-point) model ``name`` with the prefixes its server advertises
+    (passed explicitly: an extension older than the two-model server read only the first)."""
+    conn.execute("SELECT omop_emb.register_model(%s, 'openai', %s, remote_model => %s, "
+                 "document_prefix => %s, query_prefix => %s) "
                  "WHERE NOT EXISTS (SELECT 1 FROM omop_emb.models WHERE name = %s)",
-                 (name, url, MODELS[name], name))
+                 (name, url, MODELS[name], *prefixes, name))
     conn.execute("SELECT omop_emb.alter_model(%s, endpoint => %s)", (name, url))
 
 
@@ -130,10 +139,15 @@ def setup(base: str, url: str) -> dict[str, str]:
     with psycopg.connect(dsns["gibleed"], autocommit=True) as conn:
         for stmt in labelled.held_out_schema_sql():
             conn.execute(stmt)
+    served = advertised_prefixes(url)
+    missing = [i for i in MODELS.values() if i not in served]
+    if missing:
+        raise SystemExit(f"{url} does not serve {', '.join(missing)}: start it with "
+                         f"omop-emb-pg serve --model {','.join(MODELS)}")
     for d in dsns.values():
         with psycopg.connect(d, autocommit=True) as conn:
             for m in MODELS:
-                register(conn, m, url)
+                register(conn, m, url, served[MODELS[m]])
     return dsns
 
 
