@@ -46,7 +46,7 @@ return @RT@.call(plpy, "alter_model", name, endpoint, provider, remote_model, ap
                  document_prefix, query_prefix, new_name, storage)
 $$;
 COMMENT ON FUNCTION omop_emb.alter_model(text, text, text, text, text, integer, double precision, double precision, integer, integer, text, text, text, text) IS
-'Change a registered model; only the arguments given change. api_key_ref => '''' removes the key reference. A changed document_prefix makes the next index_concepts() re-embed every text. storage => ''halfvec'' or ''vector'' converts the stored embeddings in place (no re-embedding) and rebuilds the HNSW index.';
+'Change a registered model; only the arguments given change. api_key_ref => '''' removes the key reference. A change of what produces vectors (provider, remote_model, document_prefix; not the endpoint: another server of the same model needs no re-embedding) makes the stored embeddings stale: semantic and hybrid searches are refused (OE005) until CALL omop_emb.index_concepts(model => ...) re-embedded them all, and cached query vectors of the old model are not used. storage => ''halfvec'' or ''vector'' converts the stored embeddings in place (no re-embedding) and rebuilds the HNSW index.';
 
 CREATE OR REPLACE FUNCTION omop_emb.drop_model(name text, if_exists boolean DEFAULT false) RETURNS boolean
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
@@ -75,6 +75,7 @@ CREATE OR REPLACE VIEW omop_emb.models AS
 SELECT model_id, name, provider, endpoint, remote_model, dimensions, storage, metric,
        document_prefix, query_prefix, api_key_ref, batch_size, max_input_chars,
        connect_timeout_s, read_timeout_s, max_retries, index_method, index_params,
-       vocabulary_schema, vocabulary_version, created_at, updated_at, indexed_at
+       vocabulary_schema, vocabulary_version, created_at, updated_at, indexed_at,
+       vectors_stale, identity_changed_at
 FROM omop_emb.model;
 COMMENT ON VIEW omop_emb.models IS 'omop_emb: registered embedding models (no secrets: api_key_ref only says where the key lives)';

@@ -129,7 +129,7 @@ AS $$
 return @RT@.call(plpy, "create_index", model, method, m, ef_construction, metric)
 $$;
 COMMENT ON FUNCTION omop_emb.create_index(text, text, integer, integer, text) IS
-'(Re)build the vector index of a model: method ''hnsw'' (m default 16, ef_construction default 128: measured recall@10 0.985 against 0.93 with 64 at +10% build time) or ''none'' (exact search); metric cosine (default), l2 or ip. The old index is dropped first.';
+'(Re)build the vector index of a model: method ''hnsw'' (m default 16, ef_construction default 128: measured recall@10 0.985 against 0.93 with 64 at +10% build time) or ''none'' (exact search); metric cosine (default), l2 or ip. The new index is built beside the old one (searches and status() go on meanwhile, writers of the model wait), then swapped in with a lock of a moment; other sessions re-plan on their next call.';
 
 CREATE OR REPLACE VIEW omop_emb.index_status AS
 SELECT m.name AS model,

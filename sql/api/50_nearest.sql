@@ -77,7 +77,7 @@ return @RT@.call(plpy, "nearest_batch", queries, k, domain_ids, vocabulary_ids,
                  concept_class_ids, standard_only, include_invalid, model, mode)
 $$;
 COMMENT ON FUNCTION omop_emb.nearest_batch(text[], integer, text[], text[], text[], boolean, boolean, text, text) IS
-'nearest() for many queries in one statement: all queries are embedded in as few HTTP requests as possible (one per batch_size distinct uncached texts). query_index is the 1-based position in queries. mode and the columns (score included) as for nearest(text).';
+'nearest() for many queries in one statement: all queries are embedded in as few HTTP requests as possible (one per batch_size distinct uncached texts). query_index is the 1-based position in queries. mode and the columns (score included) as for nearest(text). Rows are streamed; queries x k is at most 200,000 per call (split larger work into chunks).';
 
 CREATE OR REPLACE FUNCTION omop_emb.explain_nearest(
     query text,
