@@ -68,6 +68,12 @@ def test_round_trip_gives_the_same_results_without_embedding(two_dbs, fake_embed
     ident = cli_identity(path)
     assert ident["remote_model"] == "fake" and ident["dimensions"] == 384 and ident["document_prefix"] == "passage: "
     assert pq.read_table(path).num_rows == 400
+    # written in pages of 150 rows (keyset on the primary key): the same bundle
+    from omop_emb_pg.bundle import export_bundle
+
+    export_bundle(a, tmp_path / "paged.parquet", chunk_rows=150)
+    assert pq.read_table(tmp_path / "paged.parquet").drop(["embedding"]).equals(pq.read_table(path).drop(["embedding"]))
+    assert pq.read_table(tmp_path / "paged.parquet").column("embedding").equals(pq.read_table(path).column("embedding"))
     fake_embedder.reset()
     assert cli.main(["import", "--dsn", b, str(path)]) == 0
     out = capsys.readouterr().out

@@ -38,14 +38,16 @@ BEGIN
     JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector';
     -- Pages in primary-key order (keyset: the last row of the previous page). Rows
     -- of an older identity of the model (stale, waiting for re-embedding) are left out.
+    -- (Two statements rather than "$1 IS NULL OR ...": the row comparison must be
+    -- an index condition on the primary key, or every page scans and sorts the table.)
     RETURN QUERY EXECUTE pg_catalog.format(
         'SELECT e.concept_id, e.text_kind, e.text, '
         'pg_catalog.sha256(pg_catalog.convert_to($5 || e.text, ''UTF8'')), e.source_concept_id, '
         'e.source_code, e.concept_name, e.domain_id, e.vocabulary_id, e.concept_class_id, '
         'e.standard_concept, e.invalid_reason, e.embedding::%I.vector FROM omop_emb.embedding_%s e '
-        'WHERE ($1 IS NULL OR (e.concept_id, e.text_kind, e.text) > ($1, $2, $3)) '
-        'AND e.text_hash = pg_catalog.sha256(pg_catalog.convert_to($6 || $5 || e.text, ''UTF8'')) '
-        'ORDER BY e.concept_id, e.text_kind, e.text LIMIT $4', vschema, mid)
+        'WHERE %s e.text_hash = pg_catalog.sha256(pg_catalog.convert_to($6 || $5 || e.text, ''UTF8'')) '
+        'ORDER BY e.concept_id, e.text_kind, e.text LIMIT $4', vschema, mid,
+        CASE WHEN after_concept_id IS NULL THEN '' ELSE '(e.concept_id, e.text_kind, e.text) > ($1, $2, $3) AND' END)
         USING after_concept_id, after_text_kind, after_text, max_rows, prefix, salt;
 END
 $$;
