@@ -115,7 +115,7 @@ def test_huge_text_is_a_clear_error_without_http_call(conn, fake_embedder):
         assert "max_input_chars" in (e.diag.message_hint or "")
         assert elapsed < 2
     assert fake_embedder.stats()["requests"] == 0
-    INPUT_RESULTS["100,000-character text"] = "22023 'text 1 is 100000 characters long; model fake accepts at most 8192', no HTTP call"
+    INPUT_RESULTS["100,000-character text"] = "22023 'text 1 is 100000 characters long as sent; model fake accepts at most 8192', no HTTP call"
 
 
 @pytest.mark.parametrize("text", [

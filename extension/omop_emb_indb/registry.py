@@ -197,6 +197,9 @@ class RegistryMixin:
             plpy.execute("DROP TABLE %s" % sqlgen.table(row["model_id"]))
         for stmt in sqlgen.create_table(dict(row)):
             plpy.execute(stmt)
+        # An id used before (a model dropped with DROP EXTENSION): nothing this
+        # session prepared or cached for it applies to the new model.
+        self.forget_model(row["model_id"])
         plpy.notice("omop_emb: registered model %s (%s, %d dimensions, %s; prefixes: document "
                     "%r from %s, query %r from %s)"
                     % (name, provider, dimensions, metric, given["document"],
