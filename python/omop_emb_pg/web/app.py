@@ -517,7 +517,7 @@ def create_app(settings: UiSettings, store: SessionStore | None = None) -> Starl
         except (psycopg.Error, OmopEmbError) as e:
             ev = error_view(e)
             s.flash.append(("error", ev["message"] + (f" — {ev['hint']}" if ev["hint"] else "")))
-        return RedirectResponse(back, status_code=303)
+        return RedirectResponse(_safe_next(back), status_code=303)
 
     def home(request: Request, s: Session) -> Response:
         return RedirectResponse("/search", status_code=303)
