@@ -79,9 +79,27 @@ def ui_env(pg_server, e5_sample_db):
             conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA cdm TO {}").format(sql.Identifier(role)))
         conn.execute(sql.SQL("GRANT INSERT, UPDATE ON cdm.source_to_concept_map TO {}").format(
             sql.Identifier(reviewer)))
+        # The sample has no hierarchy or 'Maps to' for its conditions: give Hypertensive disorder a
+        # parent and a source code mapped to it, in this copy only, so the page has them to show.
+        conn.execute("""
+            INSERT INTO cdm.concept (concept_id, concept_name, domain_id, vocabulary_id, concept_class_id,
+                                     standard_concept, concept_code, valid_start_date, valid_end_date)
+            VALUES (134057, 'Disorder of cardiovascular system', 'Condition', 'SNOMED', 'Disorder', 'S',
+                    '49601007', '1970-01-01', '2099-12-31'),
+                   (45591453, 'Essential (primary) hypertension', 'Condition', 'ICD10CM', '3-char billing code',
+                    NULL, 'I10', '1970-01-01', '2099-12-31')
+            ON CONFLICT DO NOTHING""")
+        conn.execute("""
+            INSERT INTO cdm.concept_ancestor (ancestor_concept_id, descendant_concept_id,
+                                              min_levels_of_separation, max_levels_of_separation)
+            VALUES (134057, 316866, 1, 1)""")
+        conn.execute("""
+            INSERT INTO cdm.concept_relationship (concept_id_1, concept_id_2, relationship_id,
+                                                  valid_start_date, valid_end_date)
+            VALUES (45591453, 316866, 'Maps to', '1970-01-01', '2099-12-31')""")
 
     port = free_port()
-    proc = subprocess.Popen(serve_command("ui", "--dsn", dsn, "--port", str(port)),
+    proc = subprocess.Popen(serve_command("ui", "--dsn", dsn, "--port", str(port), "--cdm-schema", "cdm"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/login", 60, proc)
@@ -171,6 +189,17 @@ def test_search_filters_errors_and_concept_detail(ui_env, page):
     assert cells[0] == "1" and "hypertens" in cells[1].lower(), cells
     assert cells[2] == "Condition"
     assert 0.5 < float(cells[6]) <= 1.0
+    # Parents from the vocabulary, record counts from the CDM (--cdm-schema cdm), as the database has them.
+    top_id = int(first.locator("td .id").text_content())
+    with psycopg.connect(env["dsn"]) as conn:
+        parents = [r[0] for r in conn.execute(
+            "SELECT c.concept_name FROM cdm.concept_ancestor a JOIN cdm.concept c ON c.concept_id = a.ancestor_concept_id "
+            "WHERE a.descendant_concept_id = %s AND a.min_levels_of_separation = 1 ORDER BY 1", (top_id,))]
+        records = conn.execute("SELECT count(*) FROM cdm.condition_occurrence WHERE condition_concept_id = %s",
+                               (top_id,)).fetchone()[0]
+    assert parents == ["Disorder of cardiovascular system"]
+    assert first.locator("td.parents").text_content() == "; ".join(parents)
+    assert records > 0 and first.locator("td.records").text_content() == str(records)
     IMG.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(IMG / "ui-search.png"), full_page=True)
 
@@ -209,7 +238,10 @@ def test_search_filters_errors_and_concept_detail(ui_env, page):
     page.locator("#results tbody tr").first.locator("td a").click()
     page.wait_for_selector("h1")
     assert "hypertens" in page.text_content("h1").lower()
-    assert page.locator("h2", has_text="Ancestors").count() == 1
+    ancestors = page.locator("h2:has-text('Ancestors') + table").text_content()
+    assert "Disorder of cardiovascular system" in ancestors
+    mapped = page.locator("h2:has-text('Maps to it') + table").text_content()
+    assert "Essential (primary) hypertension" in mapped and "I10" in mapped
 
 
 

@@ -798,6 +798,9 @@ def add_ui_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocabulary-schema", default=None,
                    help="schema of concept, concept_synonym, concept_ancestor, concept_relationship for the "
                         "concept pages (default: the model's vocabulary_schema in omop_emb.models)")
+    p.add_argument("--cdm-schema", default=None,
+                   help="CDM schema whose clinical tables (or achilles_results) give the search results' "
+                        "record counts (default: none shown)")
     p.add_argument("--idle-timeout", type=float, default=w.DEFAULT_IDLE_TIMEOUT_S / 60,
                    help="minutes without a request after which a session ends (default %(default)g)")
     p.set_defaults(func=cmd_ui)
@@ -814,7 +817,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     try:
         return run(_dsn(args), host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
                    insecure_bind=args.insecure_bind, single_user=args.single_user, model=args.model,
-                   vocabulary_schema=args.vocabulary_schema,
+                   vocabulary_schema=args.vocabulary_schema, cdm_schema=args.cdm_schema,
                    idle_timeout=args.idle_timeout * 60)
     except UiStartError as e:
         print(f"omop-emb-pg ui: error: {e}", file=sys.stderr)

@@ -58,6 +58,7 @@ class UiSettings:
     single_user: bool = False
     model: str | None = None
     vocabulary_schema: str | None = None
+    cdm_schema: str | None = None
     secure_cookies: bool = False
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
 
@@ -164,6 +165,60 @@ def search_rows(conn: psycopg.Connection, q: str, *, k: int, domain_ids, vocabul
                                        standard_only => %(s)s, model => %(m)s::text, mode => %(mode)s::text)""",
                  {"q": q, "k": k, "d": domain_ids, "v": vocabulary_ids, "c": concept_class_ids,
                   "s": standard_only, "m": model, "mode": mode or None})
+
+
+#: Where a CDM holds each concept's records (the tables mapping jobs count too, see _mapping_record_counts).
+CDM_CONCEPT_COLUMNS = (
+    ("condition_occurrence", "condition_concept_id"), ("drug_exposure", "drug_concept_id"),
+    ("procedure_occurrence", "procedure_concept_id"), ("measurement", "measurement_concept_id"),
+    ("observation", "observation_concept_id"), ("device_exposure", "device_concept_id"),
+    ("visit_occurrence", "visit_concept_id"), ("specimen", "specimen_concept_id"),
+)
+#: Achilles analyses counting records per concept (stratum_1 = concept_id).
+ACHILLES_RECORD_ANALYSES = (201, 401, 601, 701, 801, 1801, 2101)
+
+
+def search_context(conn: psycopg.Connection, vocabulary_schema: str | None, cdm_schema: str | None,
+                   concept_ids: list[int]) -> tuple[dict[int, dict], dict | None]:
+    """Parents (concept_ancestor, one level up) and, with a CDM schema, record counts of the
+    concepts found -- read as the logged-in role, only for these concepts. Returns
+    ({concept_id: {"parents": [...], "records": n}}, the error that spoiled it or None)."""
+    ctx: dict[int, dict] = {c: {"parents": [], "records": None} for c in concept_ids}
+    if not concept_ids:
+        return ctx, None
+    try:
+        if vocabulary_schema:
+            for r in q_all(conn, sql.SQL("""
+                    SELECT a.descendant_concept_id AS id, c.concept_name FROM {0}.concept_ancestor a
+                    JOIN {0}.concept c ON c.concept_id = a.ancestor_concept_id
+                    WHERE a.descendant_concept_id = ANY(%s) AND a.min_levels_of_separation = 1
+                    ORDER BY c.concept_name""").format(sql.Identifier(vocabulary_schema)), (concept_ids,)):
+                ctx[r["id"]]["parents"].append(r["concept_name"])
+        if cdm_schema:
+            cdm = sql.Identifier(cdm_schema)
+            if q_one(conn, "SELECT to_regclass(format('%%I.achilles_results', %s::text)) IS NOT NULL AS y",
+                     (cdm_schema,))["y"]:
+                counts = q_all(conn, sql.SQL("""
+                    SELECT stratum_1::integer AS id, sum(count_value)::bigint AS n FROM {}.achilles_results
+                    WHERE analysis_id = ANY(%s) AND stratum_1 = ANY(%s::text[]) GROUP BY 1""").format(cdm),
+                    (list(ACHILLES_RECORD_ANALYSES), [str(c) for c in concept_ids]))
+            else:
+                present = {r["t"] for r in q_all(conn, """
+                    SELECT c.relname AS t FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                    WHERE n.nspname = %s AND c.relname = ANY(%s)""", (cdm_schema, [t for t, _ in CDM_CONCEPT_COLUMNS]))}
+                parts = [sql.SQL("SELECT {col} AS id FROM {cdm}.{tbl} WHERE {col} = ANY(%(ids)s)").format(
+                    col=sql.Identifier(col), cdm=cdm, tbl=sql.Identifier(tbl))
+                    for tbl, col in CDM_CONCEPT_COLUMNS if tbl in present]
+                counts = q_all(conn, sql.SQL("SELECT id, count(*) AS n FROM ({}) x GROUP BY id").format(
+                    sql.SQL(" UNION ALL ").join(parts)), {"ids": concept_ids}) if parts else []
+            for c in ctx.values():
+                c["records"] = 0
+            for r in counts:
+                if r["id"] in ctx:
+                    ctx[r["id"]]["records"] = r["n"]
+    except psycopg.Error as e:
+        return ctx, error_view(e)
+    return ctx, None
 
 
 def concept_detail(conn: psycopg.Connection, schema: str, concept_id: int) -> dict[str, Any]:
@@ -376,8 +431,14 @@ def create_app(settings: UiSettings, store: SessionStore | None = None) -> Starl
                                        standard_only=p["standard"], mode=p["mode"], model=p["model"] or None)
                 except (psycopg.Error, PageError) as e:
                     error = error_view(e)
+            context, context_error = {}, None
+            if rows:
+                context, context_error = search_context(
+                    conn, default_vocabulary_schema(conn, settings, p["model"] or None), settings.cdm_schema,
+                    [r["concept_id"] for r in rows])
         return render(request, "search.html", s, p=p, rows=rows, error=error, models=model_list,
-                      has_confidence=bool(rows) and "confidence" in rows[0])
+                      has_confidence=bool(rows) and "confidence" in rows[0], context=context,
+                      context_error=context_error, cdm_schema=settings.cdm_schema)
 
     def concept(request: Request, s: Session) -> Response:
         try:

@@ -45,7 +45,8 @@ def check_bind(host: str, *, tls: bool, insecure_bind: bool, single_user: bool) 
 
 def run(dsn: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, tls_cert: str | None = None,
         tls_key: str | None = None, insecure_bind: bool = False, single_user: bool = False,
-        model: str | None = None, vocabulary_schema: str | None = None, idle_timeout: float | None = None,
+        model: str | None = None, vocabulary_schema: str | None = None, cdm_schema: str | None = None,
+        idle_timeout: float | None = None,
         out: TextIO | None = None) -> int:
     import uvicorn
 
@@ -60,7 +61,7 @@ def run(dsn: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, tls_cer
     if single_user and not is_loopback(d.get("host")):
         raise UiStartError(f"--single-user needs a database on this machine (the DSN's host is {d.get('host')!r}).")
     settings = UiSettings(dsn=dsn, single_user=single_user, model=model, vocabulary_schema=vocabulary_schema,
-                          secure_cookies=tls, idle_timeout=idle_timeout or DEFAULT_IDLE_TIMEOUT_S)
+                          cdm_schema=cdm_schema, secure_cookies=tls, idle_timeout=idle_timeout or DEFAULT_IDLE_TIMEOUT_S)
     app = create_app(settings)
     scheme = "https" if tls else "http"
     shown_host = f"[{host}]" if ":" in host else host
