@@ -10,6 +10,8 @@ is refused. The run saves screenshots of the search and review pages into docs/i
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import subprocess
 import time
@@ -119,7 +121,8 @@ def mapping_job(ui_env) -> str:
     values = ", ".join(f"('{c}', '{n}', {f})" for c, n, f in TERMS)
     with psycopg.connect(ui_env["reviewer_dsn"], autocommit=True) as conn:
         conn.execute("SELECT omop_emb.create_mapping_job(%s, %s, model => %s, domain_ids => ARRAY['Condition'], "
-                     "vocabulary_schema => 'cdm', cdm_schema => 'cdm', candidates_per_term => 5)",
+                     "vocabulary_schema => 'cdm', cdm_schema => 'cdm', candidates_per_term => 5, "
+                     "source_vocabulary_id => 'CLINIC_LOCAL')",
                      (JOB, f"SELECT * FROM (VALUES {values}) v(source_code, source_name, source_frequency)",
                       E5_MODEL))
         conn.execute("CALL omop_emb.suggest_mappings(%s)", (JOB,))
@@ -245,7 +248,7 @@ def test_search_filters_errors_and_concept_detail(ui_env, page):
 
 
 
-def test_reviewer_approves_with_the_keyboard(ui_env, mapping_job, page):
+def test_reviewer_approves_with_the_keyboard_and_exports(ui_env, mapping_job, page):
     env = ui_env
     login(page, env, env["reviewer"])
 
@@ -280,6 +283,27 @@ def test_reviewer_approves_with_the_keyboard(ui_env, mapping_job, page):
                               "USING (term_id) WHERE t.source_code = 'ASTH' AND c.rank = 2").fetchone()[0]
     assert d["status"] == "flagged" and d["concept_ids"] == [second]
     page.screenshot(path=str(IMG / "ui-review.png"), full_page=True)
+
+    # Usagi CSV download: the approved row with its concept.
+    with page.expect_download() as dl:
+        page.click("#export-usagi")
+    text = Path(dl.value.path()).read_text(encoding="utf-8")
+    rows = {r["sourceCode"]: r for r in csv.DictReader(io.StringIO(text))}
+    assert rows["HTN"]["conceptId"] == str(concept_id) and rows["HTN"]["mappingStatus"] == "APPROVED"
+
+    # SOURCE_TO_CONCEPT_MAP export: the decision lands in the CDM table.
+    page.goto(env["url"] + "/jobs")
+    page.locator("#jobs a", has_text=JOB).click()
+    page.fill("#export-stcm input[name=target_table]", "cdm.source_to_concept_map")
+    page.click("#export-stcm button")
+    flash = page.locator(".flash").first
+    flash.wait_for()
+    assert "1 inserted" in flash.text_content() and "error" not in flash.get_attribute("class"), flash.text_content()
+    with psycopg.connect(env["dsn"]) as conn:
+        stcm = conn.execute("SELECT source_code, source_vocabulary_id, target_concept_id "
+                            "FROM cdm.source_to_concept_map "
+                            "WHERE source_code IN ('HTN', 'ASTH') AND invalid_reason IS NULL").fetchall()
+    assert stcm == [("HTN", "CLINIC_LOCAL", concept_id)]  # flagged terms are not exported
 
 
 def test_reader_sees_the_job_but_the_database_refuses_its_decision(ui_env, mapping_job, page):
