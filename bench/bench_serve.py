@@ -102,7 +102,7 @@ def bench_interleaved(model, session: requests.Session, url: str, texts: list[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--texts", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="rounds over all texts; the ratio of the best round is reported")

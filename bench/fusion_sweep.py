@@ -196,7 +196,7 @@ def table(data: list[dict], tune: str) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--dsn", help="superuser DSN of a server (default: own cluster)")
     ap.add_argument("--datadir", default=os.environ.get("OMOP_EMB_EVAL_DATADIR",
                                                          "/tmp/omop_emb_eval"))

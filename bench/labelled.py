@@ -257,7 +257,7 @@ def check(sets: list[LabelledSet] | None = None) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--show", action="store_true", help="print each query with its answers' names")
     args = ap.parse_args()
     sets = csv_sets()

@@ -28,7 +28,7 @@ PARTS = ("indexing", "e5", "query", "modes", "recall", "memory", "batch")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=int, default=1_000_000, help="vectors in the query/recall table")
     ap.add_argument("--index-scale", type=int, default=None, help="synthetic concepts indexed (default 100,000; "
                     "min(scale, 100000))")

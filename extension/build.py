@@ -47,8 +47,8 @@ CONTROL_TEMPLATE = ROOT / "extension" / "omop_emb.control.in"
 PACKAGE_COPY = ROOT / "python" / "omop_emb_pg" / "_extension"
 
 # Load order: a module comes after the modules it imports.
-MODULES = ["errors", "checks", "vectors", "prefixes", "providers", "sqlgen", "lexical", "http_client",
-           "registry", "indexing", "runtime"]
+MODULES = ["errors", "checks", "suggest", "vectors", "prefixes", "providers", "sqlgen", "lexical", "http_client",
+           "registry", "indexing", "drift", "runtime"]
 
 HEADER = '\\echo Use "CREATE EXTENSION omop_emb CASCADE" to load this file. \\quit\n'
 
@@ -168,7 +168,22 @@ def module_rows():
     return ",\n".join(rows)
 
 
+# Numbers the SQL states (function SET clauses, comments) that the in-database
+# Python defines: @NAME@ in sql/ becomes the value of NAME in that module, so
+# that each is written once.
+SQL_CONSTANTS = {"MAX_K": "checks", "DEFAULT_EF_SEARCH": "runtime"}
+
+
+def python_constant(name, module):
+    m = re.search(r"^%s = (\d+)\s*(#.*)?$" % name, (PY_DIR / (module + ".py")).read_text(), re.M)
+    if not m:
+        raise SystemExit("extension/build.py: no integer %s in omop_emb_indb/%s.py" % (name, module))
+    return m.group(1)
+
+
 def _substitute(script, ver):
+    for name, module in SQL_CONSTANTS.items():
+        script = script.replace("@%s@" % name, python_constant(name, module))
     script = script.replace("@OMOP_EMB_PYTHON_MODULES@", module_rows())
     script = script.replace("@OMOP_EMB_VERSION@", repr(ver))
     return script.replace("@RT@", runtime_expr(ver))

@@ -46,3 +46,115 @@ def test_df_plus_of_the_api_is_small_and_the_runtime_is_a_table(omop_db, fake_em
     with connect(omop_db) as conn:
         assert conn.execute("SELECT vector_dims(omop_emb.embed('aspirin', 'query'))").fetchone()[0] \
             == fake_embedder.dim
+
+
+# ------------------------------------------------------------------ one API, three doors
+# SQL function -> (client method, {SQL argument: client parameter} where the names differ).
+CLIENT = {
+    "nearest(text)": ("nearest", {"query": "text"}),
+    "nearest_batch": ("get_nearest_concepts_from_query_texts", {"queries": "query_texts"}),
+    "explain_nearest": ("explain_nearest", {"query": "text"}),
+    # omop-emb's names, kept so that its users can move over.
+    "embed": ("embed", {"input": "text", "role": "embedding_role"}),
+    "embed_batch": ("embed_texts", {"inputs": "texts", "role": "embedding_role"}),
+    "similarity": ("similarity", {"a_role": "terms_role", "b_role": "terms_to_match_role"}),
+    "embedding_role_prefixes": ("embedding_role_prefix_details", {}),
+    "upsert_concept_texts": ("embed_and_upsert_concepts", {"texts": "concept_texts"}),
+    "register_model": ("register_model", {}),
+    "alter_model": ("alter_model", {}),
+    "drop_model": ("drop_model", {}),
+    "set_secret": ("set_secret", {}),
+    "delete_secret": ("delete_secret", {}),
+    "index_concepts": ("index_concepts", {}),
+    "create_index": ("create_index", {}),
+    "status": ("status", {}),
+    "clear_cache": ("clear_cache", {}),
+    "version": ("version", {}),
+}
+NOT_IN_CLIENT = {
+    "nearest(vector)": "a query vector is SQL's business (nearest(text) embeds the text)",
+    "fold_text": "SQL helper for expressions",
+    "lexemes": "SQL helper for expressions",
+    "lexical_query": "SQL helper for expressions",
+    "lexical_score": "SQL helper for expressions",
+    "search_request_results": "row function of the view omop_emb.search_result",
+}
+# Client parameters whose default is the client's own (SQL has none for them).
+CLIENT_OWN_DEFAULTS = {("register_model", "provider"), ("embed", "embedding_role"),
+                       ("embed_texts", "embedding_role"), ("similarity", "terms_role"),
+                       ("similarity", "terms_to_match_role")}
+# CLI subcommand -> (SQL function, {SQL argument: option dest} where the names differ).
+CLI = {
+    "search": ("nearest_batch", {"queries": "text"}),
+    "index": ("index_concepts", {}),
+    "register-model": ("register_model", {}),
+    "create-index": ("create_index", {}),
+    "status": ("status", {}),
+}
+
+SIGNATURES_SQL = """
+SELECT p.proname, pg_catalog.format_type(p.proargtypes[0], NULL) AS first_type,
+       coalesce(p.proargnames[1:p.pronargs], '{}') AS args, p.pronargdefaults AS n_defaults
+FROM pg_catalog.pg_proc p
+WHERE p.pronamespace = 'omop_emb'::regnamespace AND p.proname NOT LIKE '\\_%'
+"""
+
+
+def sql_signatures(dsn):
+    """{name: (argument names, names of those with a default)}; overloads by first type."""
+    with connect(dsn) as conn:
+        rows = conn.execute(SIGNATURES_SQL).fetchall()
+    names = [r[0] for r in rows]
+    out = {}
+    for name, first, args, n_def in rows:
+        key = f"{name}({first})" if names.count(name) > 1 else name
+        out[key] = (list(args), set(args[len(args) - n_def:]) if n_def else set())
+    return out
+
+
+def test_client_and_cli_expose_every_argument_of_the_sql_api(omop_db):
+    import inspect
+
+    from omop_emb_pg import OmopEmb
+    from omop_emb_pg.cli import build_parser
+
+    sigs = sql_signatures(omop_db)
+    undecided = set(sigs) - set(CLIENT) - set(NOT_IN_CLIENT)
+    assert not undecided, f"SQL functions neither in the client nor excluded: {sorted(undecided)}"
+    problems = []
+    for fn, (method, renames) in CLIENT.items():
+        args, defaulted = sigs[fn]
+        params = inspect.signature(getattr(OmopEmb, method)).parameters
+        for a in args:
+            name = renames.get(a, a)
+            if name not in params:
+                problems.append(f"OmopEmb.{method} lacks {name} (SQL {fn}.{a})")
+            elif a in defaulted and params[name].default is not None \
+                    and (method, name) not in CLIENT_OWN_DEFAULTS:
+                # SQL decides: the client passes nothing unless asked to.
+                problems.append(f"OmopEmb.{method}({name}={params[name].default!r}) restates "
+                                f"the default of SQL {fn}.{a}")
+    subparsers = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices
+                      and "search" in a.choices).choices
+    for command, (fn, renames) in CLI.items():
+        args, _ = sigs[fn]
+        dests = {a.dest for a in subparsers[command]._actions}
+        for a in args:
+            if renames.get(a, a) not in dests:
+                problems.append(f"omop-emb-pg {command} has no option for SQL {fn}.{a}")
+        for action in subparsers[command]._actions:
+            if action.dest in args and fn != "register_model" and action.default is not None:
+                problems.append(f"omop-emb-pg {command} {action.option_strings} restates the default "
+                                f"of SQL {fn}.{action.dest}")
+    assert not problems, "\n".join(problems)
+
+
+def test_cli_options_are_never_abbreviated():
+    import pytest
+
+    from omop_emb_pg.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["search", "--mod", "hybrid", "x"])   # not --model
+    args = build_parser().parse_args(["search", "--mode", "hybrid", "x"])
+    assert args.mode == "hybrid" and args.model is None

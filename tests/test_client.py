@@ -142,7 +142,7 @@ def test_registry_methods_and_borrowed_connection(omop_db, fake_embedder):
         assert isinstance(mid, int)
         assert [m["name"] for m in db.models()] == ["m1"]
         assert db.alter_model("m1", batch_size=16)
-        with pytest.raises(InvalidArgument):
+        with pytest.raises(TypeError):
             db.alter_model("m1", nope=1)
         assert db.drop_model("m1") and not db.drop_model("m1", if_exists=True)
         db.close()

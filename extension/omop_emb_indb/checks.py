@@ -31,6 +31,11 @@ def check_k(k):
     return int(k)
 
 
+def sql_array(values):
+    """A text array as SQL writes it: {a,b,NULL}."""
+    return "{%s}" % ",".join("NULL" if v is None else v for v in values)
+
+
 def check_filters(*arrays):
     names = ("domain_ids", "vocabulary_ids", "concept_class_ids")
     out = []
@@ -38,7 +43,7 @@ def check_filters(*arrays):
         if arr is not None:
             arr = list(arr)
             if any(x is None for x in arr):
-                raise InvalidArgument("%s contains NULL: %r" % (name, arr),
+                raise InvalidArgument("%s contains NULL: %s" % (name, sql_array(arr)),
                                       hint="Remove NULL elements, e.g. array_remove(arr, NULL).")
         out.append(arr)
     return out

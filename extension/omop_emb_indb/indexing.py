@@ -303,13 +303,18 @@ class IndexingMixin:
     def create_index(self, plpy, model_name, method, m, ef_construction, metric):
         from .registry import check_metric
         model = self.model(plpy, model_name)
-        method = (method or "hnsw").strip().lower()
+        # The defaults are those of the SQL signature (sql/api/40_index.sql) only.
+        for arg, value in (("method", method), ("m", m), ("ef_construction", ef_construction)):
+            if value is None:
+                raise InvalidArgument("%s must not be NULL" % arg,
+                                      hint="Leave %s out to get its default (\\df omop_emb.create_index)."
+                                           % arg)
+        method = method.strip().lower()
         if method not in ("hnsw", "none"):
             raise InvalidArgument("unknown index method %r" % method,
                                   hint="Use 'hnsw' (approximate, fast) or 'none' (exact search).")
         metric = check_metric(metric or model["metric"])
-        m = 16 if m is None else int(m)
-        ef_construction = 128 if ef_construction is None else int(ef_construction)
+        m, ef_construction = int(m), int(ef_construction)
         if not 2 <= m <= 100:
             raise InvalidArgument("m = %d is outside 2..100" % m)
         if not 4 <= ef_construction <= 1000 or ef_construction < 2 * m:

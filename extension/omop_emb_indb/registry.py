@@ -37,8 +37,18 @@ def check_key_ref(ref):
     return ref
 
 
+# The registry's defaults are the column defaults of omop_emb.model (sql/schema):
+# read from the catalog, never written again here.
+DEFAULTED_COLUMNS = ("metric", "batch_size", "connect_timeout_s", "read_timeout_s", "max_retries")
+COLUMN_DEFAULTS_SQL = (
+    "SELECT a.attname AS name, pg_catalog.pg_get_expr(d.adbin, d.adrelid) AS expr "
+    "FROM pg_catalog.pg_attrdef d JOIN pg_catalog.pg_attribute a "
+    "ON a.attrelid = d.adrelid AND a.attnum = d.adnum "
+    "WHERE d.adrelid = 'omop_emb.model'::pg_catalog.regclass AND a.attname = ANY($1)")
+
+
 def check_metric(metric):
-    m = (metric or "cosine").strip().lower()
+    m = (metric or "").strip().lower()
     if m not in METRICS:
         raise InvalidArgument("unknown metric %r" % (metric,),
                               hint="Use 'cosine' (default), 'l2' or 'ip' (inner product).")
@@ -134,13 +144,26 @@ def discover_prefixes(http, provider, endpoint, timeout=(3.0, 10.0), remote_mode
 
 
 class RegistryMixin:
+    def registry_defaults(self, plpy):
+        """{column: default} of omop_emb.model for DEFAULTED_COLUMNS, read once a session."""
+        found = getattr(self, "_registry_defaults", None)
+        if found is None:
+            exprs = plpy.execute(plpy.prepare(COLUMN_DEFAULTS_SQL, ["name[]"]),
+                                 [list(DEFAULTED_COLUMNS)])
+            # Constants of the extension's own table (e.g. 64, 'cosine'::text).
+            found = dict(plpy.execute("SELECT " + ", ".join(
+                "%s AS %s" % (r["expr"], plpy.quote_ident(r["name"])) for r in exprs))[0])
+            self._registry_defaults = found
+        return found
+
     def register_model(self, plpy, name, provider, endpoint, dimensions, metric,
                        document_prefix, query_prefix, remote_model, api_key_ref, batch_size,
                        read_timeout_s, storage=None):
         name = check_name(name)
         provider = providers.check_provider(provider)
         endpoint = providers.check_endpoints(provider, endpoint)
-        metric = check_metric(metric)
+        defaults = self.registry_defaults(plpy)
+        metric = check_metric(metric or defaults["metric"])
         api_key_ref = check_key_ref(api_key_ref)
         if plpy.execute(plpy.prepare("SELECT 1 FROM omop_emb.model WHERE name = $1", ["text"]),
                         [name]):
@@ -167,8 +190,9 @@ class RegistryMixin:
         model = {
             "model_id": None, "name": name, "provider": provider, "endpoint": endpoint,
             "remote_model": remote_model or name, "dimensions": dimensions,
-            "api_key_ref": api_key_ref, "connect_timeout_s": 5.0,
-            "read_timeout_s": float(read_timeout_s or 60.0), "max_retries": 3,
+            "api_key_ref": api_key_ref, "connect_timeout_s": float(defaults["connect_timeout_s"]),
+            "read_timeout_s": float(read_timeout_s or defaults["read_timeout_s"]),
+            "max_retries": int(defaults["max_retries"]),
         }
         if dimensions is None:
             # One probe call, with the document prefix (some servers refuse bare text).
@@ -184,12 +208,14 @@ class RegistryMixin:
         row = plpy.execute(plpy.prepare(
             "INSERT INTO omop_emb.model (name, provider, endpoint, remote_model, dimensions, "
             "metric, document_prefix, query_prefix, api_key_ref, batch_size, read_timeout_s, "
-            "storage) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, coalesce($10, 64), "
-            "coalesce($11, 60), $12) RETURNING model_id, storage, dimensions",
+            "storage) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+            "RETURNING model_id, storage, dimensions",
             ["text", "text", "text", "text", "int4", "text", "text", "text", "text", "int4",
              "float8", "text"]),
             [name, provider, endpoint, remote_model or name, dimensions, metric,
-             given["document"], given["query"], api_key_ref, batch_size, read_timeout_s,
+             given["document"], given["query"], api_key_ref,
+             defaults["batch_size"] if batch_size is None else batch_size,
+             defaults["read_timeout_s"] if read_timeout_s is None else read_timeout_s,
              storage])[0]
         # A table left behind by an earlier installation (DROP EXTENSION keeps
         # tables created by functions) would collide with the new model id.

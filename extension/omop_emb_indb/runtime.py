@@ -10,8 +10,9 @@ import os
 import time
 from collections import OrderedDict
 
-from . import lexical, prefixes, sqlgen, vectors
-from .checks import MAX_K, check_batch_size, check_filters, check_input_length, check_k, int_setting
+from . import drift, lexical, prefixes, sqlgen, suggest, vectors
+from .checks import (MAX_K, check_batch_size, check_filters, check_input_length, check_k,
+                     int_setting, sql_array)
 from .errors import InvalidArgument, ModelNotFound, NotIndexed, OmopEmbError
 from .http_client import EmbeddingHTTP
 from .indexing import IndexingMixin
@@ -50,6 +51,8 @@ class Runtime(RegistryMixin, IndexingMixin):
         self.warned = set()
         self.session_cache = OrderedDict()
         self.word_stats = {}  # model_id -> (read at, {lexeme: texts holding it})
+        self.known_values = {}  # (model_id, column) -> values the embedding table holds
+        self._error_class = None
         self.cache_hits = 0
         self.cache_misses = 0
         self._unflushed = [0, 0]  # hits, misses not yet written to cache_stats
@@ -74,8 +77,21 @@ class Runtime(RegistryMixin, IndexingMixin):
         try:
             return getattr(self, name)(plpy, *args)
         except OmopEmbError as e:
-            extra = {k: v for k, v in (("detail", e.detail), ("hint", e.hint)) if v is not None}
-            plpy.error(e.message, sqlstate=e.sqlstate, **extra)
+            raise self.pg_error(plpy, e) from None
+
+    def pg_error(self, plpy, e):
+        """The plpy.Error that PL/Python reports as ``omop_emb: <message>``, with
+        SQLSTATE, detail, hint and (for a bad argument) the argument's name in the
+        column field. PL/Python prefixes a message with its exception's module and
+        class (``plpy.Error: ...``); this class is named after the extension."""
+        if self._error_class is None:
+            self._error_class = type("omop_emb", (plpy.Error,), {"__module__": "builtins"})
+        exc = self._error_class(e.message)
+        exc.sqlstate = e.sqlstate
+        exc.detail = e.detail
+        exc.hint = e.hint
+        exc.column_name = getattr(e, "column", None)
+        return exc
 
     def warn_once(self, plpy, key, msg, detail=None, hint=None):
         if key in self.warned:
@@ -320,9 +336,15 @@ class Runtime(RegistryMixin, IndexingMixin):
         filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
         st = self.settings(plpy)
         mode = lexical.check_mode(mode, st["search_mode"])
-        if query is None or not query.strip():
+        if query is None:
+            return []
+        if not query.strip():
+            plpy.warning("omop_emb: the query text is blank: no rows",
+                         hint="Pass the words to search for; a NULL query gives no rows silently.")
             return []
         model = self.model(plpy, model_name, st)
+        self.check_filter_values(plpy, model, filters)  # before the embedding call
+        self.warn_drift_once(plpy, model)
         if mode == "lexical":
             # Lexical mode needs no embedding service: similarity/distance are NULL.
             check_input_length(model, [query])
@@ -380,6 +402,13 @@ class Runtime(RegistryMixin, IndexingMixin):
         queries = list(queries)
         check_batch_size(len(queries), k)
         model = self.model(plpy, model_name, st)
+        self.check_filter_values(plpy, model, filters)  # before the embedding call
+        self.warn_drift_once(plpy, model)
+        blank = [i + 1 for i, q in enumerate(queries) if q is not None and not q.strip()]
+        if blank:
+            plpy.warning("omop_emb: %d of %d query texts are blank: no rows for them"
+                         % (len(blank), len(queries)),
+                         detail="query_index %s" % ", ".join(map(str, blank[:20])))
         if mode == "lexical":
             check_input_length(model, queries)
         else:
@@ -395,6 +424,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         # size costs no extra request, and the vectors (and the cache rows written
         # for them) of 2,000 queries at once took 112 MB.
         chunk = max(BATCH_CHUNK, int(model["batch_size"]))
+        searched = found = False
         for start in range(0, len(queries), chunk):
             part = queries[start:start + chunk]
             if mode == "lexical":
@@ -404,9 +434,16 @@ class Runtime(RegistryMixin, IndexingMixin):
             for i, (q, v) in enumerate(zip(part, vecs), start):
                 if v is None:
                     continue
+                searched = True
                 for row in self.search(plpy, model, st, v or None, k, filters, standard_only,
                                        include_invalid, query_text=q, notice=False, mode=mode):
+                    found = True
                     yield (i + 1, q) + row
+        if searched and not found and all(f != [] for f in filters):
+            # One notice for the statement (search() says nothing per query here).
+            standard_only = True if standard_only is None else bool(standard_only)
+            shape = (tuple(f is not None for f in filters), standard_only, bool(include_invalid))
+            self._explain_empty(plpy, model, shape, filters, True)
 
     def _stream(self, plpy, rows):
         """Rows of a generator, with our errors raised as PostgreSQL errors (the
@@ -415,8 +452,7 @@ class Runtime(RegistryMixin, IndexingMixin):
             for row in rows:
                 yield row
         except OmopEmbError as e:
-            extra = {k: v for k, v in (("detail", e.detail), ("hint", e.hint)) if v is not None}
-            plpy.error(e.message, sqlstate=e.sqlstate, **extra)
+            raise self.pg_error(plpy, e) from None
 
     def check_vectors_current(self, model):
         """Refuse a vector search while the stored vectors come from what the model
@@ -450,6 +486,7 @@ class Runtime(RegistryMixin, IndexingMixin):
             if notice:
                 plpy.notice("omop_emb: an empty filter array matches no concept")
             return []
+        self.check_filter_values(plpy, model, filters)
         if query_text is None:
             mode = "semantic"
         mid = model["model_id"]
@@ -604,6 +641,58 @@ class Runtime(RegistryMixin, IndexingMixin):
                             [vec, fetch] + [f for f in filters if f is not None])
         return [vectors.abbreviate_literals(r["QUERY PLAN"]) for r in rows]
 
+    def vocabulary_version_now(self, plpy, schema):
+        """The release stamped in ``schema``.vocabulary, or None (no such table, or the
+        session user may not read it)."""
+        ok = self.plan(plpy, "vocab_readable", drift.READABLE_SQL, ["text", "text"]).execute(
+            [schema, "vocabulary"])
+        if not ok or not ok[0]["ok"]:
+            return None
+        rows = plpy.execute(drift.version_sql(plpy.quote_ident(schema)))
+        return rows[0]["v"] if rows else None
+
+    def warn_drift_once(self, plpy, model):
+        """A WARNING when the vocabulary's release moved since the model was indexed;
+        checked at most once per session per model (two small queries)."""
+        key = ("drift", model["model_id"])
+        if key in self.warned:
+            return
+        self.warned.add(key)
+        rec = self.plan(plpy, "model_vocabulary",
+                        "SELECT vocabulary_schema, vocabulary_version FROM omop_emb.model "
+                        "WHERE model_id = $1", ["int4"]).execute([model["model_id"]])
+        if not rec or not rec[0]["vocabulary_schema"] or rec[0]["vocabulary_version"] is None:
+            return
+        now = self.vocabulary_version_now(plpy, rec[0]["vocabulary_schema"])
+        found = drift.changes(rec[0]["vocabulary_version"], now, 0)
+        if found:
+            plpy.warning("omop_emb: model %s may be stale: %s since it was indexed"
+                         % (model["name"], "; ".join(found)),
+                         detail="Searches use the embeddings made before the change; "
+                                "omop_emb.status() counts the names that changed.",
+                         hint=drift.action(model["name"]) + ".")
+
+    def check_filter_values(self, plpy, model, filters):
+        """Raise when a filter value is held by no row of the model's embedding
+        table, naming the closest values it holds. The values are read once per
+        session (a loose index scan) and read again only when a value is not
+        among them, so the check costs a set lookup per value."""
+        mid = model["model_id"]
+        for (argument, column), values in zip(suggest.FILTER_COLUMNS, filters):
+            if not values:
+                continue
+            known = self.known_values.get((mid, column))
+            if known is None or any(v not in known for v in values):
+                known = frozenset(r["x"] for r in self.plan(
+                    plpy, ("known", mid, column),
+                    suggest.distinct_values_sql(sqlgen.table(mid), column)).execute([]))
+                self.known_values[(mid, column)] = known
+            if not known:
+                return  # nothing indexed: _explain_empty says so
+            for v in values:
+                if v not in known:
+                    raise suggest.unknown_value_error(argument, column, v, known, model["name"])
+
     def _explain_empty(self, plpy, model, shape, filters, notice):
         rows = plpy.execute("SELECT EXISTS (SELECT 1 FROM %s) AS any"
                             % sqlgen.table(model["model_id"]))
@@ -614,16 +703,18 @@ class Runtime(RegistryMixin, IndexingMixin):
                      "CALL omop_emb.index_concepts(model => '%s');" % model["name"])
         if notice:
             names = ("domain_ids", "vocabulary_ids", "concept_class_ids")
-            used = ", ".join("%s=%s" % (n, f) for n, f in zip(names, filters) if f is not None)
-            plpy.notice("omop_emb: no indexed concept matches the filters (%s standard_only=%s, "
-                        "include_invalid=%s)" % (used + "," if used else "", shape[1], shape[2]))
+            used = ["%s => '%s'" % (n, sql_array(f)) for n, f in zip(names, filters) if f is not None]
+            used += ["standard_only => %s" % str(shape[1]).lower(),
+                     "include_invalid => %s" % str(shape[2]).lower()]
+            plpy.notice("omop_emb: no indexed concept matches the filters (%s)" % ", ".join(used))
 
     # -- status -------------------------------------------------------------
     def status(self, plpy):
         st = self.settings(plpy)
         out = []
-        for m in plpy.execute("SELECT %s, index_params::text AS params, vocabulary_version, "
-                              "indexed_at FROM omop_emb.model ORDER BY name" % MODEL_COLUMNS):
+        for m in plpy.execute("SELECT %s, index_params::text AS params, vocabulary_schema, "
+                              "vocabulary_version, indexed_at FROM omop_emb.model ORDER BY name"
+                              % MODEL_COLUMNS):
             m = dict(m)
             t = sqlgen.table(m["model_id"])
             counts = plpy.execute(
@@ -639,6 +730,13 @@ class Runtime(RegistryMixin, IndexingMixin):
                    sqlgen.hnsw_index_name(m["model_id"]), t))[0]
             hits = counts["hits"]
             total = hits + counts["misses"]
+            now = stale = None
+            if m["vocabulary_schema"]:
+                now = self.vocabulary_version_now(plpy, m["vocabulary_schema"])
+                ok = self.plan(plpy, "vocab_readable", drift.READABLE_SQL, ["text", "text"]).execute(
+                    [m["vocabulary_schema"], "concept"])
+                if ok and ok[0]["ok"]:
+                    stale = plpy.execute(drift.stale_sql(t, plpy.quote_ident(m["vocabulary_schema"])))[0]["n"]
             out.append((m["name"], m["provider"], m["endpoint"], m["dimensions"], m["metric"],
                         m["document_prefix"], m["query_prefix"],
                         prefixes.resolve("document", st["document"], m["document_prefix"])[0],
@@ -646,5 +744,6 @@ class Runtime(RegistryMixin, IndexingMixin):
                         counts["texts"], counts["concepts"], counts["pending"],
                         m["index_method"], m["params"], counts["index_size"], counts["cached"],
                         hits, counts["misses"], (hits / total) if total else None,
-                        m["vocabulary_version"], m["indexed_at"], counts["domains"] or []))
+                        m["vocabulary_version"], m["indexed_at"], counts["domains"] or [], now, stale,
+                        drift.advice(m["name"], m["vocabulary_version"], now, stale)))
         return out

@@ -8,10 +8,20 @@ write both functions and append the ``add_...`` function to ``SUBCOMMANDS``.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Callable, Sequence
 
 from . import __version__
+
+
+class Parser(argparse.ArgumentParser):
+    """No abbreviated options: ``--mode`` must never be taken for ``--model``. The
+    subcommands' parsers are of this class too (argparse makes them of the parent's)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- serve
@@ -83,14 +93,57 @@ def _dsn(args: argparse.Namespace) -> str:
     return args.dsn if args.dsn is not None else os.environ.get("OMOP_EMB_DSN", "")
 
 
+def _notice_printer(command: str, warnings_only: bool = False):
+    """Print the SQL API's WARNINGs and NOTICEs on stderr, hints in CLI terms."""
+    def show(severity: str, message: str, hint: str | None) -> None:
+        if warnings_only and severity != "WARNING":
+            return
+        line = f"omop-emb-pg {command}: {severity.lower()}: {message}"
+        if hint:
+            line += f"\nHINT: {cli_hint(hint)}"
+        print(line, file=sys.stderr, flush=True)
+    return show
+
+
 def _client(args: argparse.Namespace):
     from .client import OmopEmb
 
-    return OmopEmb(_dsn(args), model=getattr(args, "model", None))
+    return OmopEmb(_dsn(args), model=getattr(args, "model", None),
+                   on_notice=_notice_printer(args.command))
+
+
+# SQL argument syntax in a server hint -> the CLI flag that sets it.
+_FILTER_FLAGS = {"domain_ids": "--domain", "vocabulary_ids": "--vocabulary",
+                 "concept_class_ids": "--class"}
+_CLI_HINTS = (
+    (r"CALL omop_emb\.index_concepts\(model => '([^']*)'\);?", r"omop-emb-pg index --model \1"),
+    (r"SELECT omop_emb\.register_model\('([^']*)', '([^']*)', '([^']*)'\);?",
+     r"omop-emb-pg register-model \1 --provider \2 --endpoint \3"),
+    (r"SET omop_emb\.model = '([^']*)', or pass model => '\1'", r"pass --model \1"),
+    (r"\(SET omop_emb\.model = '([^']*)'\)", r"(--model \1)"),
+    (r"SET omop_emb\.model = '([^']*)'", r"--model \1"),
+    (r"(domain_ids|vocabulary_ids|concept_class_ids) => ARRAY\['([^']*)'\]",
+     lambda m: f"{_FILTER_FLAGS[m.group(1)]} '{m.group(2)}'"),
+    (r"vocabulary_schema => '([^']*)'", r"--schema \1"),
+    (r"\bmodel => '([^']*)'", r"--model \1"),
+    (r"\bmode => '([^']*)'", r"--mode \1"),
+    (r"\bk => (\d+)", r"-k \1"),
+)
+
+
+def cli_hint(hint: str) -> str:
+    """A server hint with its SQL arguments written as this command's flags."""
+    for pattern, repl in _CLI_HINTS:
+        hint = re.sub(pattern, repl, hint)
+    return hint
 
 
 def _fail(command: str, err: BaseException) -> int:
-    """Print an OmopEmbError (message, detail, hint) on stderr, no traceback."""
+    """Print an OmopEmbError (message, detail, hint) on stderr, no traceback; hints
+    name CLI flags, not SQL arguments."""
+    hint = getattr(err, "hint", None)
+    if hint:
+        err.hint = cli_hint(hint)
     print(f"omop-emb-pg {command}: error: {err}", file=sys.stderr)
     return EXIT_ERROR
 
@@ -130,19 +183,20 @@ def add_register_model_parser(sub: argparse._SubParsersAction) -> None:
     _add_conn_args(p, model=False)
     p.add_argument("name", help="model name used in SQL (e.g. e5-small)")
     p.add_argument("--endpoint", required=True, help="base URL of the embedding server, e.g. http://127.0.0.1:8765")
-    p.add_argument("--provider", choices=["openai", "ollama"], default="openai",
-                   help="openai = any /v1/embeddings server; ollama = /api/embed (default %(default)s)")
+    p.add_argument("--provider", default=None,
+                   help="openai = any /v1/embeddings server (default); ollama = /api/embed")
     p.add_argument("--dimensions", type=int, default=None, help="vector size (default: probed)")
-    p.add_argument("--metric", choices=["cosine", "l2", "ip"], default="cosine")
+    p.add_argument("--metric", default=None, help="cosine, l2 or ip (default: the registry's)")
     p.add_argument("--document-prefix", default=None, help="prefix for documents (concept texts)")
     p.add_argument("--query-prefix", default=None, help="prefix for queries")
     p.add_argument("--remote-model", default=None, help="model name sent to the server (default: NAME)")
     p.add_argument("--api-key-ref", default=None, help="env:VAR or secret:NAME (never the key itself)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--read-timeout", type=float, default=None, help="seconds")
-    p.add_argument("--storage", choices=["vector", "halfvec"], default=None,
-                   help="vector = float32; halfvec = float16, half the size (default: vector up to 2,000 "
-                        "dimensions, halfvec above)")
+    p.add_argument("--batch-size", type=int, default=None, help="texts per request (default: the registry's)")
+    p.add_argument("--read-timeout-s", "--read-timeout", dest="read_timeout_s", type=float, default=None,
+                   help="seconds (default: the registry's)")
+    p.add_argument("--storage", default=None,
+                   help="vector = float32; halfvec = float16, half the size (default: chosen by the "
+                        "dimensions, see register_model)")
     p.add_argument("--if-not-exists", action="store_true", help="do nothing when NAME is already registered")
     p.set_defaults(func=cmd_register_model)
 
@@ -152,11 +206,12 @@ def cmd_register_model(args: argparse.Namespace) -> int:
         if args.if_not_exists and any(m["name"] == args.name for m in db.models()):
             print(f"model {args.name!r} already registered")
             return EXIT_OK
-        mid = db.register_model(args.name, args.endpoint, provider=args.provider, dimensions=args.dimensions,
+        extra = {"provider": args.provider} if args.provider is not None else {}
+        mid = db.register_model(args.name, args.endpoint, dimensions=args.dimensions,
                                 metric=args.metric, document_prefix=args.document_prefix,
                                 query_prefix=args.query_prefix, remote_model=args.remote_model,
                                 api_key_ref=args.api_key_ref, batch_size=args.batch_size,
-                                read_timeout_s=args.read_timeout, storage=args.storage)
+                                read_timeout_s=args.read_timeout_s, storage=args.storage, **extra)
         (st,) = [s for s in db.status() if s.model == args.name] or [None]
         extra = ""
         if st is not None:
@@ -178,16 +233,17 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--domain", dest="domain_ids", action="append", help="domain_id (repeatable)")
     p.add_argument("--vocabulary", dest="vocabulary_ids", action="append", help="vocabulary_id (repeatable)")
     p.add_argument("--class", dest="concept_class_ids", action="append", help="concept_class_id (repeatable)")
-    p.add_argument("--include-classification", action="store_true", help="also classification (C) concepts")
-    p.add_argument("--include-invalid", action="store_true", help="also invalid concepts")
-    p.add_argument("--include-synonyms", action="store_true", help="also English synonyms")
-    p.add_argument("--include-mapped", action="store_true", help="also names of source concepts mapped to them")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--include-classification", action="store_const", const=True, default=None, help="also classification (C) concepts")
+    p.add_argument("--include-invalid", action="store_const", const=True, default=None, help="also invalid concepts")
+    p.add_argument("--include-synonyms", action="store_const", const=True, default=None, help="also English synonyms")
+    p.add_argument("--include-mapped", action="store_const", const=True, default=None, help="also names of source concepts mapped to them")
+    p.add_argument("--batch-size", type=int, default=None, help="texts per batch (default: the model's)")
     p.add_argument("--max-texts", type=int, default=None, help="stop after this many texts")
     p.add_argument("--jobs", type=int, default=1,
                    help="indexing sessions run at once (each CALLs index_concepts; they share the queue "
                         "and, for a model with several servers, spread their batches over them)")
-    p.add_argument("--create-index", action="store_true", help="build the HNSW index afterwards")
+    p.add_argument("--create-index", action="store_true",
+                   help="build the vector index afterwards (create_index's defaults; see create-index)")
     p.add_argument("--progress", choices=["auto", "bar", "plain", "none"], default="auto",
                    help="bar: rich progress bar; plain: a line every few seconds (default: bar on a terminal)")
     p.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)
@@ -211,9 +267,12 @@ def run_index(dsn: str, *, model: str | None = None, progress: str = "auto", pol
     out = out or sys.stderr
     if progress == "auto":
         progress = "bar" if out.isatty() else "plain"
-    workers = [OmopEmb(dsn, model=model) for _ in range(jobs)]
+    # Progress NOTICEs are shown by the bar; WARNINGs (of the first session) go to stderr.
+    workers = [OmopEmb(dsn, model=model,
+                       on_notice=_notice_printer("index", warnings_only=True) if i == 0 else None)
+               for i in range(jobs)]
     worker = workers[0]
-    watcher = OmopEmb(dsn, model=model)
+    watcher = OmopEmb(dsn, model=model, on_notice=None)
     result: dict[str, BaseException | None] = {"error": None}
     notices: list[str] = []
     prepared = threading.Event()
@@ -362,7 +421,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- search
 _SEARCH_COLUMNS = ["rank", "concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_class_id",
-                   "standard_concept", "similarity", "matched_text", "match_kind", "exact_match"]
+                   "standard_concept", "similarity", "matched_text", "match_kind", "exact_match", "score"]
 
 
 def add_search_parser(sub: argparse._SubParsersAction) -> None:
@@ -370,12 +429,17 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
                        description="omop_emb.nearest(text, k, filters): standard, valid concepts by default.")
     _add_conn_args(p)
     p.add_argument("text", nargs="+", help="query text (several: one search each, in one batch)")
-    p.add_argument("-k", type=int, default=10, help="results per query (1..1000, default %(default)s)")
+    p.add_argument("-k", type=int, default=None, help="results per query (default: omop_emb.nearest's)")
     p.add_argument("--domain", dest="domain_ids", action="append", help="domain_id filter (repeatable)")
     p.add_argument("--vocabulary", dest="vocabulary_ids", action="append", help="vocabulary_id filter (repeatable)")
     p.add_argument("--class", dest="concept_class_ids", action="append", help="concept_class_id filter (repeatable)")
-    p.add_argument("--all-concepts", action="store_true", help="not only standard concepts")
-    p.add_argument("--include-invalid", action="store_true", help="also invalid concepts")
+    p.add_argument("--all-concepts", dest="standard_only", action="store_const", const=False, default=None,
+                   help="not only standard concepts")
+    p.add_argument("--include-invalid", action="store_const", const=True, default=None,
+                   help="also invalid concepts")
+    p.add_argument("--mode", default=None,
+                   help="semantic (embeddings), lexical (words) or hybrid (default: the setting "
+                        "omop_emb.search_mode, else semantic)")
     p.add_argument("--format", choices=["table", "tsv", "csv", "json"], default="table")
     p.set_defaults(func=cmd_search)
 
@@ -386,11 +450,16 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     from .client import iter_nearest
 
+    blank = [t for t in args.text if not t.strip()]
+    if blank:
+        print("omop-emb-pg search: error: a query text is blank\nHINT: Pass the words to search for, "
+              "e.g. omop-emb-pg search 'high blood pressure'.", file=sys.stderr)
+        return EXIT_USAGE
     with _client(args) as db:
         per_query = db.get_nearest_concepts_from_query_texts(
             args.text, k=args.k, domain_ids=args.domain_ids, vocabulary_ids=args.vocabulary_ids,
-            concept_class_ids=args.concept_class_ids, standard_only=not args.all_concepts,
-            include_invalid=args.include_invalid)
+            concept_class_ids=args.concept_class_ids, standard_only=args.standard_only,
+            include_invalid=args.include_invalid, mode=args.mode)
     multi = len(args.text) > 1
     cols = (["query"] if multi else []) + _SEARCH_COLUMNS
     rows = [{**r, "query": q} for q, hits in zip(args.text, per_query) for r in iter_nearest(hits)]
@@ -402,7 +471,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         w = csv.writer(sys.stdout, delimiter="\t" if args.format == "tsv" else ",", lineterminator="\n")
         w.writerow(cols)
         for r in rows:
-            w.writerow(["" if r[c] is None else (f"{r[c]:.4f}" if c == "similarity" else r[c]) for c in cols])
+            w.writerow(["" if r[c] is None else (f"{r[c]:.4f}" if c in ("similarity", "score") else r[c])
+                        for c in cols])
     else:
         _print_table(args.text, per_query)
     return EXIT_OK
@@ -424,8 +494,31 @@ def _print_table(queries, per_query) -> None:
             if h.match_kind and h.match_kind != "name" and h.matched_text:
                 matched += f": {h.matched_text}"
             t.add_row(str(h.rank), str(h.concept_id), h.concept_name, h.domain_id, h.vocabulary_id,
-                      h.concept_class_id, f"{h.similarity:.3f}", matched)
+                      h.concept_class_id, "-" if h.similarity is None else f"{h.similarity:.3f}", matched)
         console.print(t)
+
+
+# ---------------------------------------------------------------- create-index
+def add_create_index_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("create-index", help="(re)build a model's vector index (administrator)",
+                       description="omop_emb.create_index(...): every option left out takes the SQL "
+                                   "default (\\df omop_emb.create_index).")
+    _add_conn_args(p)
+    p.add_argument("--method", default=None, help="hnsw (approximate, fast) or none (exact search)")
+    p.add_argument("--m", type=int, default=None, help="HNSW graph degree")
+    p.add_argument("--ef-construction", type=int, default=None, help="HNSW build-time candidate list")
+    p.add_argument("--metric", default=None, help="cosine, l2 or ip (default: the model's)")
+    p.set_defaults(func=cmd_create_index)
+
+
+def cmd_create_index(args: argparse.Namespace) -> int:
+    with _client(args) as db:
+        method = db.create_index(method=args.method, m=args.m, ef_construction=args.ef_construction,
+                                 metric=args.metric)
+        (st,) = [s for s in db.status() if args.model is None or s.model == args.model][:1] or [None]
+    desc = f" {st.index_params or ''} {st.index_size or ''}".rstrip() if st is not None else ""
+    print(f"index: {method}{desc}")
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------- status
@@ -475,7 +568,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  query cache   {r.cache_entries} entries, {r.cache_hits} hits / {r.cache_misses} misses "
               f"(hit rate {rate})")
         if r.vocabulary_version or r.indexed_at:
-            print(f"  vocabulary    {r.vocabulary_version or '-'}, indexed at {r.indexed_at or '-'}")
+            now = ""
+            if r.vocabulary_version_now is not None and r.vocabulary_version_now != r.vocabulary_version:
+                now = f" (now {r.vocabulary_version_now})"
+            stale = "" if r.stale_texts is None else f", {r.stale_texts} stale names"
+            print(f"  vocabulary    {r.vocabulary_version or '-'}{now}, indexed at {r.indexed_at or '-'}{stale}")
+        if r.advice:
+            print(f"  drift         {cli_hint(r.advice)}")
         p = progress.get(r.model)
         if p is not None and p.active_sessions:
             print(f"  indexing now  {p.active_sessions} session(s), {p.done}/{p.total}, {p.rate_per_s}/s")
@@ -830,6 +929,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_serve_parser,
     add_register_model_parser,
     add_index_parser,
+    add_create_index_parser,
     add_search_parser,
     add_status_parser,
     add_demo_parser,
@@ -841,7 +941,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="omop-emb-pg",
         description="Semantic search over the OMOP vocabulary from SQL, inside PostgreSQL.",
     )

@@ -20,6 +20,8 @@ Names follow the Python library omop-emb (``EmbeddingRole``, ``embed_texts``,
 from __future__ import annotations
 
 import enum
+import logging
+import warnings
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Callable, Iterator, Sequence
@@ -27,7 +29,23 @@ from typing import Any, Callable, Iterator, Sequence
 import psycopg
 from psycopg.rows import dict_row
 
-from .errors import InvalidArgument, OmopEmbError, from_db_error
+from .errors import InvalidArgument, OmopEmbError, OmopEmbWarning, clean_message, from_db_error
+
+log = logging.getLogger("omop_emb_pg")
+
+#: ``on_notice(severity, message, hint)``: receives what the SQL API says besides its
+#: results (severity ``WARNING``, ``NOTICE``, ``INFO``...).
+NoticeCallback = Callable[[str, str, "str | None"], None]
+
+
+def default_notice(severity: str, message: str, hint: str | None) -> None:
+    """WARNINGs become Python warnings (:class:`OmopEmbWarning`, shown once per text
+    by default); NOTICEs and the rest go to the logger ``omop_emb_pg`` at INFO."""
+    text = f"{message} ({hint})" if hint else message
+    if severity == "WARNING":
+        warnings.warn(text, OmopEmbWarning, stacklevel=2)
+    else:
+        log.info("%s", text)
 
 __all__ = [
     "EmbeddingRole",
@@ -79,6 +97,7 @@ class NearestConcept:
     matched_text: str | None
     match_kind: str | None
     exact_match: bool
+    score: float | None = None
     query_index: int | None = None
     query: str | None = None
 
@@ -109,6 +128,9 @@ class ModelStatus:
     vocabulary_version: str | None
     indexed_at: datetime | None
     domains: list[str] | None = None  # domains of the embedded concepts
+    vocabulary_version_now: str | None = None
+    stale_texts: int | None = None
+    advice: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,8 +166,12 @@ class RolePrefix:
     recorded_prefix: str | None
 
 
-_NEAREST_ARGS = ("k", "domain_ids", "vocabulary_ids", "concept_class_ids", "standard_only",
-                 "include_invalid", "model")
+def _named(args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``, a => %(a)s, ...`` for the arguments given (not None), and their values.
+    An argument left out takes the SQL function's default: the defaults live in the
+    SQL signatures (``\\df omop_emb.*``) and nowhere else."""
+    given = {k: v for k, v in args.items() if v is not None}
+    return "".join(f", {k} => %({k})s" for k in given), given
 
 
 class OmopEmb:
@@ -155,11 +181,12 @@ class OmopEmb:
     variables) -- the client then owns an autocommit connection and closes it in
     :meth:`close` -- or an open ``psycopg.Connection`` (left open). ``model``: the model
     every call uses unless given one (``None``: the ``omop_emb.model`` setting, else the
-    only registered model).
+    only registered model). ``on_notice``: what to do with the WARNINGs and NOTICEs the SQL
+    API raises (default :func:`default_notice`: warnings and logging).
     """
 
     def __init__(self, conninfo_or_connection: str | psycopg.Connection = "", model: str | None = None,
-                 **connect_kwargs: Any) -> None:
+                 *, on_notice: NoticeCallback | None = default_notice, **connect_kwargs: Any) -> None:
         self.model = model
         if isinstance(conninfo_or_connection, psycopg.Connection):
             self.conn = conninfo_or_connection
@@ -173,11 +200,21 @@ class OmopEmb:
                                         "PGUSER (libpq conventions).") from None
             self._owns = True
         self._vector_registered = False
+        self._notice_handler = None
+        if on_notice is not None:
+            def handler(diag: psycopg.errors.Diagnostic) -> None:
+                on_notice(diag.severity_nonlocalized or diag.severity or "NOTICE",
+                          clean_message(diag.message_primary or ""), diag.message_hint)
+            self._notice_handler = handler
+            self.conn.add_notice_handler(handler)
 
     # ------------------------------------------------------------ plumbing
     def close(self) -> None:
         if self._owns:
             self.conn.close()
+        elif self._notice_handler is not None:
+            self.conn.remove_notice_handler(self._notice_handler)
+            self._notice_handler = None
 
     def __enter__(self) -> "OmopEmb":
         return self
@@ -295,68 +332,98 @@ class OmopEmb:
                             (ids, texts, self._m(model)))
 
     # ------------------------------------------------------------ search
-    def nearest(self, text: str, k: int = 10, *, domain_ids: Sequence[str] | None = None,
+    def nearest(self, text: str, k: int | None = None, *, domain_ids: Sequence[str] | None = None,
                 vocabulary_ids: Sequence[str] | None = None, concept_class_ids: Sequence[str] | None = None,
-                standard_only: bool = True, include_invalid: bool = False,
-                model: str | None = None) -> list[NearestConcept]:
-        """The ``k`` concepts nearest in meaning to ``text`` (``omop_emb.nearest``), best first."""
-        rows = self._rows(
-            "SELECT * FROM omop_emb.nearest(%s::text, %s, %s::text[], %s::text[], %s::text[], %s, %s, %s)",
-            (text, k, _opt(domain_ids), _opt(vocabulary_ids), _opt(concept_class_ids),
-             standard_only, include_invalid, self._m(model)))
+                standard_only: bool | None = None, include_invalid: bool | None = None,
+                model: str | None = None, mode: str | None = None) -> list[NearestConcept]:
+        """The ``k`` concepts nearest in meaning to ``text`` (``omop_emb.nearest``), best first.
+        Arguments left ``None`` take the SQL defaults; ``mode``: 'semantic', 'lexical' or
+        'hybrid' (default: the setting omop_emb.search_mode)."""
+        named, params = _named({"k": k, "domain_ids": _opt(domain_ids), "vocabulary_ids": _opt(vocabulary_ids),
+                                "concept_class_ids": _opt(concept_class_ids), "standard_only": standard_only,
+                                "include_invalid": include_invalid, "model": self._m(model), "mode": mode})
+        rows = self._rows(f"SELECT * FROM omop_emb.nearest(%(query)s::text{named})", {"query": text, **params})
         return [_from_row(NearestConcept, r) for r in rows]
 
     def get_nearest_concepts_from_query_texts(
-            self, query_texts: Sequence[str], k: int = 10, *, domain_ids: Sequence[str] | None = None,
+            self, query_texts: Sequence[str], k: int | None = None, *, domain_ids: Sequence[str] | None = None,
             vocabulary_ids: Sequence[str] | None = None, concept_class_ids: Sequence[str] | None = None,
-            standard_only: bool = True, include_invalid: bool = False,
-            model: str | None = None) -> list[list[NearestConcept]]:
+            standard_only: bool | None = None, include_invalid: bool | None = None,
+            model: str | None = None, mode: str | None = None) -> list[list[NearestConcept]]:
         """For each query text (QUERY role), its ``k`` nearest concepts, best first
         (one ``omop_emb.nearest_batch`` call). The outer list follows ``query_texts``."""
         texts = list(query_texts)
         if not texts:
             return []
-        rows = self._rows(
-            "SELECT * FROM omop_emb.nearest_batch(%s::text[], %s, %s::text[], %s::text[], %s::text[], %s, %s, %s)"
-            " ORDER BY query_index, rank",
-            (texts, k, _opt(domain_ids), _opt(vocabulary_ids), _opt(concept_class_ids),
-             standard_only, include_invalid, self._m(model)))
+        named, params = _named({"k": k, "domain_ids": _opt(domain_ids), "vocabulary_ids": _opt(vocabulary_ids),
+                                "concept_class_ids": _opt(concept_class_ids), "standard_only": standard_only,
+                                "include_invalid": include_invalid, "model": self._m(model), "mode": mode})
+        rows = self._rows(f"SELECT * FROM omop_emb.nearest_batch(%(queries)s::text[]{named})"
+                          " ORDER BY query_index, rank", {"queries": texts, **params})
         out: list[list[NearestConcept]] = [[] for _ in texts]
         for r in rows:
             out[r["query_index"] - 1].append(_from_row(NearestConcept, r))
         return out
 
+    def explain_nearest(self, text: str, k: int | None = None, *, domain_ids: Sequence[str] | None = None,
+                        vocabulary_ids: Sequence[str] | None = None,
+                        concept_class_ids: Sequence[str] | None = None, standard_only: bool | None = None,
+                        include_invalid: bool | None = None, model: str | None = None) -> list[str]:
+        """The plan of the k-NN statement ``nearest`` runs (``omop_emb.explain_nearest``), one
+        line per element: shows whether the HNSW index is used."""
+        named, params = _named({"k": k, "domain_ids": _opt(domain_ids), "vocabulary_ids": _opt(vocabulary_ids),
+                                "concept_class_ids": _opt(concept_class_ids), "standard_only": standard_only,
+                                "include_invalid": include_invalid, "model": self._m(model)})
+        rows = self._rows(f"SELECT * FROM omop_emb.explain_nearest(%(query)s::text{named}) AS plan",
+                          {"query": text, **params})
+        return [r["plan"] for r in rows]
+
     # ------------------------------------------------------------ administration
+    def set_secret(self, name: str, value: str) -> None:
+        """Store an API key under ``name`` for ``api_key_ref='secret:NAME'`` (``omop_emb.set_secret``)."""
+        self._rows("SELECT omop_emb.set_secret(%s, %s)", (name, value))
+
+    def delete_secret(self, name: str) -> bool:
+        return self._scalar("SELECT omop_emb.delete_secret(%s)", (name,))
+
     def register_model(self, name: str, endpoint: str, *, provider: str = "openai",
-                       dimensions: int | None = None, metric: str = "cosine",
+                       dimensions: int | None = None, metric: str | None = None,
                        document_prefix: str | None = None, query_prefix: str | None = None,
                        remote_model: str | None = None, api_key_ref: str | None = None,
                        batch_size: int | None = None, read_timeout_s: float | None = None,
                        storage: str | None = None) -> int:
         """Register an embedding model (``omop_emb.register_model``); returns its id.
-        ``None`` prefixes: the settings, else what the server advertises, else empty.
-        ``storage``: 'vector' (float32) or 'halfvec' (float16); None: the default."""
-        return self._scalar(
-            "SELECT omop_emb.register_model(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (name, provider, endpoint, dimensions, metric, document_prefix, query_prefix,
-             remote_model, api_key_ref, batch_size, read_timeout_s, storage))
+        ``provider`` (which SQL requires): 'openai' (any OpenAI-compatible server) unless
+        given. ``None``: the SQL default (prefixes: the settings, else what the server
+        advertises, else empty; the rest: the registry's column defaults). ``storage``: 'vector'
+        (float32) or 'halfvec' (float16)."""
+        named, params = _named({"provider": provider, "dimensions": dimensions, "metric": metric,
+                                "document_prefix": document_prefix, "query_prefix": query_prefix,
+                                "remote_model": remote_model, "api_key_ref": api_key_ref,
+                                "batch_size": batch_size, "read_timeout_s": read_timeout_s,
+                                "storage": storage})
+        return self._scalar(f"SELECT omop_emb.register_model(name => %(name)s, endpoint => %(endpoint)s{named})",
+                            {"name": name, "endpoint": endpoint, **params})
 
-    def alter_model(self, name: str, **changes: Any) -> bool:
-        """Change a registered model (``omop_emb.alter_model``): endpoint, provider, remote_model,
-        api_key_ref, batch_size, connect_timeout_s, read_timeout_s, max_retries, max_input_chars,
-        document_prefix, query_prefix, new_name, storage."""
-        allowed = {"endpoint", "provider", "remote_model", "api_key_ref", "batch_size", "connect_timeout_s",
-                   "read_timeout_s", "max_retries", "max_input_chars", "document_prefix", "query_prefix",
-                   "new_name", "storage"}
-        bad = set(changes) - allowed
-        if bad:
-            raise InvalidArgument(f"alter_model: unknown argument(s) {sorted(bad)}",
-                                  hint=f"Use some of {sorted(allowed)}.")
-        args = "".join(f", {k} => %({k})s" for k in changes)
-        return self._scalar(f"SELECT omop_emb.alter_model(%(name)s{args})", {"name": name, **changes})
+    def alter_model(self, name: str, *, endpoint: str | None = None, provider: str | None = None,
+                    remote_model: str | None = None, api_key_ref: str | None = None,
+                    batch_size: int | None = None, connect_timeout_s: float | None = None,
+                    read_timeout_s: float | None = None, max_retries: int | None = None,
+                    max_input_chars: int | None = None, document_prefix: str | None = None,
+                    query_prefix: str | None = None, new_name: str | None = None,
+                    storage: str | None = None) -> bool:
+        """Change a registered model (``omop_emb.alter_model``): only the arguments given change."""
+        named, params = _named({"endpoint": endpoint, "provider": provider, "remote_model": remote_model,
+                                "api_key_ref": api_key_ref, "batch_size": batch_size,
+                                "connect_timeout_s": connect_timeout_s, "read_timeout_s": read_timeout_s,
+                                "max_retries": max_retries, "max_input_chars": max_input_chars,
+                                "document_prefix": document_prefix, "query_prefix": query_prefix,
+                                "new_name": new_name, "storage": storage})
+        return self._scalar(f"SELECT omop_emb.alter_model(%(name)s{named})", {"name": name, **params})
 
-    def drop_model(self, name: str, *, if_exists: bool = False) -> bool:
-        return self._scalar("SELECT omop_emb.drop_model(%s, %s)", (name, if_exists))
+    def drop_model(self, name: str, *, if_exists: bool | None = None) -> bool:
+        named, params = _named({"if_exists": if_exists})
+        return self._scalar(f"SELECT omop_emb.drop_model(%(name)s{named})", {"name": name, **params})
 
     def models(self) -> list[dict[str, Any]]:
         """Rows of the view ``omop_emb.models`` (no secrets)."""
@@ -364,9 +431,10 @@ class OmopEmb:
 
     def index_concepts(self, *, model: str | None = None, vocabulary_schema: str | None = None,
                        domain_ids: Sequence[str] | None = None, vocabulary_ids: Sequence[str] | None = None,
-                       concept_class_ids: Sequence[str] | None = None, include_classification: bool = False,
-                       include_invalid: bool = False, include_synonyms: bool = False,
-                       include_mapped: bool = False, batch_size: int | None = None,
+                       concept_class_ids: Sequence[str] | None = None,
+                       include_classification: bool | None = None, include_invalid: bool | None = None,
+                       include_synonyms: bool | None = None, include_mapped: bool | None = None,
+                       batch_size: int | None = None,
                        max_texts: int | None = None,
                        on_notice: Callable[[str], None] | None = None) -> None:
         """``CALL omop_emb.index_concepts(...)``: embed the concepts in scope (DOCUMENT role),
@@ -385,22 +453,26 @@ class OmopEmb:
         try:
             if not old_ac:
                 self.conn.autocommit = True
-            self._rows(
-                "CALL omop_emb.index_concepts(%s, %s, %s::text[], %s::text[], %s::text[], %s, %s, %s, %s, %s, %s)",
-                (self._m(model), vocabulary_schema, _opt(domain_ids), _opt(vocabulary_ids),
-                 _opt(concept_class_ids), include_classification, include_invalid, include_synonyms,
-                 include_mapped, batch_size, max_texts))
+            named, params = _named({
+                "model": self._m(model), "vocabulary_schema": vocabulary_schema, "domain_ids": _opt(domain_ids),
+                "vocabulary_ids": _opt(vocabulary_ids), "concept_class_ids": _opt(concept_class_ids),
+                "include_classification": include_classification, "include_invalid": include_invalid,
+                "include_synonyms": include_synonyms, "include_mapped": include_mapped,
+                "batch_size": batch_size, "max_texts": max_texts})
+            self._rows(f"CALL omop_emb.index_concepts({named[2:]})", params)
         finally:
             if not old_ac and not self.conn.closed:
                 self.conn.autocommit = False
             if handler is not None:
                 self.conn.remove_notice_handler(handler)
 
-    def create_index(self, *, model: str | None = None, method: str = "hnsw", m: int = 16,
-                     ef_construction: int = 64, metric: str | None = None) -> str:
-        """(Re)build the model's vector index (``omop_emb.create_index``); returns its description."""
-        return self._scalar("SELECT omop_emb.create_index(%s, %s, %s, %s, %s)",
-                            (self._m(model), method, m, ef_construction, metric))
+    def create_index(self, *, model: str | None = None, method: str | None = None, m: int | None = None,
+                     ef_construction: int | None = None, metric: str | None = None) -> str:
+        """(Re)build the model's vector index (``omop_emb.create_index``); returns its method.
+        ``None``: the SQL defaults (``\\df omop_emb.create_index``)."""
+        named, params = _named({"model": self._m(model), "method": method, "m": m,
+                                "ef_construction": ef_construction, "metric": metric})
+        return self._scalar(f"SELECT omop_emb.create_index({named[2:]})", params)
 
     def status(self) -> list[ModelStatus]:
         """One :class:`ModelStatus` per registered model (``omop_emb.status()``)."""
@@ -414,7 +486,8 @@ class OmopEmb:
         return [_from_row(IndexStatus, r) for r in rows]
 
     def clear_cache(self, *, model: str | None = None) -> int:
-        return self._scalar("SELECT omop_emb.clear_cache(%s)", (self._m(model),))
+        named, params = _named({"model": self._m(model)})
+        return self._scalar(f"SELECT omop_emb.clear_cache({named[2:]})", params)
 
     def version(self) -> str:
         return self._scalar("SELECT omop_emb.version()")

@@ -13,11 +13,14 @@ import psycopg
 class OmopEmbError(Exception):
     """Base class. ``hint`` says what to do about it."""
 
-    def __init__(self, message: str, *, hint: str | None = None, detail: str | None = None):
+    def __init__(self, message: str, *, hint: str | None = None, detail: str | None = None,
+                 argument: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.detail = detail
+        #: The SQL argument that was wrong (e.g. ``domain_ids``), when the server says.
+        self.argument = argument
 
     def __str__(self) -> str:
         parts = [self.message]
@@ -26,6 +29,10 @@ class OmopEmbError(Exception):
         if self.hint:
             parts.append(f"HINT: {self.hint}")
         return "\n".join(parts)
+
+
+class OmopEmbWarning(UserWarning):
+    """A WARNING raised by the SQL API (a blank query, prefixes that disagree, ...)."""
 
 
 class InstallError(OmopEmbError):
@@ -74,14 +81,16 @@ SQLSTATES: dict[str, type[OmopEmbError]] = {
     "42501": PermissionDenied,
 }
 
-_PLPY_PREFIXES = ("plpy.Error: ", "spiexceptions.")
+# What PL/Python and the extension put before a message: the exception's type
+# (plpy.Error, spiexceptions.X) and the extension's name.
+_PREFIXES = ("omop_emb: ", "plpy.Error: ", "spiexceptions.")
 
 
 def clean_message(msg: str) -> str:
-    """Drop PL/Python's exception-type prefix from a server message."""
-    for p in _PLPY_PREFIXES:
+    """The server's message without PL/Python's exception type or the ``omop_emb:`` tag."""
+    for p in _PREFIXES:
         if msg.startswith(p):
-            return msg.split(": ", 1)[1] if ": " in msg else msg
+            return clean_message(msg.split(": ", 1)[1]) if ": " in msg else msg
     return msg
 
 
@@ -93,4 +102,5 @@ def from_db_error(err: psycopg.Error) -> OmopEmbError:
     if cls is PermissionDenied and not hint:
         hint = ("Ask an administrator for GRANT omop_emb_reader TO <you> (search and embed) "
                 "or omop_emb_admin (register models, index).")
-    return cls(message, hint=hint, detail=diag.message_detail or None)
+    return cls(message, hint=hint, detail=diag.message_detail or None,
+               argument=diag.column_name or None)

@@ -5,7 +5,7 @@ CREATE OR REPLACE FUNCTION omop_emb.register_model(
     provider text,
     endpoint text,
     dimensions integer DEFAULT NULL,
-    metric text DEFAULT 'cosine',
+    metric text DEFAULT NULL,
     document_prefix text DEFAULT NULL,
     query_prefix text DEFAULT NULL,
     remote_model text DEFAULT NULL,
@@ -21,7 +21,7 @@ return @RT@.call(plpy, "register_model", name, provider, endpoint, dimensions, m
                  read_timeout_s, storage)
 $$;
 COMMENT ON FUNCTION omop_emb.register_model(text, text, text, integer, text, text, text, text, text, integer, double precision, text) IS
-'Register an embedding model: name, provider (''openai'' = any OpenAI-compatible /v1/embeddings, ''ollama'' = /api/embed), endpoint (base URL), dimensions (NULL: discovered with one probe call), metric (cosine, l2, ip), document_prefix and query_prefix (NULL: the settings in force, else what the server advertises, else empty), remote_model (name sent to the server; default: name), api_key_ref (env:VAR or secret:NAME, never the key), batch_size, read_timeout_s, storage (''vector'': float32, the default up to 2,000 dimensions; ''halfvec'': float16, half the size, HNSW up to 4,000 dimensions, the default above 2,000). Returns the model id.';
+'Register an embedding model: name, provider (''openai'' = any OpenAI-compatible /v1/embeddings, ''ollama'' = /api/embed), endpoint (base URL), dimensions (NULL: discovered with one probe call), metric (cosine, l2, ip; NULL: the default of column omop_emb.model.metric), document_prefix and query_prefix (NULL: the settings in force, else what the server advertises, else empty), remote_model (name sent to the server; default: name), api_key_ref (env:VAR or secret:NAME, never the key), batch_size and read_timeout_s (NULL: the column defaults of omop_emb.model), storage (''vector'': float32, the default up to 2,000 dimensions; ''halfvec'': float16, half the size, HNSW up to 4,000 dimensions, the default above 2,000). Returns the model id.';
 
 CREATE OR REPLACE FUNCTION omop_emb.alter_model(
     name text,

@@ -21,13 +21,13 @@ RETURNS TABLE (rank integer, concept_id integer, concept_name text, domain_id te
                score double precision)
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 SET hnsw.iterative_scan = 'relaxed_order'
-SET hnsw.ef_search = 200
+SET hnsw.ef_search = @DEFAULT_EF_SEARCH@
 AS $$
 return @RT@.call(plpy, "nearest", query, k, domain_ids, vocabulary_ids, concept_class_ids,
                  standard_only, include_invalid, model, mode)
 $$;
 COMMENT ON FUNCTION omop_emb.nearest(text, integer, text[], text[], text[], boolean, boolean, text, text) IS
-'The k (1..1000) concepts nearest in meaning to a text, one row per concept, best first. A concept whose name, synonym or code equals the query (case and spaces folded) ranks first (exact_match). Filters: domain_ids, vocabulary_ids, concept_class_ids, standard_only (default true), include_invalid (default false), model. similarity: cosine similarity for cosine and ip models, 1/(1+distance) for l2. mode: ''semantic'' (vector ranking), ''lexical'' (full-text: texts sharing a stemmed word with the query, ranked by Dice overlap of stemmed words; embeds nothing, similarity and distance are NULL) or ''hybrid'' (the union of both rankings, filters applied inside both before fusion, ordered by similarity + 0.005 * Dice overlap: the words only decide between concepts the embedding finds nearly equally close); NULL: setting omop_emb.search_mode, default ''semantic''. Columns: similarity and distance are those of matched_text (the concept''s nearest text, also in hybrid; in lexical, its best lexical text); score is what rows are ordered by after exact matches: semantic = similarity, lexical = Dice overlap in [0,1], hybrid = similarity + 0.005 * the concept''s best Dice overlap over its texts (so at most similarity + 0.005). NULL or blank query: no rows.';
+'The k (1..@MAX_K@) concepts nearest in meaning to a text, one row per concept, best first. A concept whose name, synonym or code equals the query (case and spaces folded) ranks first (exact_match). Filters: domain_ids, vocabulary_ids, concept_class_ids, standard_only (default true), include_invalid (default false), model. similarity: cosine similarity for cosine and ip models, 1/(1+distance) for l2. mode: ''semantic'' (vector ranking), ''lexical'' (full-text: texts sharing a stemmed word with the query, ranked by Dice overlap of stemmed words; embeds nothing, similarity and distance are NULL) or ''hybrid'' (the union of both rankings, filters applied inside both before fusion, ordered by similarity + 0.005 * Dice overlap: the words only decide between concepts the embedding finds nearly equally close); NULL: setting omop_emb.search_mode, default ''semantic''. Columns: similarity and distance are those of matched_text (the concept''s nearest text, also in hybrid; in lexical, its best lexical text); score is what rows are ordered by after exact matches: semantic = similarity, lexical = Dice overlap in [0,1], hybrid = similarity + 0.005 * the concept''s best Dice overlap over its texts (so at most similarity + 0.005). NULL or blank query: no rows.';
 
 CREATE OR REPLACE FUNCTION omop_emb.nearest(
     query vector,
@@ -46,7 +46,7 @@ RETURNS TABLE (rank integer, concept_id integer, concept_name text, domain_id te
                score double precision)
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 SET hnsw.iterative_scan = 'relaxed_order'
-SET hnsw.ef_search = 200
+SET hnsw.ef_search = @DEFAULT_EF_SEARCH@
 AS $$
 return @RT@.call(plpy, "nearest_vector", query, k, domain_ids, vocabulary_ids,
                  concept_class_ids, standard_only, include_invalid, model, mode)
@@ -71,7 +71,7 @@ RETURNS TABLE (query_index integer, query text, rank integer, concept_id integer
                score double precision)
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 SET hnsw.iterative_scan = 'relaxed_order'
-SET hnsw.ef_search = 200
+SET hnsw.ef_search = @DEFAULT_EF_SEARCH@
 AS $$
 return @RT@.call(plpy, "nearest_batch", queries, k, domain_ids, vocabulary_ids,
                  concept_class_ids, standard_only, include_invalid, model, mode)
@@ -91,7 +91,7 @@ CREATE OR REPLACE FUNCTION omop_emb.explain_nearest(
 RETURNS SETOF text
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 SET hnsw.iterative_scan = 'relaxed_order'
-SET hnsw.ef_search = 200
+SET hnsw.ef_search = @DEFAULT_EF_SEARCH@
 AS $$
 return @RT@.call(plpy, "explain_nearest", query, k, domain_ids, vocabulary_ids,
                  concept_class_ids, standard_only, include_invalid, model)

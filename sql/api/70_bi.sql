@@ -43,7 +43,7 @@ EXCEPTION WHEN OTHERS THEN
     RETURN QUERY SELECT NULL::integer, NULL::integer, NULL::text, NULL::text, NULL::text,
                         NULL::text, NULL::text, NULL::double precision, NULL::text, NULL::text,
                         NULL::boolean,
-                        pg_catalog.regexp_replace(SQLERRM, '^plpy\.Error: ', '') || ' (SQLSTATE ' || SQLSTATE || ')';
+                        pg_catalog.regexp_replace(SQLERRM, '^(plpy\.Error|omop_emb): ', '') || ' (SQLSTATE ' || SQLSTATE || ')';
 END
 $fn$;
 COMMENT ON FUNCTION omop_emb.search_request_results(text, integer, text[], text[], text) IS

@@ -352,7 +352,7 @@ class DeterministicEmbeddingServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m omop_emb_pg.testing.deterministic_server",
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="python -m omop_emb_pg.testing.deterministic_server",
                                  description="Deterministic embedding server with fault injection (tests).")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
