@@ -171,14 +171,16 @@ def module_rows():
 # Numbers the SQL states (function SET clauses, comments) that the in-database
 # Python defines: @NAME@ in sql/ becomes the value of NAME in that module, so
 # that each is written once.
-SQL_CONSTANTS = {"MAX_K": "checks", "DEFAULT_EF_SEARCH": "runtime"}
+SQL_CONSTANTS = {"MAX_K": "checks", "DEFAULT_EF_SEARCH": "runtime", "TS_CONFIG": "lexical"}
 
 
 def python_constant(name, module):
-    m = re.search(r"^%s = (\d+)\s*(#.*)?$" % name, (PY_DIR / (module + ".py")).read_text(), re.M)
+    """NAME = 123 or NAME = "word" in omop_emb_indb/<module>.py, as SQL text."""
+    m = re.search(r'^%s = (\d+|"[a-z_]+")\s*(#.*)?$' % name,
+                  (PY_DIR / (module + ".py")).read_text(), re.M)
     if not m:
-        raise SystemExit("extension/build.py: no integer %s in omop_emb_indb/%s.py" % (name, module))
-    return m.group(1)
+        raise SystemExit("extension/build.py: no constant %s in omop_emb_indb/%s.py" % (name, module))
+    return m.group(1).strip('"')
 
 
 def _substitute(script, ver):

@@ -78,11 +78,18 @@ def depth(k):
     return min(MAX_K, max(k, MIN_DEPTH))
 
 
-def index_statements(model_id):
-    """DDL of the lexical index of a model's embedding table (idempotent)."""
+def tsvector(column):
+    """The full-text expression of a text column: the GIN index is built on it and
+    searches must write it exactly so (the planner matches expressions verbatim).
+    The SQL function omop_emb.lexemes() gets TS_CONFIG from here at build time."""
+    return "to_tsvector('%s'::regconfig, %s)" % (TS_CONFIG, column)
+
+
+def index_statements(model_id, if_not_exists=True):
+    """DDL of the lexical index of a model's embedding table."""
     mid = int(model_id)
-    return ["CREATE INDEX IF NOT EXISTS embedding_%d_fts ON omop_emb.embedding_%d "
-            "USING gin (to_tsvector('%s'::regconfig, text))" % (mid, mid, TS_CONFIG)]
+    return ["CREATE INDEX %sembedding_%d_fts ON omop_emb.embedding_%d USING gin (%s)"
+            % ("IF NOT EXISTS " if if_not_exists else "", mid, mid, tsvector("text"))]
 
 
 def ensure_index(plpy, model_id):
@@ -148,7 +155,7 @@ def search_sql(model, where, op, n_filter_params):
     from . import sqlgen
 
     t = sqlgen.table(model["model_id"])
-    tsv = "to_tsvector('%s'::regconfig, e.text)" % TS_CONFIG
+    tsv = tsvector("e.text")
     part = ("SELECT %s, e.embedding, "
             "omop_emb.lexical_score(q.words, omop_emb.lexemes(e.text)) AS lex_score "
             "FROM %s e, q WHERE %%s AND %s" % (sqlgen.SELECT_COLS, t, where))

@@ -82,6 +82,8 @@ def vector_type(model):
 
 
 def create_table(model):
+    from . import lexical  # loaded after this module (build.py MODULES)
+
     t = table(model["model_id"])
     mid = int(model["model_id"])
     return [
@@ -110,8 +112,7 @@ def create_table(model):
         "CREATE INDEX embedding_%d_domain ON %s (domain_id)" % (mid, t),
         "CREATE INDEX embedding_%d_class ON %s (concept_class_id)" % (mid, t),
         # Lexical side of hybrid search (omop_emb_indb.lexical).
-        "CREATE INDEX embedding_%d_fts ON %s USING gin (to_tsvector('english'::regconfig, text))"
-        % (mid, t),
+        lexical.index_statements(mid, if_not_exists=False)[0],
         "COMMENT ON TABLE %s IS 'omop_emb: embeddings of model %d (one row per concept text)'"
         % (t, mid),
     ]

@@ -4,7 +4,7 @@
 
 CREATE OR REPLACE FUNCTION omop_emb.lexemes(t text) RETURNS text[]
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-AS $$ SELECT pg_catalog.tsvector_to_array(pg_catalog.to_tsvector('english'::regconfig, t)) $$;
+AS $$ SELECT pg_catalog.tsvector_to_array(pg_catalog.to_tsvector('@TS_CONFIG@'::regconfig, t)) $$;
 COMMENT ON FUNCTION omop_emb.lexemes(text) IS
 'The distinct stemmed words of a text (English full-text configuration, stop words dropped), as used by lexical search';
 
