@@ -167,3 +167,19 @@ def test_cli_options_are_never_abbreviated():
         build_parser().parse_args(["search", "--mod", "hybrid", "x"])   # not --model
     args = build_parser().parse_args(["search", "--mode", "hybrid", "x"])
     assert args.mode == "hybrid" and args.model is None
+
+
+def test_a_missing_runtime_is_a_clear_error(omop_db):
+    with connect(omop_db) as conn:
+        conn.execute("BEGIN")
+        conn.execute("DELETE FROM omop_emb_internal.python_module")
+        try:
+            conn.execute("SELECT omop_emb_internal._bootstrap()")
+        except psycopg.Error as e:
+            assert e.diag.message_primary == ("omop_emb: the runtime's modules are missing "
+                                              "(omop_emb_internal.python_module is empty)")
+            assert "ALTER EXTENSION omop_emb UPDATE" in e.diag.message_hint
+        else:
+            raise AssertionError("no error")
+        finally:
+            conn.execute("ROLLBACK")

@@ -17,9 +17,12 @@ VERSION = @OMOP_EMB_VERSION@
 rows = plpy.execute("SELECT name, is_package, source FROM omop_emb_internal.python_module "
                     "ORDER BY load_order")
 if not rows:
-    plpy.error("omop_emb: the runtime's modules are missing (omop_emb_internal.python_module is empty)",
-               hint="Reinstall or upgrade the extension: ALTER EXTENSION omop_emb UPDATE, or "
-                    "omop-emb-pg install --dsn ...")
+    # Reported as "omop_emb: <message>", like the runtime's own errors.
+    err = type("omop_emb", (plpy.Error,), {"__module__": "builtins"})(
+        "the runtime's modules are missing (omop_emb_internal.python_module is empty)")
+    err.hint = ("Reinstall or upgrade the extension: ALTER EXTENSION omop_emb UPDATE, or "
+                "omop-emb-pg install --dsn ...")
+    raise err
 for r in rows:
     name, is_pkg, source = r["name"], r["is_package"], r["source"]
     mod = types.ModuleType(name)
