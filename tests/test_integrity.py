@@ -99,18 +99,34 @@ def test_changing_the_remote_model_requires_a_reindex_before_searching(idb, fake
         assert to_embed(index_notices(c, model)) == 0
 
 
-def test_changing_the_document_prefix_requires_a_reindex(idb, fake_embedder, model):
+def test_lexical_search_works_while_vectors_are_stale(idb, fake_embedder, model):
     with connect(idb) as c:
-        c.execute("SELECT omop_emb.alter_model(%s, document_prefix => 'passage: ')", (model,))
+        c.execute("SELECT omop_emb.alter_model(%s, remote_model => 'another-model')", (model,))
         with pytest.raises(psycopg.Error) as ei:
-            c.execute("SELECT * FROM omop_emb.nearest('concept number 3', 5, model => %s)", (model,))
+            c.execute("SELECT * FROM omop_emb.nearest('concept number 3', 5, model => %s, mode => 'hybrid')",
+                      (model,))
         assert ei.value.diag.sqlstate == "OE005"
         # Lexical search reads no vector: it keeps working meanwhile.
         assert c.execute("SELECT count(*) FROM omop_emb.nearest('concept number 3', 5, model => %s, "
                          "mode => 'lexical')", (model,)).fetchone()[0] == 5
-        assert to_embed(index_notices(c, model)) == N_CONCEPTS
+        # A run cut short leaves rows of the old model: still refused.
+        c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'vocab', batch_size => 10, "
+                  "max_texts => 20)", (model,))
+        with pytest.raises(psycopg.Error) as ei:
+            c.execute("SELECT * FROM omop_emb.nearest('concept number 3', 5, model => %s)", (model,))
+        assert ei.value.diag.sqlstate == "OE005"
+        assert to_embed(index_notices(c, model)) == N_CONCEPTS - 20
         assert len(c.execute("SELECT * FROM omop_emb.nearest('concept number 3', 5, model => %s)",
                              (model,)).fetchall()) == 5
+
+
+def test_a_new_document_prefix_is_re_embedded_in_place_while_searches_go_on(idb, fake_embedder, model):
+    """The same model with another prefix stays in the same vector space: no refusal."""
+    with connect(idb) as c:
+        c.execute("SELECT omop_emb.alter_model(%s, document_prefix => 'passage: ')", (model,))
+        assert len(c.execute("SELECT * FROM omop_emb.nearest('concept number 3', 5, model => %s)",
+                             (model,)).fetchall()) == 5
+        assert to_embed(index_notices(c, model)) == N_CONCEPTS
 
 
 def test_query_caches_are_keyed_on_the_model_identity(idb, fake_embedder, model):

@@ -154,15 +154,6 @@ class IndexingMixin:
         filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
         mid = int(model["model_id"])
         _lock_model(plpy, mid)
-        if doc_prefix != model["document_prefix"]:
-            # Indexing with another document prefix (a setting) changes the vectors.
-            from .registry import mark_identity_changed
-            plpy.execute(plpy.prepare("UPDATE omop_emb.model SET document_prefix = $2 "
-                                      "WHERE model_id = $1", ["int4", "text"]), [mid, doc_prefix])
-            mark_identity_changed(plpy, mid)
-            model = self._current(self.plan(
-                plpy, "model_by_id", "SELECT %s FROM omop_emb.model WHERE model_id = $1"
-                % _model_columns(), ["int4"]).execute([mid])[0])
         # $1: what goes before a text in the hash of what is sent (vectors.identity_hash).
         hashed_prefix = vectors.identity_salt(model["identity_version"]) + doc_prefix
         params, args, types = [], [hashed_prefix], ["text"]

@@ -75,11 +75,15 @@ def check_storage(storage, dimensions):
 
 # What produces a model's vectors. A change of any of them puts the stored
 # vectors in another space: searches refuse until index_concepts() re-embedded
-# them (mark_identity_changed). The endpoint is not part of it: pointing a model
-# at another server that serves the same model (a replica, a new host) needs no
-# re-embedding. A different model behind the same remote_model name is a change
-# the database cannot see: change remote_model too (or drop and re-register).
-IDENTITY_FIELDS = ("provider", "remote_model", "dimensions", "document_prefix")
+# them (mark_identity_changed). Not part of it:
+# - the endpoint: another server of the same model (a replica, a new host) needs
+#   no re-embedding. A different model behind the same remote_model name is a
+#   change the database cannot see: change remote_model too (or re-register);
+# - the prefixes: the same model with another prefix stays in the same space.
+#   The document prefix is in the hash of every stored text, so index_concepts()
+#   re-embeds the texts in place while searches go on; the query prefix is in
+#   the text a cached query vector is keyed by.
+IDENTITY_FIELDS = ("provider", "remote_model", "dimensions")
 
 
 def mark_identity_changed(plpy, model_id):
@@ -274,8 +278,7 @@ class RegistryMixin:
         if storage is not None and storage != model["storage"]:
             self._convert_storage(plpy, model, storage)
             bump_generation(plpy, model["model_id"])  # other sessions' plans name the old type
-        new = {"provider": provider, "remote_model": remote_model,
-               "document_prefix": document_prefix}
+        new = {"provider": provider, "remote_model": remote_model}
         changed = [f for f in IDENTITY_FIELDS
                    if new.get(f) is not None and new[f] != model[f]]
         if changed:
@@ -284,6 +287,9 @@ class RegistryMixin:
                         "another model: vector searches are refused until CALL "
                         "omop_emb.index_concepts(model => '%s') re-embeds them"
                         % (" and ".join(changed), new_name or name, new_name or name))
+        elif document_prefix is not None and document_prefix != model["document_prefix"]:
+            plpy.notice("omop_emb: the document prefix of %s changed; CALL "
+                        "omop_emb.index_concepts() re-embeds every concept text" % name)
         self.forget_model(model["model_id"])
         return True
 

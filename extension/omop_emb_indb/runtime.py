@@ -213,7 +213,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         prefix, _ = self.prefix(plpy, model, role, st)
         mid = model["model_id"]
         # Cached vectors are those of this identity of the model (provider, remote
-        # model, dimensions, document prefix): never an older one's.
+        # model, dimensions): never an older one's.
         ident = model["identity_version"]
         out = [None] * len(texts)
         todo = OrderedDict()  # sent text -> positions
@@ -456,14 +456,14 @@ class Runtime(RegistryMixin, IndexingMixin):
 
     def check_vectors_current(self, model):
         """Refuse a vector search while the stored vectors come from what the model
-        was before a change of provider, remote model or document prefix."""
+        was before a change of provider, remote model or dimensions."""
         if model["vectors_stale"]:
             raise NotIndexed(
                 "the embeddings of model %s were made by what the model was before its last "
-                "change (provider %s, remote model %s, document prefix %r now): vector "
+                "change (provider %s, remote model %s, %d dimensions now): vector "
                 "searches are refused until they are re-embedded"
                 % (model["name"], model["provider"], model["remote_model"],
-                   model["document_prefix"]),
+                   model["dimensions"]),
                 detail="Comparing a query vector of one model with document vectors of "
                        "another ranks concepts at random. Lexical search (mode => 'lexical') "
                        "reads no vector and keeps working.",

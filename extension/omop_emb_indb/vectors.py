@@ -109,7 +109,7 @@ def identity_hash(sent_text, identity_version):
     """The hash of the exact text sent, salted with the model's identity version
     (omop_emb.model.identity_version): the ``text_hash`` of embedding rows and the
     key of the query cache. A vector made before a change of provider, remote
-    model, dimensions or document prefix so never passes for one of the model as
+    model or dimensions so never passes for one of the model as
     it is now: indexing re-embeds such rows, the cache misses. Version 0 salts
     nothing: rows and cache entries made before versions existed stay valid."""
     return text_hash(identity_salt(identity_version) + sent_text)
