@@ -99,11 +99,12 @@ def test_k_and_filters_are_checked():
 def test_search_sql_is_index_shaped_and_parameterised():
     model = {"model_id": 3, "metric": "cosine", "storage": "vector", "dimensions": 384}
     sql, types, names = sqlgen.search(model, ((True, False, True), True, False))
-    assert "ORDER BY e.embedding <=> $1 LIMIT $2" in sql
+    # pgvector's operator and type schema-qualified (search_path is pinned to pg_catalog, pg_temp)
+    assert "ORDER BY e.embedding OPERATOR(public.<=>) $1 LIMIT $2" in sql
     assert "e.domain_id = ANY($3::text[])" in sql and "e.concept_class_id = ANY($4::text[])" in sql
-    assert types == ["vector(384)", "int4", "text[]", "text[]"] and names == ["domain_ids", "concept_class_ids"]
+    assert types == ["public.vector(384)", "int4", "text[]", "text[]"] and names == ["domain_ids", "concept_class_ids"]
     exact_sql, _, _ = sqlgen.search(model, ((False, False, False), True, False), exact=True)
-    assert "ORDER BY (e.embedding <=> $1) + 0" in exact_sql  # no index can serve it
+    assert "ORDER BY (e.embedding OPERATOR(public.<=>) $1) + 0" in exact_sql  # no index can serve it
     assert sqlgen.storage_for(2000) == "vector" and sqlgen.storage_for(3072) == "halfvec"
     assert sqlgen.similarity_from_distance("cosine", 0.25) == 0.75
 
@@ -168,3 +169,24 @@ def test_json_arrays_leave_anything_unusual_to_the_full_parse(change):
     elif change == "order":
         data.reverse()
     assert vectors.json_arrays(json.dumps({"data": data}).encode(), count, dims) is None
+
+
+def test_identity_hash_keeps_version_0_and_separates_later_versions():
+    sent = "query: high blood pressure"
+    assert vectors.identity_hash(sent, 0) == vectors.text_hash(sent)  # rows and cache of 0.1.0 stay valid
+    assert vectors.identity_hash(sent, 1) != vectors.identity_hash(sent, 0)
+    assert vectors.identity_hash(sent, 2) != vectors.identity_hash(sent, 1)
+    # the SQL side hashes salt || prefix || text the same way
+    assert vectors.identity_hash(sent, 3) == vectors.text_hash(vectors.identity_salt(3) + sent)
+
+
+def test_length_is_checked_on_what_is_sent_and_batches_are_bounded():
+    model = {"name": "m", "max_input_chars": 10}
+    checks.check_input_length(model, ["x" * 3], "query: ")  # 10 as sent: fine
+    with pytest.raises(InvalidArgument) as e:
+        checks.check_input_length(model, [None, "x" * 4], "query: ", "query")
+    assert "text 2 is 11 characters long as sent" in e.value.message and "query: " in e.value.detail
+    checks.check_batch_size(200, 1000)
+    with pytest.raises(InvalidArgument) as e:
+        checks.check_batch_size(2000, 1000)
+    assert "chunks of 200" in e.value.hint
