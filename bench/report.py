@@ -243,7 +243,10 @@ def write(r: dict, out: Path) -> None:
         made = plots(r, out)
     except Exception as e:  # a plot failure must not lose the table
         print("plots failed:", e, file=sys.stderr)
-    md = "# omop_emb benchmarks\n\n" + markdown(r) + "".join(
+    # the parts of issue 16 bring their own tables (bench/b_halfvec.py, b_bundle.py, b_servers.py)
+    extra = "".join("\n" + r[k]["markdown"] + "\n" for k in ("halfvec", "bundle", "servers")
+                    if isinstance(r.get(k), dict) and r[k].get("markdown"))
+    md = "# omop_emb benchmarks\n\n" + markdown(r) + extra + "".join(
         f"\n![{m}]({m})\n" for m in made)
     (out / "benchmarks.md").write_text(md)
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Database, Proc, log  # noqa: E402
 
-PARTS = ("indexing", "e5", "query", "modes", "recall", "memory", "batch")
+PARTS = ("indexing", "e5", "query", "modes", "recall", "memory", "batch", "halfvec", "bundle", "servers")
 
 
 def main(argv=None) -> int:
@@ -125,6 +125,26 @@ def main(argv=None) -> int:
             servers.append(det)
             results["indexing"] = b_indexing.bench_instant(db, inst.url, index_scale, q, det_url=det.url)
             det.stop()
+            save()
+        if "halfvec" in parts:
+            import b_halfvec
+
+            dsn = db.create("bench_halfvec")
+            db.install(dsn)
+            results["halfvec"] = b_halfvec.run(dsn, index_scale, 50 if q else 200)
+            results["halfvec"]["markdown"] = b_halfvec.markdown(results["halfvec"])
+            save()
+        if "bundle" in parts:
+            import b_bundle
+
+            results["bundle"] = b_bundle.run(db, index_scale)
+            results["bundle"]["markdown"] = b_bundle.markdown(results["bundle"])
+            save()
+        if "servers" in parts and not a.no_e5:
+            import b_servers
+
+            results["servers"] = b_servers.run(db, a.e5_domains.split(","))
+            results["servers"]["markdown"] = b_servers.markdown(results["servers"])
             save()
         e5 = None
         if not a.no_e5 and ("e5" in parts or "batch" in parts):

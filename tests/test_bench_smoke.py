@@ -34,7 +34,10 @@ def test_bench_smoke(tmp_path, pg):
     assert res["recall"]["ground_truth_check_overlap"] >= 0.9
     for case in res["recall"]["cases"].values():
         assert 0.0 <= case["by_ef"]["default"]["recall_at_10"] <= 1.0
+    assert res["halfvec"]["models"]["hv_half"]["table_bytes"] < res["halfvec"]["models"]["hv_vector"]["table_bytes"]
+    assert res["bundle"]["import"]["imported"] == 1000 and res["bundle"]["reimport"]["skipped"] == 1000
     md = (out / "benchmarks.md").read_text()
     assert "| Goal |" in md and "Recall@10" in md
+    assert "halfvec against vector" in md and "Embedding bundle" in md
     for png in ("latency_cdf.png", "recall_latency.png", "memory_rss.png", "indexing.png"):
         assert (out / png).stat().st_size > 1000, png
