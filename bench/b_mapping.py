@@ -12,7 +12,7 @@ each with its own texts (a tag per side) so that none profits from the query cac
 Prints terms/s of each side, suggest/nearest_batch throughput ratio (target >= 0.9) and the
 context columns' cost (target <= 20%), plus the once-per-job record-count step.
 
-    .venv/bin/python bench/b_mapping.py --n 500
+    OMOP_EMB_INSTALL_METHOD=script .venv/bin/python bench/b_mapping.py --n 500   # this checkout's SQL
     .venv/bin/python bench/b_mapping.py --n 10000 --dsn 'host=... dbname=postgres'   # a server of yours
 """
 
