@@ -254,7 +254,7 @@ def test_sessions_that_finish_indexing_together_do_not_deadlock(omop_db, fake_em
                 for _ in range(5):
                     conn.execute("SELECT 1")  # opens the transaction, as in index_concepts
                     barrier.wait(timeout=30)
-                    conn.execute("SELECT omop_emb._index_finish('fake')")
+                    conn.execute("SELECT omop_emb_internal.index_finish('fake')")
                     conn.commit()
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)

@@ -42,3 +42,21 @@ class NotIndexed(OmopEmbError):
 class InvalidArgument(OmopEmbError):
     # invalid_parameter_value: a standard SQLSTATE clients already understand.
     sqlstate = "22023"
+
+
+class UnsafeRelation(OmopEmbError):
+    """A relation the caller named is not a plain table (a view, a temporary or
+    foreign table...): reading it could run someone else's code."""
+    # wrong_object_type
+    sqlstate = "42809"
+
+
+class DuplicateTable(OmopEmbError):
+    """A table the extension would create exists already and holds data."""
+    sqlstate = "42P07"
+
+
+class KeyNotAllowed(OmopEmbError):
+    """An API key reference that may not be read, or not sent to this endpoint."""
+    # insufficient_privilege
+    sqlstate = "42501"

@@ -17,7 +17,7 @@ import json
 
 from . import lexical, sqlgen, vectors
 from .checks import check_filters
-from .errors import InvalidArgument
+from .errors import InvalidArgument, UnsafeRelation
 
 ENGLISH = 4180186
 # First key of the pg_advisory_xact_lock(class, model_id) under which the
@@ -123,14 +123,101 @@ def desired_texts_sql(vocab, include_classification, include_invalid, include_sy
             "source_concept_id" % union)
 
 
+# What index_stage reads as the caller: plain and partitioned tables whose columns
+# all have built-in types. A view (its query), a foreign table (its wrapper), a
+# table with row-level security (its policies) or a column of a user-defined type
+# (its casts) runs code of whoever made it, with the rights of the reader; a
+# temporary relation shadows the vocabulary of that name for one session only.
+RELATION_SQL = (
+    "SELECT c.relkind::text AS kind, c.relpersistence = 't' AS temporary, "
+    "c.relrowsecurity AS row_security, "
+    "pg_catalog.has_table_privilege(c.oid, 'SELECT') AS readable, "
+    "(SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname::text), ', ') "
+    " FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid "
+    " WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+    " AND t.typnamespace <> 'pg_catalog'::pg_catalog.regnamespace) AS user_typed "
+    "FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass("
+    "pg_catalog.quote_ident($1) OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) "
+    "pg_catalog.quote_ident($2))")
+
+RELATION_KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table"}
+
+
+def check_relation(plpy, schema, table, allow_any, required=True, what="index_concepts"):
+    """True when ``schema.table`` may be read by ``what`` as the caller; False when it
+    is absent and not ``required``; raises otherwise."""
+    rows = plpy.execute(plpy.prepare(RELATION_SQL, ["text", "text"]), [schema, table])
+    name = "%s.%s" % (schema, table)
+    if not rows:
+        if not required:
+            return False
+        raise InvalidArgument("table %s does not exist" % name,
+                              hint="Load the OMOP vocabulary there, or pass the schema "
+                                   "that holds it as vocabulary_schema.")
+    r = rows[0]
+    if not r["readable"]:
+        raise InvalidArgument("you may not read %s" % name,
+                              hint="GRANT SELECT on the vocabulary tables to the role "
+                                   "that runs %s." % what)
+    why = None
+    if r["kind"] not in ("r", "p"):
+        why = RELATION_KINDS.get(r["kind"], "not a table (relkind %s)" % r["kind"])
+    elif r["temporary"]:
+        why = "a temporary table"
+    elif r["row_security"]:
+        why = "a table with row-level security"
+    elif r["user_typed"]:
+        why = "a table with columns of user-defined types (%s)" % r["user_typed"]
+    if why and not allow_any:
+        raise UnsafeRelation(
+            "%s is %s; %s reads only plain tables of the vocabulary" % (name, why, what),
+            detail="Reading it could run code of whoever made it (a view's functions, a "
+                   "policy, a cast, a foreign-data wrapper), with your rights.",
+            hint="Index from the vocabulary's own tables (vocabulary_schema => '...'). If you "
+                 "trust every function it uses, pass allow_any_relation => true to "
+                 "index_concepts(): it is then read with your rights, never the extension "
+                 "owner's.")
+    return True
+
+
+STAGE_TEXT_COLUMNS = ("concept_id", "text_kind", "text", "source_concept_id",
+                      "source_code") + sqlgen.ATTR_COLUMNS
+
+# This session's rows of the staging tables (filled by index_stage as the caller).
+MINE = "pid = pg_catalog.pg_backend_pid()"
+
+
+def _check_upsert_args(concept_ids, texts):
+    """False when there is nothing to store; raises on bad input."""
+    if concept_ids is None or texts is None:
+        return False
+    if len(concept_ids) != len(texts):
+        raise InvalidArgument("%d concept ids but %d texts" % (len(concept_ids), len(texts)),
+                              hint="Pass one text per concept id.")
+    if any(c is None for c in concept_ids) or any(t is None or not t.strip() for t in texts):
+        raise InvalidArgument("concept ids and texts must not be NULL or blank")
+    if len(set(concept_ids)) != len(concept_ids):
+        raise InvalidArgument("concept ids repeat", hint="Pass each concept once.")
+    return True
+
+
 class IndexingMixin:
-    def index_prepare(self, plpy, model_name, vocab_schema, domain_ids, vocabulary_ids,
-                      concept_class_ids, include_classification, include_invalid,
-                      include_synonyms, include_mapped):
-        st = self.settings(plpy)
-        model = self.model(plpy, model_name, st)
-        doc_prefix, _ = self.prefix(plpy, model, "document", st)
-        qry_prefix, _ = self.prefix(plpy, model, "query", st)
+    def index_model(self, plpy, model_name):
+        """(model_id, name, recorded vocabulary schema) of a model, resolved as every
+        function does (argument, setting, the only model): for the invoker steps,
+        which cannot read omop_emb.model."""
+        model = self.model(plpy, model_name)
+        schema = self.plan(plpy, "model_vocabulary",
+                           "SELECT vocabulary_schema FROM omop_emb.model WHERE model_id = $1",
+                           ["int4"]).execute([model["model_id"]])[0]["vocabulary_schema"]
+        return [(model["model_id"], model["name"], schema)]
+
+    def index_stage(self, plpy, model_name, vocab_schema, domain_ids, vocabulary_ids,
+                    concept_class_ids, include_classification, include_invalid,
+                    include_synonyms, include_mapped, allow_any):
+        """SECURITY INVOKER step of index_concepts: reads the vocabulary with the
+        caller's rights into this session's staging rows, then runs index_prepare
+        (SECURITY DEFINER), which reads only those rows."""
         if not vocab_schema:
             raise InvalidArgument(
                 "no vocabulary schema: no table named concept is on the search_path",
@@ -138,25 +225,11 @@ class IndexingMixin:
                      "search_path so that it is found.")
         for t in ["concept"] + (["concept_synonym"] if include_synonyms else []) + \
                 (["concept_relationship"] if include_mapped else []):
-            rows = plpy.execute(plpy.prepare(
-                "SELECT to_regclass(quote_ident($1) || '.' || $2) IS NOT NULL AS present, "
-                "CASE WHEN to_regclass(quote_ident($1) || '.' || $2) IS NULL THEN false ELSE "
-                "has_table_privilege(session_user, to_regclass(quote_ident($1) || '.' || $2), "
-                "'SELECT') END AS allowed", ["text", "text"]), [vocab_schema, t])
-            if not rows[0]["present"]:
-                raise InvalidArgument("table %s.%s does not exist" % (vocab_schema, t),
-                                      hint="Load the OMOP vocabulary there, or pass the schema "
-                                           "that holds it as vocabulary_schema.")
-            if not rows[0]["allowed"]:
-                raise InvalidArgument("%s may not read %s.%s" % ("the session user", vocab_schema, t),
-                                      hint="GRANT SELECT on the vocabulary tables to the role "
-                                           "that runs index_concepts.")
+            check_relation(plpy, vocab_schema, t, allow_any)
         filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
-        mid = int(model["model_id"])
-        _lock_model(plpy, mid)
-        # $1: what goes before a text in the hash of what is sent (vectors.identity_hash).
-        hashed_prefix = vectors.identity_salt(model["identity_version"]) + doc_prefix
-        params, args, types = [], [hashed_prefix], ["text"]
+        mid, name, _ = plpy.execute(plpy.prepare(
+            "SELECT * FROM omop_emb_internal.index_model($1)", ["text"]), [model_name])[0].values()
+        params, args, types = [], [], []
         for col, arr in zip(("domain_id", "vocabulary_id", "concept_class_id"), filters):
             if arr is not None:
                 args.append(arr)
@@ -165,41 +238,91 @@ class IndexingMixin:
         vocab = plpy.quote_ident(vocab_schema)
         desired = desired_texts_sql(vocab, bool(include_classification), bool(include_invalid),
                                     bool(include_synonyms), bool(include_mapped), params)
+        cols = ", ".join(STAGE_TEXT_COLUMNS)
+        plpy.execute(plpy.prepare(
+            "INSERT INTO omop_emb_internal.index_stage_text (%s) SELECT %s FROM (%s) d"
+            % (cols, cols, desired), types), args)
+        # Attributes of the concepts in scope and of every concept embedded already
+        # (refreshed, or removed when gone from the vocabulary).
+        in_scope = "coalesce(%s, false)" % _scope(bool(include_classification),
+                                                   bool(include_invalid), "c", params)
+        attrs = ", ".join("c." + a for a in sqlgen.ATTR_COLUMNS)
+        plpy.execute(plpy.prepare(
+            "INSERT INTO omop_emb_internal.index_stage_concept (concept_id, in_scope, %s) "
+            "SELECT c.concept_id, %s, %s FROM %s.concept c WHERE %s OR c.concept_id IN "
+            "(SELECT omop_emb_internal.embedded_concepts($%d))"
+            % (", ".join(sqlgen.ATTR_COLUMNS), in_scope, attrs, vocab, in_scope, len(args) + 1),
+            types + ["int4"]), args + [mid])
+        version = None
+        if check_relation(plpy, vocab_schema, "vocabulary", allow_any, required=False):
+            rows = plpy.execute("SELECT vocabulary_version FROM %s.vocabulary "
+                                "WHERE vocabulary_id = 'None'" % vocab)
+            version = rows[0]["vocabulary_version"] if rows else None
+        plpy.execute(plpy.prepare(
+            "INSERT INTO omop_emb_internal.index_stage_run (model_id, vocabulary_schema, "
+            "vocabulary_version, include_synonyms, include_mapped) VALUES ($1, $2, $3, $4, $5)",
+            ["int4", "text", "text", "bool", "bool"]),
+            [mid, vocab_schema, version, bool(include_synonyms), bool(include_mapped)])
+        return [tuple(r.values()) for r in plpy.execute(plpy.prepare(
+            "SELECT * FROM omop_emb_internal.index_prepare($1)", ["text"]), [name])]
+
+    def index_prepare(self, plpy, model_name):
+        """SECURITY DEFINER step of index_concepts: from this session's staging rows
+        (never from a relation the caller named), queue the texts whose embedding is
+        missing or stale, delete texts no longer asked for, refresh attributes."""
+        st = self.settings(plpy)
+        model = self.model(plpy, model_name, st)
+        doc_prefix, _ = self.prefix(plpy, model, "document", st)
+        qry_prefix, _ = self.prefix(plpy, model, "query", st)
+        mid = int(model["model_id"])
+        runs = plpy.execute(plpy.prepare(
+            "DELETE FROM omop_emb_internal.index_stage_run WHERE %s RETURNING *" % MINE, []))
+        run = [r for r in runs if r["model_id"] == mid]
+        if len(run) != 1:
+            raise InvalidArgument(
+                "nothing was staged for model %s in this transaction" % model["name"],
+                hint="Run CALL omop_emb.index_concepts(...); this step is internal.")
+        run = run[0]
+        _lock_model(plpy, mid)
+        # $1: what goes before a text in the hash of what is sent (vectors.identity_hash).
+        hashed_prefix = vectors.identity_salt(model["identity_version"]) + doc_prefix
         emb = sqlgen.table(mid)
         cols = ", ".join(sqlgen.ROW_COLUMNS)
+        text_rows = "omop_emb_internal.index_stage_text d"
+        concept_rows = "omop_emb_internal.index_stage_concept c"
         # Stale rows: the concept is in scope but this text is no longer asked for
         # (a renamed concept). Kinds not asked for in this run are left alone.
-        kinds = ["name"] + (["synonym"] if include_synonyms else []) + \
-            (["mapped"] if include_mapped else [])
-        scope_ids = ("SELECT c.concept_id FROM %s.concept c WHERE %s"
-                     % (vocab, _scope(bool(include_classification), bool(include_invalid), "c",
-                                      params)))
-        deleted = plpy.execute(plpy.prepare(
-            "WITH d AS (%s) DELETE FROM %s e WHERE e.concept_id IN (%s) AND e.text_kind = ANY(%s) "
-            "AND NOT EXISTS (SELECT 1 FROM d WHERE d.concept_id = e.concept_id AND "
-            "d.text_kind = e.text_kind AND d.text = e.text)"
-            % (desired, emb, scope_ids, "ARRAY[%s]" % ", ".join("'%s'" % k for k in kinds)),
-            types), args).nrows()
-        # Concepts that left the vocabulary entirely go too; attributes that
-        # changed (deprecated, re-domained) are refreshed without re-embedding.
+        kinds = ["name"] + (["synonym"] if run["include_synonyms"] else []) + \
+            (["mapped"] if run["include_mapped"] else [])
+        deleted = plpy.execute(
+            "DELETE FROM %s e WHERE e.concept_id IN (SELECT c.concept_id FROM %s WHERE c.%s "
+            "AND c.in_scope) AND e.text_kind = ANY(%s) AND NOT EXISTS (SELECT 1 FROM %s "
+            "WHERE d.%s AND d.concept_id = e.concept_id AND d.text_kind = e.text_kind "
+            "AND d.text = e.text)"
+            % (emb, concept_rows, MINE, "ARRAY[%s]" % ", ".join("'%s'" % k for k in kinds),
+               text_rows, MINE)).nrows()
+        # Concepts that left the vocabulary entirely go too (every embedded concept
+        # still in the vocabulary was staged); attributes that changed (deprecated,
+        # re-domained) are refreshed without re-embedding.
         deleted += plpy.execute(
-            "DELETE FROM %s e WHERE NOT EXISTS (SELECT 1 FROM %s.concept c "
-            "WHERE c.concept_id = e.concept_id)" % (emb, vocab)).nrows()
+            "DELETE FROM %s e WHERE NOT EXISTS (SELECT 1 FROM %s WHERE c.%s "
+            "AND c.concept_id = e.concept_id)" % (emb, concept_rows, MINE)).nrows()
         plpy.execute(
             "UPDATE %s e SET concept_name = c.concept_name, domain_id = c.domain_id, "
             "vocabulary_id = c.vocabulary_id, concept_class_id = c.concept_class_id, "
             "standard_concept = c.standard_concept, invalid_reason = c.invalid_reason "
-            "FROM %s.concept c WHERE c.concept_id = e.concept_id AND "
+            "FROM %s WHERE c.%s AND c.concept_id = e.concept_id AND "
             "(e.concept_name, e.domain_id, e.vocabulary_id, e.concept_class_id, "
             "e.standard_concept, e.invalid_reason) IS DISTINCT FROM (c.concept_name, c.domain_id, "
             "c.vocabulary_id, c.concept_class_id, c.standard_concept, c.invalid_reason)"
-            % (emb, vocab))
+            % (emb, concept_rows, MINE))
         queued = plpy.execute(plpy.prepare(
-            "WITH d AS (%s) INSERT INTO omop_emb.index_queue (model_id, %s) "
+            "INSERT INTO omop_emb.index_queue (model_id, %s) "
             "SELECT %d, d.concept_id, d.text_kind, d.text, "
             "sha256(convert_to($1 || d.text, 'UTF8')), d.source_concept_id, d.source_code, "
             "d.concept_name, d.domain_id, d.vocabulary_id, d.concept_class_id, "
-            "d.standard_concept, d.invalid_reason FROM d WHERE NOT EXISTS (SELECT 1 FROM %s e "
+            "d.standard_concept, d.invalid_reason FROM %s WHERE d.%s AND NOT EXISTS "
+            "(SELECT 1 FROM %s e "
             "WHERE e.concept_id = d.concept_id AND e.text_kind = d.text_kind AND e.text = d.text "
             "AND e.text_hash = sha256(convert_to($1 || d.text, 'UTF8'))) "
             "ON CONFLICT (model_id, concept_id, text_kind, text) DO UPDATE SET "
@@ -207,9 +330,9 @@ class IndexingMixin:
             # Rows already queued unchanged are left alone: rewriting them would
             # lock rows another session is claiming.
             "WHERE omop_emb.index_queue.text_hash IS DISTINCT FROM EXCLUDED.text_hash"
-            % (desired, cols, mid, emb), types), args).nrows()
-        total = plpy.execute(plpy.prepare(
-            "WITH d AS (%s) SELECT count(*) AS n FROM d" % desired, types), args)[0]["n"]
+            % (cols, mid, text_rows, MINE, emb), ["text"]), [hashed_prefix]).nrows()
+        total = plpy.execute("DELETE FROM omop_emb_internal.index_stage_text WHERE %s" % MINE).nrows()
+        plpy.execute("DELETE FROM omop_emb_internal.index_stage_concept WHERE %s" % MINE)
         if model["vectors_stale"]:
             # What produces the vectors changed: every row made before is queued
             # again, in the scope of this run or not, so that no vector of the old
@@ -223,18 +346,12 @@ class IndexingMixin:
                 "WHERE e.text_hash <> pg_catalog.sha256(pg_catalog.convert_to($2 || e.text, 'UTF8')) "
                 "ON CONFLICT (model_id, concept_id, text_kind, text) DO NOTHING"
                 % (cols, emb), ["int4", "text"]), [mid, hashed_prefix]).nrows()
-        version = None
-        if plpy.execute(plpy.prepare("SELECT to_regclass(quote_ident($1) || '.vocabulary') "
-                                     "IS NOT NULL AS v", ["text"]), [vocab_schema])[0]["v"]:
-            rows = plpy.execute("SELECT vocabulary_version FROM %s.vocabulary "
-                                "WHERE vocabulary_id = 'None'" % vocab)
-            version = rows[0]["vocabulary_version"] if rows else None
         plpy.execute(plpy.prepare(
             "UPDATE omop_emb.model SET document_prefix = $2, query_prefix = $3, "
             "vocabulary_schema = $4, vocabulary_version = coalesce($5, vocabulary_version), "
             "indexed_at = now(), updated_at = now() WHERE model_id = $1",
             ["int4", "text", "text", "text", "text"]),
-            [mid, doc_prefix, qry_prefix, vocab_schema, version])
+            [mid, doc_prefix, qry_prefix, run["vocabulary_schema"], run["vocabulary_version"]])
         plpy.execute(plpy.prepare(
             "DELETE FROM omop_emb.index_progress p WHERE p.model_id = $1 AND (p.pid = "
             "pg_backend_pid() OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = p.pid))",
@@ -365,36 +482,39 @@ class IndexingMixin:
         return True
 
     def upsert_concept_texts(self, plpy, concept_ids, texts, model_name):
-        """Embed (DOCUMENT role) and store one name per concept, replacing the
-        concept's previous name rows. Attributes come from the vocabulary the
-        model was indexed from when it has the concept; otherwise the text is the
-        name and the concept counts as standard and valid."""
-        if concept_ids is None or texts is None:
+        """SECURITY INVOKER: reads the attributes of the concepts from the vocabulary
+        the model was indexed from, with the caller's rights, and hands them as
+        values to upsert_concept_texts_store (SECURITY DEFINER)."""
+        if not _check_upsert_args(concept_ids, texts):
             return 0
-        if len(concept_ids) != len(texts):
-            raise InvalidArgument("%d concept ids but %d texts" % (len(concept_ids), len(texts)),
-                                  hint="Pass one text per concept id.")
-        if any(c is None for c in concept_ids) or any(t is None or not t.strip() for t in texts):
-            raise InvalidArgument("concept ids and texts must not be NULL or blank")
-        if len(set(concept_ids)) != len(concept_ids):
-            raise InvalidArgument("concept ids repeat", hint="Pass each concept once.")
+        _, name, schema = plpy.execute(plpy.prepare(
+            "SELECT * FROM omop_emb_internal.index_model($1)", ["text"]), [model_name])[0].values()
+        attrs = {}
+        if schema and check_relation(plpy, schema, "concept", False, required=False,
+                                     what="upsert_concept_texts"):
+            for r in plpy.execute(plpy.prepare(
+                    "SELECT concept_id, concept_code, domain_id, vocabulary_id, concept_class_id, "
+                    "standard_concept, invalid_reason FROM %s.concept WHERE concept_id = ANY($1)"
+                    % plpy.quote_ident(schema), ["int4[]"]), [list(concept_ids)]):
+                attrs[str(r["concept_id"])] = dict(r)
+        return plpy.execute(plpy.prepare(
+            "SELECT omop_emb_internal.upsert_concept_texts_store($1, $2, $3, $4) AS n",
+            ["int4[]", "text[]", "text", "text"]),
+            [list(concept_ids), list(texts), name, json.dumps(attrs)])[0]["n"]
+
+    def upsert_concept_texts_store(self, plpy, concept_ids, texts, model_name, attrs_json):
+        """Embed (DOCUMENT role) and store one name per concept, replacing the
+        concept's previous name rows. Attributes (``attrs_json``: {concept id:
+        row of the vocabulary}) when the vocabulary has the concept; otherwise the
+        text is the name and the concept counts as standard and valid."""
+        if not _check_upsert_args(concept_ids, texts):
+            return 0
         st = self.settings(plpy)
         model = self.model(plpy, model_name, st)
         mid = model["model_id"]
         vecs = self.embed_texts(plpy, model, "document", list(texts), st, use_cache=False)
         doc_prefix, _ = self.prefix(plpy, model, "document", st)
-        attrs = {}
-        schema = plpy.execute(plpy.prepare(
-            "SELECT vocabulary_schema FROM omop_emb.model WHERE model_id = $1", ["int4"]),
-            [mid])[0]["vocabulary_schema"]
-        if schema and plpy.execute(plpy.prepare(
-                "SELECT to_regclass(quote_ident($1) || '.concept') IS NOT NULL AS p", ["text"]),
-                [schema])[0]["p"]:
-            for r in plpy.execute(plpy.prepare(
-                    "SELECT concept_id, concept_code, domain_id, vocabulary_id, concept_class_id, "
-                    "standard_concept, invalid_reason FROM %s.concept WHERE concept_id = ANY($1)"
-                    % plpy.quote_ident(schema), ["int4[]"]), [list(concept_ids)]):
-                attrs[r["concept_id"]] = r
+        attrs = {int(k): v for k, v in json.loads(attrs_json or '{}').items()}
         plpy.execute(plpy.prepare(
             "DELETE FROM %s WHERE concept_id = ANY($1) AND text_kind = 'name'" % sqlgen.table(mid),
             ["int4[]"]), [list(concept_ids)])

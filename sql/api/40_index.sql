@@ -1,30 +1,78 @@
 -- Indexing the vocabulary's CONCEPT table, and the vector index.
 
-CREATE OR REPLACE FUNCTION omop_emb._index_prepare(
+-- The steps of index_concepts(). The vocabulary is a relation the caller names,
+-- so it is read by index_stage, SECURITY INVOKER (with the caller's rights, its
+-- search_path pinned), into staging tables the extension owns
+-- (sql/schema/0.2.0/10_index_staging.sql); the SECURITY DEFINER steps read only
+-- those and the extension's own tables. A view, a foreign or temporary table is
+-- refused unless the caller passes allow_any_relation => true.
+CREATE OR REPLACE FUNCTION omop_emb_internal.load_runtime() RETURNS boolean
+LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+AS $$
+return @RT@ is not None
+$$;
+COMMENT ON FUNCTION omop_emb_internal.load_runtime() IS
+'Internal: loads the runtime into this session for the SECURITY INVOKER functions (which may not run _bootstrap)';
+
+CREATE OR REPLACE FUNCTION omop_emb_internal.index_model(model text)
+RETURNS TABLE (model_id integer, model_name text, vocabulary_schema text)
+LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+AS $$
+return @RT@.call(plpy, "index_model", model)
+$$;
+COMMENT ON FUNCTION omop_emb_internal.index_model(text) IS
+'Internal: id, name and recorded vocabulary schema of a model (argument, else the setting omop_emb.model, else the only model)';
+
+CREATE OR REPLACE FUNCTION omop_emb_internal.embedded_concepts(model_id integer)
+RETURNS SETOF integer
+LANGUAGE plpgsql STABLE SECURITY DEFINER ROWS 100000
+AS $$
+BEGIN
+    RETURN QUERY EXECUTE pg_catalog.format(
+        'SELECT DISTINCT e.concept_id FROM omop_emb.%I e', 'embedding_' || embedded_concepts.model_id);
+END
+$$;
+COMMENT ON FUNCTION omop_emb_internal.embedded_concepts(integer) IS
+'Internal step of index_concepts(): the concepts a model has embeddings of (their attributes are refreshed from the vocabulary)';
+
+CREATE OR REPLACE FUNCTION omop_emb_internal.index_stage(
     model text, vocabulary_schema text, domain_ids text[], vocabulary_ids text[],
     concept_class_ids text[], include_classification boolean, include_invalid boolean,
-    include_synonyms boolean, include_mapped boolean)
+    include_synonyms boolean, include_mapped boolean, allow_any_relation boolean)
+RETURNS TABLE (model_name text, total_texts bigint, queued bigint, pending bigint, deleted bigint)
+LANGUAGE plpython3u VOLATILE SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp
+AS $$
+plpy.execute("SELECT omop_emb_internal.load_runtime()")
+return GD["omop_emb"].call(plpy, "index_stage", model, vocabulary_schema, domain_ids,
+                           vocabulary_ids, concept_class_ids, include_classification,
+                           include_invalid, include_synonyms, include_mapped, allow_any_relation)
+$$;
+COMMENT ON FUNCTION omop_emb_internal.index_stage(text, text, text[], text[], text[], boolean, boolean, boolean, boolean, boolean) IS
+'Internal step of index_concepts(), SECURITY INVOKER: reads the vocabulary with the caller''s rights into staging rows, then queues what is missing or stale (index_prepare)';
+
+CREATE OR REPLACE FUNCTION omop_emb_internal.index_prepare(model text)
 RETURNS TABLE (model_name text, total_texts bigint, queued bigint, pending bigint, deleted bigint)
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 AS $$
-return @RT@.call(plpy, "index_prepare", model, vocabulary_schema, domain_ids, vocabulary_ids,
-                 concept_class_ids, include_classification, include_invalid, include_synonyms,
-                 include_mapped)
+return @RT@.call(plpy, "index_prepare", model)
 $$;
-COMMENT ON FUNCTION omop_emb._index_prepare(text, text, text[], text[], text[], boolean, boolean, boolean, boolean) IS
-'Internal step of index_concepts(): queues the concept texts whose embedding is missing or stale';
+COMMENT ON FUNCTION omop_emb_internal.index_prepare(text) IS
+'Internal step of index_concepts(): from this session''s staging rows, queues the concept texts whose embedding is missing or stale';
 
-CREATE OR REPLACE FUNCTION omop_emb._index_batch(model text, batch_size integer) RETURNS integer
+CREATE OR REPLACE FUNCTION omop_emb_internal.index_batch(model text, batch_size integer) RETURNS integer
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 AS $$
 return @RT@.call(plpy, "index_batch", model, batch_size)
 $$;
-COMMENT ON FUNCTION omop_emb._index_batch(text, integer) IS
+COMMENT ON FUNCTION omop_emb_internal.index_batch(text, integer) IS
 'Internal step of index_concepts(): embeds one batch of queued texts; returns how many (0: done, -1: the rest is being done by other sessions)';
 
 -- A procedure so that each batch commits: an interrupted run keeps what it did,
 -- and a re-run resumes. Procedures that commit cannot be SECURITY DEFINER nor
--- pin search_path, so this one only calls schema-qualified functions.
+-- pin search_path, so this one runs in the caller's search_path and names
+-- every function, operator and type with its schema (a look-alike in public,
+-- count(integer) or *(numeric, integer), must not run as the caller).
 CREATE OR REPLACE PROCEDURE omop_emb.index_concepts(
     model text DEFAULT NULL,
     vocabulary_schema text DEFAULT NULL,
@@ -36,86 +84,89 @@ CREATE OR REPLACE PROCEDURE omop_emb.index_concepts(
     include_synonyms boolean DEFAULT false,
     include_mapped boolean DEFAULT false,
     batch_size integer DEFAULT NULL,
-    max_texts bigint DEFAULT NULL)
+    max_texts bigint DEFAULT NULL,
+    allow_any_relation boolean DEFAULT false)
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    prep record;
-    n integer;
-    done bigint := 0;
-    waits integer := 0;
-    retries integer := 0;
-    started timestamptz := pg_catalog.clock_timestamp();
-    last_notice timestamptz := pg_catalog.clock_timestamp();
-    rate double precision;
+    prep pg_catalog.record;
+    n pg_catalog.int4;
+    done pg_catalog.int8 := 0;
+    retries pg_catalog.int4 := 0;
+    started pg_catalog.timestamptz := pg_catalog.clock_timestamp();
+    last_notice pg_catalog.timestamptz := pg_catalog.clock_timestamp();
+    elapsed pg_catalog.float8;
 BEGIN
     IF vocabulary_schema IS NULL THEN
         -- The caller's search_path decides, as for any unqualified table name.
         SELECT n.nspname INTO vocabulary_schema
-        FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.oid = pg_catalog.to_regclass('concept');
+        FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n
+             ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+        WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('concept')::pg_catalog.oid;
     END IF;
-    SELECT * INTO prep FROM omop_emb._index_prepare(model, vocabulary_schema, domain_ids,
+    SELECT * INTO prep FROM omop_emb_internal.index_stage(model, vocabulary_schema, domain_ids,
         vocabulary_ids, concept_class_ids, include_classification, include_invalid,
-        include_synonyms, include_mapped);
+        include_synonyms, include_mapped, allow_any_relation);
     RAISE NOTICE 'omop_emb: model %: % concept texts in scope, % to embed (% queued now, % stale rows removed)',
         prep.model_name, prep.total_texts, prep.pending, prep.queued, prep.deleted;
     COMMIT;
     LOOP
-        EXIT WHEN max_texts IS NOT NULL AND done >= max_texts;
+        EXIT WHEN max_texts IS NOT NULL AND done OPERATOR(pg_catalog.>=) max_texts;
         BEGIN
-            n := omop_emb._index_batch(prep.model_name, batch_size);
+            n := omop_emb_internal.index_batch(prep.model_name, batch_size);
         EXCEPTION WHEN deadlock_detected OR serialization_failure OR lock_not_available THEN
             -- Only this batch rolled back (its texts are back in the queue), so a
             -- lock conflict with another indexing session costs a retry, not the run.
-            retries := retries + 1;
-            IF retries > 5 THEN
+            retries := retries OPERATOR(pg_catalog.+) 1;
+            IF retries OPERATOR(pg_catalog.>) 5 THEN
                 RAISE;
             END IF;
             RAISE NOTICE 'omop_emb: batch rolled back (%), retrying', SQLERRM;
-            PERFORM pg_catalog.pg_sleep(0.1 * retries);
+            PERFORM pg_catalog.pg_sleep(0.1::pg_catalog.float8 OPERATOR(pg_catalog.*) retries::pg_catalog.float8);
             CONTINUE;
         END;
         retries := 0;
-        IF n = 0 THEN
+        IF n OPERATOR(pg_catalog.=) 0 THEN
             EXIT;
-        ELSIF n < 0 THEN
+        ELSIF n OPERATOR(pg_catalog.<) 0 THEN
             -- What is left is claimed by other sessions: wait for them to finish
             -- or fail (a failed batch returns to the queue and is taken here).
             -- Commit first: texts this transaction took off the queue as already
             -- embedded stay locked until then, and the others would wait for us.
             COMMIT;
-            waits := waits + 1;
-            PERFORM pg_catalog.pg_sleep(0.2);
+            PERFORM pg_catalog.pg_sleep(0.2::pg_catalog.float8);
             CONTINUE;
         END IF;
-        done := done + n;
+        done := done OPERATOR(pg_catalog.+) n::pg_catalog.int8;
         COMMIT;
-        IF pg_catalog.clock_timestamp() - last_notice > interval '5 seconds' THEN
-            rate := done / greatest(extract(epoch FROM pg_catalog.clock_timestamp() - started), 0.001);
-            RAISE NOTICE 'omop_emb: % of % texts embedded (%/s)', done, prep.pending, round(rate::numeric, 1);
+        IF pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) last_notice
+           OPERATOR(pg_catalog.>) '5 seconds'::pg_catalog.interval THEN
+            elapsed := pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) started);
+            RAISE NOTICE 'omop_emb: % of % texts embedded (%/s)', done, prep.pending,
+                pg_catalog.round((done::pg_catalog.float8 OPERATOR(pg_catalog./) GREATEST(elapsed, 0.001::pg_catalog.float8))::pg_catalog.numeric, 1);
             last_notice := pg_catalog.clock_timestamp();
         END IF;
     END LOOP;
     LOOP
         BEGIN
-            PERFORM omop_emb._index_finish(prep.model_name);
+            PERFORM omop_emb_internal.index_finish(prep.model_name);
             EXIT;
         EXCEPTION WHEN deadlock_detected OR lock_not_available THEN
-            retries := retries + 1;
-            IF retries > 5 THEN
+            retries := retries OPERATOR(pg_catalog.+) 1;
+            IF retries OPERATOR(pg_catalog.>) 5 THEN
                 RAISE;
             END IF;
-            PERFORM pg_catalog.pg_sleep(0.1 * retries);
+            PERFORM pg_catalog.pg_sleep(0.1::pg_catalog.float8 OPERATOR(pg_catalog.*) retries::pg_catalog.float8);
         END;
     END LOOP;
-    rate := done / greatest(extract(epoch FROM pg_catalog.clock_timestamp() - started), 0.001);
+    elapsed := pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) started);
     RAISE NOTICE 'omop_emb: done, % texts embedded in % s (%/s)', done,
-        round(extract(epoch FROM pg_catalog.clock_timestamp() - started)::numeric, 1), round(rate::numeric, 1);
+        pg_catalog.round(elapsed::pg_catalog.numeric, 1),
+        pg_catalog.round((done::pg_catalog.float8 OPERATOR(pg_catalog./) GREATEST(elapsed, 0.001::pg_catalog.float8))::pg_catalog.numeric, 1);
 END
 $$;
-COMMENT ON PROCEDURE omop_emb.index_concepts(text, text, text[], text[], text[], boolean, boolean, boolean, boolean, integer, bigint) IS
-'Embed the concepts of the vocabulary''s CONCEPT table (standard, valid concepts by default) with the DOCUMENT role, committing each batch. Resumable: a re-run embeds only texts that are missing or whose exact text sent (prefix included) changed. Several sessions can run it at once. Options: domain_ids, vocabulary_ids, concept_class_ids, include_classification, include_invalid, include_synonyms (English concept_synonym), include_mapped (names of source concepts that ''Maps to'' a standard concept), batch_size, max_texts. Must be CALLed outside an explicit transaction block.';
+COMMENT ON PROCEDURE omop_emb.index_concepts(text, text, text[], text[], text[], boolean, boolean, boolean, boolean, integer, bigint, boolean) IS
+'Embed the concepts of the vocabulary''s CONCEPT table (standard, valid concepts by default) with the DOCUMENT role, committing each batch. Resumable: a re-run embeds only texts that are missing or whose exact text sent (prefix included) changed. Several sessions can run it at once. Options: domain_ids, vocabulary_ids, concept_class_ids, include_classification, include_invalid, include_synonyms (English concept_synonym), include_mapped (names of source concepts that ''Maps to'' a standard concept), batch_size, max_texts. The vocabulary is read with the caller''s rights and must be plain tables: a view, a materialized view, a foreign or temporary table, a table with row-level security or user-defined column types is refused unless allow_any_relation => true. Must be CALLed outside an explicit transaction block.';
 
 CREATE OR REPLACE FUNCTION omop_emb.create_index(
     model text DEFAULT NULL,
@@ -148,18 +199,32 @@ LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = p.pid
 GROUP BY m.model_id, m.name;
 COMMENT ON VIEW omop_emb.index_status IS 'omop_emb: progress of index_concepts() per model: texts done in the current run, pending, total, rate';
 
-CREATE OR REPLACE FUNCTION omop_emb._index_finish(model text) RETURNS boolean
+CREATE OR REPLACE FUNCTION omop_emb_internal.index_finish(model text) RETURNS boolean
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 AS $$
 return @RT@.call(plpy, "index_finish", model)
 $$;
-COMMENT ON FUNCTION omop_emb._index_finish(text) IS 'Internal last step of index_concepts(): refreshes planner statistics of the embedding table';
+COMMENT ON FUNCTION omop_emb_internal.index_finish(text) IS 'Internal last step of index_concepts(): refreshes planner statistics of the embedding table';
 
-CREATE OR REPLACE FUNCTION omop_emb.upsert_concept_texts(concept_ids integer[], texts text[], model text DEFAULT NULL)
+-- SECURITY INVOKER: the model's vocabulary is read with the caller's rights
+-- (plain tables only), and its rows handed as values to the definer step.
+CREATE OR REPLACE FUNCTION omop_emb_internal.upsert_concept_texts_store(
+    concept_ids integer[], texts text[], model text, attributes text)
 RETURNS integer
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 AS $$
-return @RT@.call(plpy, "upsert_concept_texts", concept_ids, texts, model)
+return @RT@.call(plpy, "upsert_concept_texts_store", concept_ids, texts, model, attributes)
+$$;
+COMMENT ON FUNCTION omop_emb_internal.upsert_concept_texts_store(integer[], text[], text, text) IS
+'Internal step of upsert_concept_texts(): embeds and stores the texts, with the attributes (JSON {concept_id: vocabulary row}) its caller read';
+
+CREATE OR REPLACE FUNCTION omop_emb.upsert_concept_texts(concept_ids integer[], texts text[], model text DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpython3u VOLATILE SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp
+AS $$
+plpy.execute("SELECT omop_emb_internal.load_runtime()")
+return GD["omop_emb"].call(plpy, "upsert_concept_texts", concept_ids, texts, model)
 $$;
 COMMENT ON FUNCTION omop_emb.upsert_concept_texts(integer[], text[], text) IS
 'Embed texts with the DOCUMENT role and store them as the names of the given concepts (replacing their previous name rows), for concepts that are not in a vocabulary table (the seed''s embed_and_upsert_concepts). Attributes come from the model''s vocabulary when it has the concept; otherwise the concept counts as standard and valid. Returns the number stored.';

@@ -11,6 +11,13 @@
 REVOKE ALL ON ALL TABLES IN SCHEMA omop_emb FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA omop_emb FROM PUBLIC;
 REVOKE EXECUTE ON ALL ROUTINES IN SCHEMA omop_emb FROM PUBLIC;
+REVOKE EXECUTE ON ALL ROUTINES IN SCHEMA omop_emb_internal FROM PUBLIC;
+-- The internal steps of index_concepts() and upsert_concept_texts(), run with the
+-- administrator's rights where they read the vocabulary (SECURITY INVOKER), so
+-- the administrator reaches their schema and may add rows to the staging tables.
+GRANT USAGE ON SCHEMA omop_emb_internal TO omop_emb_admin;
+GRANT INSERT ON omop_emb_internal.index_stage_run, omop_emb_internal.index_stage_text,
+    omop_emb_internal.index_stage_concept TO omop_emb_admin;
 GRANT USAGE ON SCHEMA omop_emb TO omop_emb_reader;
 GRANT SELECT ON omop_emb.models, omop_emb.index_status TO omop_emb_reader;
 
@@ -29,11 +36,14 @@ BEGIN
             USING HINT = 'CREATE EXTENSION vector; or CREATE EXTENSION omop_emb CASCADE;';
     END IF;
     FOR r IN
-        SELECT p.oid::regprocedure AS sig, p.proname, p.prosecdef, p.prokind
+        SELECT p.oid::regprocedure AS sig, p.proname, p.prosecdef, p.prokind,
+               p.pronamespace = 'omop_emb_internal'::regnamespace AS internal
         FROM pg_catalog.pg_proc p
-        WHERE p.pronamespace = 'omop_emb'::regnamespace
+        WHERE p.pronamespace IN ('omop_emb'::regnamespace, 'omop_emb_internal'::regnamespace)
     LOOP
-        IF r.proname = ANY (reader_routines) THEN
+        IF r.internal THEN
+            EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO omop_emb_admin', r.sig);
+        ELSIF r.proname = ANY (reader_routines) THEN
             EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO omop_emb_reader', r.sig);
         ELSIF r.proname NOT IN ('_bootstrap') THEN
             EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO omop_emb_admin', r.sig);
