@@ -84,6 +84,7 @@ def sec_db(module_db, fake_embedder_session, echo_server):
     with connect(dsn) as c:
         c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'voc')", (MODEL,))
         c.execute("SELECT omop_emb.set_secret('k', %s)", (SECRET,))
+        c.execute("SELECT omop_emb.bind_secret('k', %s)", (echo_server.url,))
         c.execute("SELECT omop_emb.register_model(%s, 'openai', %s, dimensions => 384, "
                   "document_prefix => '', query_prefix => '', api_key_ref => 'secret:k')",
                   (KEYED, echo_server.url))
@@ -144,9 +145,12 @@ ADMIN_ONLY = [
     ("set_secret", "SELECT omop_emb.set_secret('k', 'mine')"),
     ("delete_secret", "SELECT omop_emb.delete_secret('k')"),
     ("index_concepts", f"CALL omop_emb.index_concepts(model => '{MODEL}', vocabulary_schema => 'voc')"),
-    ("_index_prepare", f"SELECT * FROM omop_emb._index_prepare('{MODEL}', 'voc', NULL, NULL, NULL, "
-                       "false, false, false, false)"),
-    ("_index_batch", f"SELECT omop_emb._index_batch('{MODEL}', 10)"),
+    ("index_stage", f"SELECT * FROM omop_emb_internal.index_stage('{MODEL}', 'voc', NULL, NULL, NULL, "
+                    "false, false, false, false, false)"),
+    ("index_prepare", f"SELECT * FROM omop_emb_internal.index_prepare('{MODEL}')"),
+    ("index_batch", f"SELECT omop_emb_internal.index_batch('{MODEL}', 10)"),
+    ("stage rows", "INSERT INTO omop_emb_internal.index_stage_run (model_id, vocabulary_schema, "
+                   "include_synonyms, include_mapped) VALUES (1, 'voc', false, false)"),
     ("create_index", f"SELECT omop_emb.create_index('{MODEL}')"),
     ("clear_cache", "SELECT omop_emb.clear_cache()"),
     ("_bootstrap", "SELECT omop_emb_internal._bootstrap()"),

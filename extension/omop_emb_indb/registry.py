@@ -6,15 +6,18 @@ themselves live in the server's environment or in ``omop_emb.secret``, which
 only the extension owner can read.
 """
 
+import os
 import re
 
 from . import prefixes, providers, sqlgen
-from .errors import InvalidArgument, ModelNotFound
+from .errors import DuplicateTable, InvalidArgument, KeyNotAllowed, ModelNotFound
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}$")
 KEY_REF_RE = re.compile(r"^(env|secret):[A-Za-z_][A-Za-z0-9_]{0,62}$")
 METRICS = ("cosine", "l2", "ip")
 PROBE_TEXT = "omop_emb dimension probe"
+# pg_advisory_xact_lock(REGISTRY_LOCK_CLASS, 0): registrations one at a time ("OEmr").
+REGISTRY_LOCK_CLASS = 0x4F456D72
 
 
 def check_name(name):
@@ -147,6 +150,12 @@ def discover_prefixes(http, provider, endpoint, timeout=(3.0, 10.0), remote_mode
     return {}
 
 
+# Environment variables an api_key_ref may read without a superuser's leave:
+# the server's environment holds more than keys (PGDATA, PATH, credentials of
+# other services), and an administrator chooses where the key is sent.
+ENV_KEY_PREFIX = "OMOP_EMB_"
+
+
 class RegistryMixin:
     def registry_defaults(self, plpy):
         """{column: default} of omop_emb.model for DEFAULTED_COLUMNS, read once a session."""
@@ -160,15 +169,64 @@ class RegistryMixin:
             self._registry_defaults = found
         return found
 
+    def check_key_use(self, plpy, ref, endpoint):
+        """Raise unless the key ``ref`` points at may be sent to ``endpoint``:
+        env:NAME when NAME is OMOP_EMB_* or allowed by a superuser
+        (omop_emb.allow_env_key); secret:NAME when a superuser bound the secret to
+        that endpoint (omop_emb.bind_secret). Names the reference, never the key."""
+        kind, _, name = ref.partition(":")
+        if kind == "env":
+            if name.startswith(ENV_KEY_PREFIX) or self.plan(
+                    plpy, "env_key_allowed", "SELECT EXISTS (SELECT 1 FROM "
+                    "omop_emb_internal.env_key_allowed WHERE variable = $1) AS ok",
+                    ["text"]).execute([name])[0]["ok"]:
+                return
+            raise KeyNotAllowed(
+                "api_key_ref %s: the server's environment variable %s is not allowed as an "
+                "API key" % (ref, name),
+                detail="Only variables named %s* and those a superuser allowed are read."
+                       % ENV_KEY_PREFIX,
+                hint="Name the variable %s..., or a superuser runs SELECT "
+                     "omop_emb.allow_env_key('%s');" % (ENV_KEY_PREFIX, name))
+        # Every server of the endpoint (a model may list several) must be bound.
+        servers = [u.rstrip("/") for u in providers.split_endpoints(endpoint or "")] or [""]
+        bound = {r["endpoint"] for r in self.plan(
+            plpy, "secret_bound", "SELECT endpoint FROM omop_emb_internal.secret_endpoint "
+            "WHERE secret_name = $1 AND endpoint = ANY($2)", ["text", "text[]"]).execute(
+                [name, servers])}
+        unbound = [u for u in servers if u not in bound]
+        if unbound:
+            raise KeyNotAllowed(
+                "api_key_ref %s may not be sent to %s: a superuser has not bound that secret "
+                "to that endpoint" % (ref, " ".join(unbound)),
+                detail="A stored secret goes only to the endpoints a superuser bound it to; "
+                       "a model whose endpoint changed needs the binding again.",
+                hint="A superuser runs SELECT omop_emb.bind_secret('%s', '%s');"
+                     % (name, unbound[0]))
+
+    def api_key(self, plpy, model):
+        ref = model.get("api_key_ref")
+        if not ref:
+            return None
+        self.check_key_use(plpy, ref, model.get("endpoint"))
+        kind, _, name = ref.partition(":")
+        if kind == "env":
+            return os.environ.get(name) or None
+        rows = self.plan(plpy, "secret", "SELECT value FROM omop_emb.secret WHERE name = $1",
+                         ["text"]).execute([name])
+        return rows[0]["value"] if rows else None
+
     def register_model(self, plpy, name, provider, endpoint, dimensions, metric,
                        document_prefix, query_prefix, remote_model, api_key_ref, batch_size,
-                       read_timeout_s, storage=None):
+                       read_timeout_s, storage=None, adopt_table=None):
         name = check_name(name)
         provider = providers.check_provider(provider)
         endpoint = providers.check_endpoints(provider, endpoint)
         defaults = self.registry_defaults(plpy)
         metric = check_metric(metric or defaults["metric"])
         api_key_ref = check_key_ref(api_key_ref)
+        if api_key_ref:
+            self.check_key_use(plpy, api_key_ref, endpoint)
         if plpy.execute(plpy.prepare("SELECT 1 FROM omop_emb.model WHERE name = $1", ["text"]),
                         [name]):
             raise InvalidArgument("model %r is already registered" % name,
@@ -209,24 +267,27 @@ class RegistryMixin:
                 hint="pgvector indexes vector up to 2000 and halfvec up to 4000 dimensions; "
                      "ask the server for fewer dimensions (Matryoshka models allow it).")
         storage = check_storage(storage, dimensions)
+        model_id, adopted = self._model_id_for(plpy, adopt_table, storage, dimensions)
         row = plpy.execute(plpy.prepare(
-            "INSERT INTO omop_emb.model (name, provider, endpoint, remote_model, dimensions, "
-            "metric, document_prefix, query_prefix, api_key_ref, batch_size, read_timeout_s, "
-            "storage) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+            "INSERT INTO omop_emb.model (model_id, name, provider, endpoint, remote_model, "
+            "dimensions, metric, document_prefix, query_prefix, api_key_ref, batch_size, "
+            "read_timeout_s, storage) VALUES ($13, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
             "RETURNING model_id, storage, dimensions",
             ["text", "text", "text", "text", "int4", "text", "text", "text", "text", "int4",
-             "float8", "text"]),
+             "float8", "text", "int4"]),
             [name, provider, endpoint, remote_model or name, dimensions, metric,
              given["document"], given["query"], api_key_ref,
              defaults["batch_size"] if batch_size is None else batch_size,
              defaults["read_timeout_s"] if read_timeout_s is None else read_timeout_s,
-             storage])[0]
-        # A table left behind by an earlier installation (DROP EXTENSION keeps
-        # tables created by functions) would collide with the new model id.
-        if plpy.execute("SELECT to_regclass('%s') IS NOT NULL AS p" % sqlgen.table(row["model_id"]))[0]["p"]:
-            plpy.execute("DROP TABLE %s" % sqlgen.table(row["model_id"]))
+             storage, model_id])[0]
         for stmt in sqlgen.create_table(dict(row)):
-            plpy.execute(stmt)
+            if not adopted:
+                plpy.execute(stmt)
+            elif stmt.startswith("CREATE INDEX "):
+                # Indexes on the extension's functions went with the old installation.
+                plpy.execute(stmt.replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ", 1))
+        if adopted:
+            self._adopt_index(plpy, row["model_id"])
         # An id used before (a model dropped with DROP EXTENSION): nothing this
         # session prepared or cached for it applies to the new model.
         self.forget_model(row["model_id"])
@@ -245,6 +306,82 @@ class RegistryMixin:
                                   "or fix them with omop_emb.alter_model().")
         return row["model_id"]
 
+    def _model_id_for(self, plpy, adopt_table, storage, dimensions):
+        """(model id for a new model, whether its embedding table exists and is adopted).
+
+        A table ``omop_emb.embedding_<id>`` of an id the registry does not know was
+        left by an earlier installation (DROP EXTENSION ... CASCADE keeps tables that
+        functions created) and holds embeddings: it is never dropped. adopt_table
+        NULL: an error that names it; true: the new model takes it over when its
+        shape matches; false: it is left alone and the next free id is taken.
+        """
+        # One registration at a time: the id is read before it is used.
+        plpy.execute("SELECT pg_advisory_xact_lock(%d, 0)" % REGISTRY_LOCK_CLASS)
+        seq = "omop_emb.model_model_id_seq"
+        mid = plpy.execute("SELECT CASE WHEN is_called THEN last_value + 1 ELSE last_value END "
+                           "AS id FROM %s" % seq)[0]["id"]
+        # Ids taken already (a row inserted with an explicit id) are skipped too.
+        while plpy.execute("SELECT EXISTS (SELECT 1 FROM omop_emb.model WHERE model_id = %d) AS t"
+                           % mid)[0]["t"]:
+            mid += 1
+        while True:
+            table = sqlgen.table(mid)
+            found = plpy.execute(
+                "SELECT t.typname::text AS storage, a.atttypmod AS dims FROM pg_catalog.pg_attribute a "
+                "JOIN pg_catalog.pg_type t ON t.oid = a.atttypid WHERE a.attrelid = "
+                "to_regclass('%s') AND a.attname = 'embedding' AND NOT a.attisdropped" % table)
+            exists = plpy.execute("SELECT to_regclass('%s') IS NOT NULL AS e" % table)[0]["e"]
+            if not exists:
+                break
+            rows = plpy.execute("SELECT count(*) AS n FROM %s" % table)[0]["n"]
+            shape = ("%s(%s)" % (found[0]["storage"], found[0]["dims"])) if found else "unknown shape"
+            if adopt_table is None:
+                raise DuplicateTable(
+                    "table %s already exists (%d rows, embedding %s), left by an earlier "
+                    "installation; registering a model would take its id" % (table, rows, shape),
+                    detail="It is not dropped: it holds embeddings.",
+                    hint="register_model(..., adopt_table => true) makes this model use it (same "
+                         "dimensions and storage; index_concepts then re-embeds only what changed), "
+                         "adopt_table => false leaves it alone and takes another id, or DROP TABLE "
+                         "%s discards it." % table)
+            if adopt_table:
+                cols = {r["c"] for r in plpy.execute(
+                    "SELECT a.attname::text AS c FROM pg_catalog.pg_attribute a WHERE a.attrelid = "
+                    "to_regclass('%s') AND a.attnum > 0 AND NOT a.attisdropped" % table)}
+                missing = [c for c in sqlgen.ROW_COLUMNS + ("embedding",) if c not in cols]
+                if missing or not found or found[0]["storage"] != storage or \
+                        found[0]["dims"] != dimensions:
+                    raise InvalidArgument(
+                        "table %s (%d rows, embedding %s%s) does not have the shape of this model "
+                        "(embedding %s(%d))" % (table, rows, shape, ", missing columns %s"
+                                                % ", ".join(missing) if missing else "",
+                                                storage, dimensions),
+                        hint="Register the model with the table's dimensions, or use adopt_table "
+                             "=> false to leave the table alone.")
+                break
+            plpy.notice("omop_emb: left %s (%d rows) alone; the model takes the next id"
+                        % (table, rows))
+            mid += 1
+        plpy.execute("SELECT setval('%s', greatest(%d, (SELECT coalesce(max(model_id), 1) "
+                     "FROM omop_emb.model)))" % (seq, mid))
+        return mid, bool(exists)
+
+    def _adopt_index(self, plpy, model_id):
+        """An adopted table's HNSW index (it outlives the extension) decides the
+        model's index method and metric."""
+        rows = plpy.execute(
+            "SELECT opc.opcname::text AS opclass FROM pg_catalog.pg_index i "
+            "JOIN pg_catalog.pg_opclass opc ON opc.oid = i.indclass[0] "
+            "WHERE i.indexrelid = to_regclass('omop_emb.%s')" % sqlgen.hnsw_index_name(model_id))
+        if not rows:
+            return
+        metric = next((m for m, (_, suffix) in sqlgen.METRIC_OPS.items()
+                       if rows[0]["opclass"].endswith(suffix)), None)
+        if metric:
+            plpy.execute(plpy.prepare(
+                "UPDATE omop_emb.model SET index_method = 'hnsw', metric = $2 WHERE model_id = $1",
+                ["int4", "text"]), [model_id, metric])
+
     def alter_model(self, plpy, name, endpoint, provider, remote_model, api_key_ref, batch_size,
                     connect_timeout_s, read_timeout_s, max_retries, max_input_chars,
                     document_prefix, query_prefix, new_name, storage=None):
@@ -259,6 +396,10 @@ class RegistryMixin:
             check_name(new_name)
         if api_key_ref is not None:
             api_key_ref = check_key_ref(api_key_ref) or ""
+        # The key reference in force afterwards must reach the endpoint in force.
+        ref_after = model["api_key_ref"] if api_key_ref is None else api_key_ref
+        if ref_after and (api_key_ref or endpoint is not None):
+            self.check_key_use(plpy, ref_after, endpoint if endpoint is not None else model["endpoint"])
         plpy.execute(plpy.prepare(
             "UPDATE omop_emb.model SET endpoint = coalesce($2, endpoint), "
             "provider = coalesce($3, provider), remote_model = coalesce($4, remote_model), "

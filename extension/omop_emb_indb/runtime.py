@@ -6,7 +6,6 @@ and the set of warnings already given. ``plpy`` is passed in on each call so
 that this module imports without PostgreSQL.
 """
 
-import os
 import time
 from collections import OrderedDict
 
@@ -168,17 +167,6 @@ class Runtime(RegistryMixin, IndexingMixin):
     def _model_names(self, plpy):
         rows = plpy.execute("SELECT string_agg(name, ', ' ORDER BY name) AS n FROM omop_emb.model")
         return rows[0]["n"] or "(none)"
-
-    def api_key(self, plpy, model):
-        ref = model.get("api_key_ref")
-        if not ref:
-            return None
-        kind, _, name = ref.partition(":")
-        if kind == "env":
-            return os.environ.get(name) or None
-        rows = self.plan(plpy, "secret", "SELECT value FROM omop_emb.secret WHERE name = $1",
-                         ["text"]).execute([name])
-        return rows[0]["value"] if rows else None
 
     # -- prefixes -----------------------------------------------------------
     def prefix(self, plpy, model, role, st):
@@ -494,7 +482,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         if query_text is not None:
             sql, types, _ = sqlgen.exact_match(model, shape)
             for r in self.plan(plpy, ("exact", mid, shape), sql, types).execute(
-                    [vec, vectors.fold(query_text)] + args):
+                    [vec, query_text] + args):
                 if r["concept_id"] not in exact_rows and len(exact_rows) < k:
                     exact_rows[r["concept_id"]] = r
         want = k if mode == "semantic" else lexical.depth(k)

@@ -12,16 +12,17 @@ CREATE OR REPLACE FUNCTION omop_emb.register_model(
     api_key_ref text DEFAULT NULL,
     batch_size integer DEFAULT NULL,
     read_timeout_s double precision DEFAULT NULL,
-    storage text DEFAULT NULL
+    storage text DEFAULT NULL,
+    adopt_table boolean DEFAULT NULL
 ) RETURNS integer
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 AS $$
 return @RT@.call(plpy, "register_model", name, provider, endpoint, dimensions, metric,
                  document_prefix, query_prefix, remote_model, api_key_ref, batch_size,
-                 read_timeout_s, storage)
+                 read_timeout_s, storage, adopt_table)
 $$;
-COMMENT ON FUNCTION omop_emb.register_model(text, text, text, integer, text, text, text, text, text, integer, double precision, text) IS
-'Register an embedding model: name, provider (''openai'' = any OpenAI-compatible /v1/embeddings, ''ollama'' = /api/embed), endpoint (base URL), dimensions (NULL: discovered with one probe call), metric (cosine, l2, ip; NULL: the default of column omop_emb.model.metric), document_prefix and query_prefix (NULL: the settings in force, else what the server advertises, else empty), remote_model (name sent to the server; default: name), api_key_ref (env:VAR or secret:NAME, never the key), batch_size and read_timeout_s (NULL: the column defaults of omop_emb.model), storage (''vector'': float32, the default up to 2,000 dimensions; ''halfvec'': float16, half the size, HNSW up to 4,000 dimensions, the default above 2,000). Returns the model id.';
+COMMENT ON FUNCTION omop_emb.register_model(text, text, text, integer, text, text, text, text, text, integer, double precision, text, boolean) IS
+'Register an embedding model: name, provider (''openai'' = any OpenAI-compatible /v1/embeddings, ''ollama'' = /api/embed), endpoint (base URL), dimensions (NULL: discovered with one probe call), metric (cosine, l2, ip; NULL: the default of column omop_emb.model.metric), document_prefix and query_prefix (NULL: the settings in force, else what the server advertises, else empty), remote_model (name sent to the server; default: name), api_key_ref (env:VAR or secret:NAME, never the key), batch_size and read_timeout_s (NULL: the column defaults of omop_emb.model), storage (''vector'': float32, the default up to 2,000 dimensions; ''halfvec'': float16, half the size, HNSW up to 4,000 dimensions, the default above 2,000). adopt_table: a table of embeddings left by an earlier installation under the id the model would get is never dropped (NULL: an error naming it; true: this model uses it when its shape matches; false: it is left alone and the next id is taken). Returns the model id.';
 
 CREATE OR REPLACE FUNCTION omop_emb.alter_model(
     name text,
@@ -79,3 +80,46 @@ SELECT model_id, name, provider, endpoint, remote_model, dimensions, storage, me
        vectors_stale, identity_changed_at
 FROM omop_emb.model;
 COMMENT ON VIEW omop_emb.models IS 'omop_emb: registered embedding models (no secrets: api_key_ref only says where the key lives)';
+
+-- Where API keys may go (superusers only; sql/schema/0.2.0/20_key_references.sql).
+-- SECURITY INVOKER: the caller's own role must be a superuser.
+CREATE OR REPLACE FUNCTION omop_emb.bind_secret(name text, endpoint text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) THEN
+        RAISE EXCEPTION 'omop_emb: only a superuser binds a secret to an endpoint (% is not one)', current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Ask a superuser to run SELECT omop_emb.bind_secret(''' || bind_secret.name || ''', ''<endpoint>'');';
+    END IF;
+    IF bind_secret.endpoint IS NULL OR bind_secret.endpoint !~ '^https?://' THEN
+        RAISE EXCEPTION 'omop_emb: endpoint % is not an http(s) URL', bind_secret.endpoint
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass the endpoint of the models that use the secret, e.g. ''https://api.openai.com''.';
+    END IF;
+    INSERT INTO omop_emb_internal.secret_endpoint (secret_name, endpoint)
+    VALUES (bind_secret.name, pg_catalog.rtrim(bind_secret.endpoint, '/'))
+    ON CONFLICT DO NOTHING;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION omop_emb.bind_secret(text, text) IS
+'Superuser only: allow the stored secret NAME to be sent to ENDPOINT (models with api_key_ref => ''secret:NAME'' and that endpoint). A model whose endpoint is not bound gets an error instead of the key. Unbind: DELETE FROM omop_emb_internal.secret_endpoint WHERE secret_name = ... AND endpoint = ...';
+
+CREATE OR REPLACE FUNCTION omop_emb.allow_env_key(variable text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) THEN
+        RAISE EXCEPTION 'omop_emb: only a superuser allows an environment variable as an API key (% is not one)', current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Name the variable OMOP_EMB_..., or ask a superuser to run SELECT omop_emb.allow_env_key(''' || allow_env_key.variable || ''');';
+    END IF;
+    INSERT INTO omop_emb_internal.env_key_allowed (variable) VALUES (allow_env_key.variable)
+    ON CONFLICT DO NOTHING;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION omop_emb.allow_env_key(text) IS
+'Superuser only: let api_key_ref => ''env:VARIABLE'' read this environment variable of the server (variables named OMOP_EMB_* are always allowed). Revoke: DELETE FROM omop_emb_internal.env_key_allowed WHERE variable = ...';
