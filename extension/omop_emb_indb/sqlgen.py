@@ -176,10 +176,12 @@ def search(model, shape, exact=False):
 
 
 def exact_match(model, shape):
-    """Rows whose text (case/space folded) or source code equals the query."""
+    """Rows whose text or source code equals the query ($2, unfolded), both folded
+    by ``omop_emb.fold_text``, the one fold (its index serves the lookup)."""
     where, names = filter_clause(shape, 3)
     sql = ("SELECT %s, e.embedding %s $1 AS distance FROM %s e "
-           "WHERE (omop_emb.fold_text(e.text) = $2 OR lower(e.source_code) = $2) AND %s "
+           "WHERE (omop_emb.fold_text(e.text) = omop_emb.fold_text($2) "
+           "OR lower(e.source_code) = omop_emb.fold_text($2)) AND %s "
            "ORDER BY distance LIMIT 100"
            % (SELECT_COLS, op(model["metric"]), table(model["model_id"]), where))
     return sql, [vector_type(model), "text"] + ["text[]"] * len(names), names

@@ -11,7 +11,6 @@ formatting 384 floats per text in Python.
 import hashlib
 import re
 
-_WS = re.compile(r"\s+")
 _EMBEDDING_KEY = re.compile(rb'"embedding"\s*:\s*\[')
 _INDEX_KEY = re.compile(rb'"index"\s*:\s*(\d+)')
 # What a JSON array of finite numbers is made of. NaN, Infinity, null, strings
@@ -117,14 +116,6 @@ def identity_hash(sent_text, identity_version):
 
 def norm(vec):
     return sum(x * x for x in vec) ** 0.5
-
-
-def fold(text):
-    """Case and whitespace folding used by exact matching.
-
-    Must agree with the SQL function ``omop_emb.fold_text``.
-    """
-    return _WS.sub(" ", text.strip()).lower()
 
 
 def cosine(a, b):

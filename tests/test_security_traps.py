@@ -1,0 +1,369 @@
+"""Security (issue 12): traps that an administrator or an analyst sets for the extension.
+
+Run as non-superuser LOGIN roles: an administrator granted omop_emb_admin only, an analyst
+granted omop_emb_reader only (with CREATE on schema public, as in databases upgraded from
+PostgreSQL 14 and many OMOP installations).
+
+* index_concepts / upsert_concept_texts given a view, a temporary relation or a relation of the
+  admin's own whose column calls the admin's function: never run as the extension owner;
+  refused unless the admin explicitly allows them (allow_any_relation => true), then read with
+  the admin's rights.
+* traps in public (functions, aggregates, operators, casts) and in a schema named like the
+  caller ("$user"): no function of the extension runs them.
+* env: and secret: key references: an admin cannot send the server's environment or a secret
+  a superuser did not bind to the model to an endpoint of its choosing.
+* register_model never drops a table of embeddings left behind; exact match folds text once.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from conftest import install_extension, register_fake_model
+from test_faults import connect, full_text, sql_error, unique
+
+MODEL = "fake"
+RESULTS: dict[str, str] = {}
+
+VOCAB_COLUMNS = ("concept_id int PRIMARY KEY, concept_name text, domain_id text, vocabulary_id text, "
+                 "concept_class_id text, standard_concept text, concept_code text, invalid_reason text")
+
+
+def _login_role(pg, dsn, prefix, grant):
+    role = prefix + "_" + uuid.uuid4().hex[:8]
+    with connect(pg) as c:
+        c.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
+        c.execute(f"GRANT {grant} TO {role}")
+    with connect(dsn) as c:
+        c.execute(f"GRANT CREATE ON DATABASE {c.info.dbname} TO {role}")
+        c.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {role}")
+        c.execute(f"GRANT USAGE ON SCHEMA voc TO {role}")
+        c.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA voc TO {role}")
+    return role
+
+
+def _drop_role(pg, dsn, role):
+    with connect(pg) as c:
+        c.execute(f"ALTER ROLE {role} NOSUPERUSER")
+    try:
+        with connect(dsn) as c:
+            c.execute(f"DROP OWNED BY {role} CASCADE")
+    except psycopg.Error:
+        pass
+    with connect(pg) as c:
+        try:
+            c.execute(f"DROP ROLE {role}")
+        except psycopg.Error:
+            pass
+
+
+@pytest.fixture(scope="module")
+def trap_db(module_db, fake_embedder_session):
+    dsn = install_extension(module_db())
+    with connect(dsn) as c:
+        c.execute(f"CREATE SCHEMA voc; CREATE TABLE voc.concept ({VOCAB_COLUMNS})")
+        c.execute("INSERT INTO voc.concept SELECT i, 'concept ' || i, 'Condition', 'SNOMED', "
+                  "'Clinical Finding', 'S', 'C' || i, NULL FROM generate_series(1, 40) i")
+    register_fake_model(dsn, fake_embedder_session, name=MODEL)
+    with connect(dsn) as c:
+        c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'voc')", (MODEL,))
+    return dsn
+
+
+@pytest.fixture(scope="module")
+def admin(trap_db, pg):
+    """(role, DSN) of a LOGIN role granted omop_emb_admin only (and TEMP, CREATE on the database)."""
+    role = _login_role(pg, trap_db, "adm", "omop_emb_admin")
+    yield role, make_conninfo(trap_db, user=role)
+    _drop_role(pg, trap_db, role)
+
+
+def _is_superuser(dsn, role):
+    with connect(dsn) as c:
+        return c.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,)).fetchone()[0]
+
+
+# ------------------------------------------------------------------ item 1: relations named by the caller
+ESCALATE = """CREATE FUNCTION {schema}.escalate() RETURNS text LANGUAGE plpgsql AS $f$
+BEGIN
+    INSERT INTO {schema}.ran_as VALUES (current_user);
+    BEGIN
+        EXECUTE pg_catalog.format('ALTER ROLE %I SUPERUSER', '{role}');
+    EXCEPTION WHEN insufficient_privilege THEN NULL;
+    END;
+    RETURN '';
+END $f$"""
+
+
+def _plant_escalation(c, role, schema):
+    c.execute(f"CREATE SCHEMA {schema}")
+    c.execute(f"CREATE TABLE {schema}.ran_as (who text)")
+    c.execute(f"GRANT USAGE ON SCHEMA {schema} TO PUBLIC")
+    c.execute(f"GRANT INSERT ON {schema}.ran_as TO PUBLIC")
+    c.execute(ESCALATE.format(schema=schema, role=role))
+    c.execute(f"GRANT EXECUTE ON FUNCTION {schema}.escalate() TO PUBLIC")
+
+
+def _concept_view(c, name, schema):
+    c.execute(f"CREATE VIEW {name} AS SELECT concept_id, concept_name || {schema}.escalate() AS concept_name, "
+              "domain_id, vocabulary_id, concept_class_id, standard_concept, concept_code, invalid_reason "
+              "FROM voc.concept")
+
+
+def test_index_concepts_never_reads_a_callers_view_as_the_owner(trap_db, admin, fake_embedder):
+    role, dsn = admin
+    schema = "adm_" + uuid.uuid4().hex[:6]
+    with connect(dsn) as c:
+        _plant_escalation(c, role, schema)
+        _concept_view(c, f"{schema}.concept", schema)
+        refused = []
+        # the admin's own schema; its temporary schema; no schema (found through search_path:
+        # pg_temp comes first for relations)
+        for target in (schema, "pg_temp", None):
+            if target == "pg_temp":
+                _concept_view(c, "pg_temp.concept", schema)
+            try:
+                if target is None:
+                    c.execute("CALL omop_emb.index_concepts(model => %s)", (MODEL,))
+                else:
+                    c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => %s)",
+                              (MODEL, target))
+                refused.append((target, None))
+            except psycopg.Error as e:
+                refused.append((target, e))
+        ran_as = c.execute(f"SELECT who FROM {schema}.ran_as").fetchall()
+    assert not _is_superuser(trap_db, role), f"{role} became superuser through index_concepts ({len(ran_as)} calls as {set(ran_as)})"
+    assert ran_as == [], ran_as
+    for target, e in refused:
+        assert e is not None, f"vocabulary_schema {target}: a view was accepted"
+        assert e.diag.sqlstate == "42809", full_text(e)
+        assert "view" in e.diag.message_primary and "concept" in e.diag.message_primary, full_text(e)
+        assert "allow_any_relation" in (e.diag.message_hint or ""), full_text(e)
+    RESULTS["index_concepts views"] = ("a view in the admin's schema, a pg_temp view and one found "
+                                       "through search_path: refused (42809), no function ran")
+
+
+def test_index_concepts_reads_an_allowed_view_with_the_callers_rights(trap_db, admin, fake_embedder):
+    role, dsn = admin
+    schema = "adm_" + uuid.uuid4().hex[:6]
+    with connect(dsn) as c:
+        _plant_escalation(c, role, schema)
+        _concept_view(c, f"{schema}.concept", schema)
+        c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => %s, allow_any_relation => true)",
+                  (MODEL, schema))
+        ran_as = {r[0] for r in c.execute(f"SELECT who FROM {schema}.ran_as").fetchall()}
+    assert not _is_superuser(trap_db, role)
+    assert ran_as == {role}, ran_as  # the view's function ran, as the admin only
+    with connect(trap_db) as c:  # the vocabulary was still indexed from the view
+        assert c.execute("SELECT count(*) FROM omop_emb.embedding_1").fetchone()[0] == 40
+        c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'voc')", (MODEL,))
+    RESULTS["index_concepts allowed view"] = "allow_any_relation => true: read as the admin (function ran as it)"
+
+
+def test_upsert_concept_texts_reads_the_vocabulary_as_the_caller(trap_db, admin, fake_embedder):
+    """The model's recorded vocabulary schema is read for attributes: a table there replaced by a
+    view afterwards must not run the admin's function as the owner."""
+    role, dsn = admin
+    schema = "adm_" + uuid.uuid4().hex[:6]
+    with connect(dsn) as c:
+        _plant_escalation(c, role, schema)
+        c.execute(f"CREATE TABLE {schema}.concept ({VOCAB_COLUMNS})")
+        c.execute(f"INSERT INTO {schema}.concept SELECT * FROM voc.concept")
+        c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => %s)", (MODEL, schema))
+        c.execute(f"DROP TABLE {schema}.concept")
+        _concept_view(c, f"{schema}.concept", schema)
+        try:
+            c.execute("SELECT omop_emb.upsert_concept_texts(ARRAY[3], ARRAY['renamed three'], %s)", (MODEL,))
+            err = None
+        except psycopg.Error as e:
+            err = e
+        ran_as = c.execute(f"SELECT who FROM {schema}.ran_as").fetchall()
+        c.execute(f"DROP VIEW {schema}.concept")
+    with connect(trap_db) as c:
+        c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'voc')", (MODEL,))
+    assert not _is_superuser(trap_db, role), f"{role} became superuser through upsert_concept_texts"
+    assert ran_as == [], ran_as
+    assert err is not None and err.diag.sqlstate == "42809", full_text(err) if err else "accepted"
+    RESULTS["upsert_concept_texts view"] = "refused (42809), no function ran"
+
+
+# ------------------------------------------------------------------ item 8: tables left behind
+def _orphan_embeddings(dsn, fake_embedder, name="old"):
+    """A model with 30 embedded concepts whose registry row is gone and whose id will be
+    handed out again (what DROP EXTENSION ... CASCADE and CREATE EXTENSION leave)."""
+    with connect(dsn) as c:
+        c.execute(f"CREATE SCHEMA voc; CREATE TABLE voc.concept ({VOCAB_COLUMNS})")
+        c.execute("INSERT INTO voc.concept SELECT i, 'concept ' || i, 'Condition', 'SNOMED', "
+                  "'Clinical Finding', 'S', 'C' || i, NULL FROM generate_series(1, 30) i")
+    register_fake_model(dsn, fake_embedder, name=name)
+    with connect(dsn) as c:
+        c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'voc')", (name,))
+        mid = c.execute("SELECT model_id FROM omop_emb.model WHERE name = %s", (name,)).fetchone()[0]
+        c.execute("DELETE FROM omop_emb.model WHERE model_id = %s", (mid,))
+        c.execute("SELECT setval('omop_emb.model_model_id_seq', %s, false)", (mid,))
+        assert c.execute(f"SELECT count(*) FROM omop_emb.embedding_{mid}").fetchone()[0] == 30
+    return mid
+
+
+def test_register_model_never_drops_a_table_of_embeddings(fresh_db, fake_embedder):
+    dsn = install_extension(fresh_db())
+    mid = _orphan_embeddings(dsn, fake_embedder)
+    table = f"omop_emb.embedding_{mid}"
+    with connect(dsn) as c:
+        e, _ = sql_error(c, "SELECT omop_emb.register_model('new', 'openai', %s, dimensions => 384, "
+                            "document_prefix => '', query_prefix => '')", (fake_embedder.url,))
+        assert c.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 30, "embeddings were dropped"
+        assert c.execute("SELECT count(*) FROM omop_emb.model").fetchone()[0] == 0
+        text = full_text(e)
+        assert e.diag.sqlstate == "42P07", text
+        assert table in e.diag.message_primary and "30 rows" in e.diag.message_primary, text
+        assert "adopt_table => true" in e.diag.message_hint and f"DROP TABLE {table}" in e.diag.message_hint, text
+        # the same call again still names the same table (the id was not used up)
+        e2, _ = sql_error(c, "SELECT omop_emb.register_model('new', 'openai', %s, dimensions => 384, "
+                             "document_prefix => '', query_prefix => '')", (fake_embedder.url,))
+        assert table in e2.diag.message_primary
+        # a shape that does not match is not adopted
+        e3, _ = sql_error(c, "SELECT omop_emb.register_model('new', 'openai', %s, dimensions => 8, "
+                             "document_prefix => '', query_prefix => '', adopt_table => true)",
+                          (fake_embedder.url,))
+        assert "384" in full_text(e3) and c.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 30
+        # adopted: the embeddings serve searches and need no re-embedding
+        assert c.execute("SELECT omop_emb.register_model('new', 'openai', %s, dimensions => 384, "
+                         "document_prefix => '', query_prefix => '', adopt_table => true)",
+                         (fake_embedder.url,)).fetchone()[0] == mid
+        fake_embedder.reset()
+        c.execute("CALL omop_emb.index_concepts(model => 'new', vocabulary_schema => 'voc')")
+        assert fake_embedder.stats()["texts"] == 0
+        assert c.execute("SELECT count(*) FROM omop_emb.nearest('concept 7', 5, model => 'new')").fetchone()[0] == 5
+        # adopt_table => false leaves such a table alone and takes the next free id
+        c.execute("DELETE FROM omop_emb.model WHERE model_id = %s", (mid,))
+        c.execute("SELECT setval('omop_emb.model_model_id_seq', %s, false)", (mid,))
+        other = c.execute("SELECT omop_emb.register_model('other', 'openai', %s, dimensions => 384, "
+                          "document_prefix => '', query_prefix => '', adopt_table => false)",
+                          (fake_embedder.url,)).fetchone()[0]
+        assert other != mid and c.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 30
+    RESULTS["register_model orphan table"] = (f"{table} with 30 rows: 42P07 naming it (kept); "
+                                              "adopt_table => true adopts it (0 texts re-embedded)")
+
+
+# ------------------------------------------------------------------ item 3: env: and secret: exfiltration
+SU_SECRET = "sk-SUPERUSER-" + uuid.uuid4().hex
+
+
+@pytest.fixture
+def echo():
+    from test_security import EchoAuthServer
+
+    srv = EchoAuthServer(status=200)
+    yield srv
+    srv.stop()
+
+
+def test_admin_cannot_send_the_servers_environment_or_a_secret_elsewhere(trap_db, admin, echo, fake_embedder):
+    role, dsn = admin
+    name = "exfil_" + uuid.uuid4().hex[:6]
+    with connect(trap_db) as c:  # a superuser's key, bound to the endpoint it is for
+        c.execute("SELECT omop_emb.set_secret('su_key', %s)", (SU_SECRET,))
+        c.execute("SELECT omop_emb.bind_secret('su_key', %s)", (fake_embedder.url,))
+        c.execute("SELECT omop_emb.register_model('su_model', 'openai', %s, dimensions => 384, "
+                  "document_prefix => '', query_prefix => '', api_key_ref => 'secret:su_key')",
+                  (fake_embedder.url,))
+    attempts = [
+        ("env:PATH at the admin's endpoint",
+         f"SELECT omop_emb.register_model('{name}1', 'openai', '{echo.url}', dimensions => 384, "
+         "document_prefix => '', query_prefix => '', api_key_ref => 'env:PATH')", f"{name}1"),
+        ("env:PATH, probe call",
+         f"SELECT omop_emb.register_model('{name}2', 'openai', '{echo.url}', "
+         "document_prefix => '', query_prefix => '', api_key_ref => 'env:PATH')", f"{name}2"),
+        ("a superuser's secret at the admin's endpoint",
+         f"SELECT omop_emb.register_model('{name}3', 'openai', '{echo.url}', dimensions => 384, "
+         "document_prefix => '', query_prefix => '', api_key_ref => 'secret:su_key')", f"{name}3"),
+        ("the endpoint of the superuser's model moved",
+         f"SELECT omop_emb.alter_model('su_model', endpoint => '{echo.url}')", "su_model"),
+        ("another model pointed at the secret",
+         f"SELECT omop_emb.alter_model('{name}0', api_key_ref => 'secret:su_key')", f"{name}0"),
+    ]
+    errors = []
+    with connect(dsn) as c:
+        c.execute(f"SELECT omop_emb.register_model('{name}0', 'openai', '{echo.url}', dimensions => 384, "
+                  "document_prefix => '', query_prefix => '')")
+        for what, sql, model in attempts:
+            try:
+                c.execute(sql)
+                c.execute("SELECT omop_emb.embed('x', 'query', %s)", (model,))
+                errors.append((what, None))
+            except psycopg.Error as e:
+                errors.append((what, e))
+        c.execute("SELECT omop_emb.alter_model('su_model', endpoint => %s)", (fake_embedder.url,)) \
+            if _model_endpoint(trap_db, "su_model") != fake_embedder.url else None
+    sent = [a for a in echo.seen if a]
+    assert sent == [], f"keys sent to the admin's endpoint: {[a[:24] + '...' for a in sent]}"
+    for what, e in errors:
+        assert e is not None, f"{what}: accepted"
+        text = full_text(e) + (e.diag.context or "")
+        assert e.diag.sqlstate == "42501", (what, text)
+        assert SU_SECRET not in text and "/usr" not in text, (what, text)
+        assert "superuser" in (e.diag.message_hint or ""), (what, text)
+    # the superuser's own model still gets its key, at its endpoint
+    with connect(trap_db) as c:
+        assert c.execute("SELECT omop_emb.embed(%s, 'query', 'su_model') IS NOT NULL", (unique(),)).fetchone()[0]
+        c.execute("SELECT omop_emb.drop_model('su_model')")
+        for i in range(4):
+            c.execute("SELECT omop_emb.drop_model(%s, if_exists => true)", (f"{name}{i}",))
+    RESULTS["env:/secret: exfiltration"] = (f"{len(attempts)} attempts by an admin (env:PATH, a superuser's "
+                                            "secret, a moved endpoint): 42501, no key sent")
+
+
+def _model_endpoint(dsn, name):
+    with connect(dsn) as c:
+        row = c.execute("SELECT endpoint FROM omop_emb.models WHERE name = %s", (name,)).fetchone()
+        return row[0] if row else None
+
+
+# ------------------------------------------------------------------ item 9: one fold for exact match
+# (name stored in the vocabulary, query typed by someone): the same words, written with other
+# white space, control characters or case forms. Exact match must not depend on which side folds.
+FOLD_CASES = [
+    ("Acute\u00a0bronchitis", "acute bronchitis"),          # no-break space in the name
+    ("  Leg\tcramp\n", "LEG CRAMP"),                         # tab, newline, padding
+    ("Back\x1fpain", "back pain"),                            # a control character
+    ("Influenza", "\u0130NFLUENZA"),                          # dotted capital I (Turkish)
+    ("\u03a0\u03a5\u03a1\u0395\u03a4\u039f\u03a3", "\u03c0\u03c5\u03c1\u03b5\u03c4\u03bf\u03c2"),  # final sigma
+    ("\u03a0\u03a5\u03a1\u0395\u03a4\u039f\u03a3", "\u03a0\u03a5\u03a1\u0395\u03a4\u039f\u03a3"),  # the same text
+    ("Night\u2003sweats", "night\u3000sweats"),              # em space, ideographic space
+]
+
+
+def test_exact_match_folds_text_once(fresh_db, fake_embedder):
+    dsn = install_extension(fresh_db())
+    with connect(dsn) as c:
+        c.execute(f"CREATE SCHEMA voc; CREATE TABLE voc.concept ({VOCAB_COLUMNS})")
+        for i, (name, _) in enumerate(dict(FOLD_CASES).items(), 1):
+            c.execute("INSERT INTO voc.concept VALUES (%s, %s, 'Condition', 'SNOMED', 'Clinical Finding', "
+                      "'S', %s, NULL)", (i, name, "X%d" % i))
+        c.execute("INSERT INTO voc.concept SELECT i, 'filler ' || i, 'Condition', 'SNOMED', "
+                  "'Clinical Finding', 'S', 'F' || i, NULL FROM generate_series(100, 140) i")
+    register_fake_model(dsn, fake_embedder, name=MODEL)
+    missed = []
+    with connect(dsn) as c:
+        c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'voc')", (MODEL,))
+        ids = dict(c.execute("SELECT concept_name, concept_id FROM voc.concept").fetchall())
+        for name, query in FOLD_CASES:
+            sql_equal = c.execute("SELECT omop_emb.fold_text(%s) = omop_emb.fold_text(%s)", (name, query)).fetchone()[0]
+            row = c.execute("SELECT concept_id, exact_match FROM omop_emb.nearest(%s, 3) WHERE rank = 1",
+                            (query,)).fetchone()
+            if not sql_equal or row != (ids[name], True):
+                missed.append((name, query, sql_equal, row))
+        folded = c.execute("SELECT omop_emb.fold_text(%s)", ("  A\u00a0\tB\x01C  ",)).fetchone()[0]
+    assert missed == [], missed
+    assert folded == "a b c"
+    RESULTS["fold"] = f"{len(FOLD_CASES)} name/query pairs (tab, newline, NBSP, control, \u0130, final sigma): all exact"
+
+
+def test_zz_report_traps():
+    for k, v in RESULTS.items():
+        print(f"SECURITY {k}: {v}")
