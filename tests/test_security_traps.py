@@ -364,6 +364,262 @@ def test_exact_match_folds_text_once(fresh_db, fake_embedder):
     RESULTS["fold"] = f"{len(FOLD_CASES)} name/query pairs (tab, newline, NBSP, control, \u0130, final sigma): all exact"
 
 
+# ------------------------------------------------------------------ item 2: traps in public
+# Look-alikes with argument types that match a call exactly where pg_catalog's own needs a
+# coercion (so that they win when public is on the search_path), and same-signature ones
+# (which win when public comes before pg_catalog). Each logs who ran it.
+TRAP_FUNCTIONS = [
+    # name, argument types, return type, what it returns
+    ("lower", "text", "text", "$1"), ("btrim", "text", "text", "$1"), ("btrim", "text, text", "text", "$1"),
+    ("translate", "text, text, text", "text", "$1"), ("length", "text", "integer", "1"),
+    ("regexp_replace", "text, text, text, text", "text", "$1"),
+    ("set_config", "text, text, boolean", "text", "$2"), ("current_setting", "text, boolean", "text", "NULL"),
+    ("current_setting", "text", "text", "NULL"),
+    ("sha256", "bytea", "bytea", "$1"), ("convert_to", "text, text", "bytea", "NULL"),
+    ("unnest", "text[]", "SETOF text", "NULL"), ("unnest", "bytea[]", "SETOF bytea", "NULL"),
+    ("unnest", "integer[]", "SETOF integer", "NULL"), ("cardinality", "text[]", "integer", "0"),
+    ("to_regclass", "text", "regclass", "NULL"), ("quote_ident", "text", "text", "$1"),
+    ("format", "text, text", "text", "$1"), ("pg_backend_pid", "", "integer", "0"),
+    ("now", "", "timestamptz", "NULL"), ("clock_timestamp", "", "timestamptz", "NULL"),
+    ("pg_sleep", "numeric", "void", "NULL"), ("round", "numeric, integer", "numeric", "0"),
+    ("round", "double precision", "double precision", "0"), ("date_part", "text, interval", "double precision", "0"),
+    ("to_tsvector", "regconfig, text", "tsvector", "NULL"), ("to_tsvector", "text, text", "tsvector", "NULL"),
+    ("tsvector_to_array", "tsvector", "text[]", "NULL"), ("quote_literal", "text", "text", "$1"),
+    ("array_remove", "text[], text", "text[]", "$1"), ("coalesce_", "text", "text", "$1"),
+    ("pg_advisory_xact_lock", "integer, integer", "void", "NULL"),
+    ("pg_size_pretty", "bigint", "text", "NULL"), ("pg_relation_size", "regclass", "bigint", "0"),
+    ("has_table_privilege", "oid, text", "boolean", "true"),
+    ("jsonb_build_object", "text, text", "jsonb", "NULL"), ("vector_dims", "vector", "integer", "0"),
+    ("l2_distance", "vector, vector", "double precision", "0"), ("cosine_distance", "vector, vector", "double precision", "0"),
+]
+TRAP_AGGREGATES = [
+    # name, argument types (empty: *), state type
+    ("count", "", "bigint"), ("count", "integer", "bigint"), ("count", "text", "bigint"),
+    ("sum", "bigint", "bigint"), ("sum", "integer", "bigint"), ("max", "double precision", "double precision"),
+    ("max", "timestamptz", "timestamptz"), ("min", "timestamptz", "timestamptz"),
+    ("string_agg", "text, text", "text"), ("array_agg", "text", "text"),
+]
+TRAP_OPERATORS = [
+    # operator, left, right, return type
+    ("*", "numeric", "bigint", "numeric"), ("*", "numeric", "integer", "numeric"),
+    ("*", "numeric", "numeric", "numeric"), ("/", "numeric", "integer", "numeric"),
+    ("/", "bigint", "double precision", "double precision"), ("/", "numeric", "bigint", "numeric"),
+    ("/", "double precision", "double precision", "double precision"),
+    ("=", "text", "text", "boolean"), ("=", "integer", "integer", "boolean"), ("=", "oid", "regclass", "boolean"),
+    ("=", "bytea", "bytea", "boolean"), ("=", "name", "text", "boolean"), ("<>", "text", "text", "boolean"),
+    ("+", "integer", "integer", "integer"), ("+", "bigint", "integer", "bigint"), ("-", "timestamptz", "timestamptz", "interval"),
+    (">", "interval", "interval", "boolean"), (">", "integer", "integer", "boolean"), ("<", "integer", "integer", "boolean"),
+    (">=", "bigint", "bigint", "boolean"), ("||", "text", "text", "text"), ("~", "text", "text", "boolean"),
+    ("@@", "tsvector", "tsquery", "boolean"), ("&&", "text[]", "text[]", "boolean"),
+    ("<=>", "vector", "vector", "double precision"), ("<->", "vector", "vector", "double precision"),
+    ("<#>", "vector", "vector", "double precision"), ("<=>", "vector", "text", "double precision"),
+]
+TRAP_CASTS = [("text", "regclass"), ("integer", "text"), ("text", "vector"), ("text[]", "vector[]")]
+
+
+def _plant_traps(c, schema, log):
+    """Create every trap in ``schema`` (as the connected role); returns (planted, refused)."""
+    planted, refused = [], []
+
+    def attempt(what, sql):
+        try:
+            c.execute(sql)
+            planted.append(what)
+        except psycopg.Error as e:
+            refused.append((what, e.diag.message_primary))
+
+    def body(what, ret_expr, ret):
+        value = "NULL" if ret.startswith("SETOF") or ret == "void" else ret_expr
+        return (f"$t$ INSERT INTO {log} VALUES (current_user, {what!r}); "
+                f"SELECT {value}::{ret.replace('SETOF ', '')} $t$")
+
+    for name, args, ret, expr in TRAP_FUNCTIONS:
+        what = f"{name}({args})"
+        attempt(what, f"CREATE FUNCTION {schema}.{name}({args}) RETURNS {ret} LANGUAGE sql "
+                      f"AS {body(what, expr, ret)}")
+    for i, (name, args, stype) in enumerate(TRAP_AGGREGATES):
+        what = f"aggregate {name}({args or '*'})"
+        sfunc = f"{schema}.trap_sfunc_{i}"
+        attempt(what + " sfunc", f"CREATE FUNCTION {sfunc}({stype}{', ' + args if args else ''}) RETURNS {stype} "
+                                 f"LANGUAGE sql AS {body(what, '$1', stype)}")
+        attempt(what, f"CREATE AGGREGATE {schema}.{name}({args or '*'}) (SFUNC = {sfunc}, STYPE = {stype})")
+    for i, (op, left, right, ret) in enumerate(TRAP_OPERATORS):
+        what = f"operator {op}({left}, {right})"
+        fn = f"{schema}.trap_op_{i}"
+        attempt(what + " function", f"CREATE FUNCTION {fn}({left}, {right}) RETURNS {ret} LANGUAGE sql "
+                                    f"AS {body(what, 'NULL', ret)}")
+        attempt(what, f"CREATE OPERATOR {schema}.{op} (LEFTARG = {left}, RIGHTARG = {right}, FUNCTION = {fn})")
+    for i, (src, dst) in enumerate(TRAP_CASTS):
+        what = f"cast ({src} AS {dst})"
+        fn = f"{schema}.trap_cast_{i}"
+        attempt(what + " function", f"CREATE FUNCTION {fn}({src}) RETURNS {dst} LANGUAGE sql "
+                                    f"AS {body(what, 'NULL', dst)}")
+        attempt(what, f"CREATE CAST ({src} AS {dst}) WITH FUNCTION {fn}({src}) AS IMPLICIT")
+    # A domain named like a built-in type: wins over pg_catalog's only when the schema comes first.
+    attempt("domain text", f"CREATE DOMAIN {schema}.text AS pg_catalog.varchar")
+    return planted, refused
+
+
+def _calls(url, vec_sql):
+    """(signature, who may call it, SQL) for every routine of the extension.
+    who: reader (analyst, admin, superuser), admin (admin, superuser), superuser."""
+    f = MODEL
+    return [
+        ("omop_emb._bootstrap()", "superuser", "SELECT omop_emb._bootstrap()"),
+        ("omop_emb.version()", "reader", "SELECT omop_emb.version()"),
+        ("omop_emb.fold_text(text)", "reader", "SELECT omop_emb.fold_text(E' Acute\\tCOUGH ')"),
+        ("omop_emb.lexemes(text)", "admin", "SELECT omop_emb.lexemes('acute coughs')"),
+        ("omop_emb.lexical_query(text)", "admin", "SELECT omop_emb.lexical_query('acute coughs')"),
+        ("omop_emb.lexical_score(text[],text[])", "admin",
+         "SELECT omop_emb.lexical_score(ARRAY['acut','cough'], ARRAY['cough'])"),
+        ("omop_emb.embed(text,text,text)", "reader", f"SELECT omop_emb.embed('trap embed', 'query', '{f}')"),
+        ("omop_emb.embed_batch(text[],text,text)", "reader",
+         f"SELECT omop_emb.embed_batch(ARRAY['trap a', 'trap b'], 'document', '{f}')"),
+        ("omop_emb.similarity(text,text,text,text,text)", "reader",
+         f"SELECT omop_emb.similarity('trap a', 'concept 3', model => '{f}')"),
+        ("omop_emb.embedding_role_prefixes(text)", "reader", f"SELECT * FROM omop_emb.embedding_role_prefixes('{f}')"),
+        ("omop_emb.nearest(text,integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.nearest('concept 7', 5, model => '{f}')"),
+        ("omop_emb.nearest(text,integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.nearest('trap query', 5, domain_ids => ARRAY['Condition'], "
+         f"vocabulary_ids => ARRAY['SNOMED'], concept_class_ids => ARRAY['Clinical Finding'], model => '{f}')"),
+        ("omop_emb.nearest(text,integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.nearest('concept 7', 5, model => '{f}', mode => 'lexical')"),
+        ("omop_emb.nearest(text,integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.nearest('concept 7', 5, domain_ids => ARRAY['Condition'], "
+         f"model => '{f}', mode => 'hybrid')"),
+        ("omop_emb.nearest(vector,integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.nearest(({vec_sql}), 5, model => '{f}')"),
+        ("omop_emb.nearest(vector,integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.nearest(({vec_sql}), 5, domain_ids => ARRAY['Condition'], "
+         f"model => '{f}', mode => 'hybrid')"),
+        ("omop_emb.nearest_batch(text[],integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.nearest_batch(ARRAY['concept 2', 'trap b'], 3, model => '{f}')"),
+        ("omop_emb.nearest_batch(text[],integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.nearest_batch(ARRAY['concept 2', 'trap b'], 3, model => '{f}', "
+         "mode => 'hybrid')"),
+        ("omop_emb.nearest_batch(text[],integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.nearest_batch(ARRAY['concept 2'], 3, model => '{f}', mode => 'lexical')"),
+        ("omop_emb.explain_nearest(text,integer,text[],text[],text[],boolean,boolean,text)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.explain_nearest('concept 7', 5, model => '{f}')"),
+        ("omop_emb.status()", "reader", "SELECT pg_catalog.count(*) FROM omop_emb.status()"),
+        ("omop_emb.search_request_results(text,integer,text[],text[],text)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.search_request_results('concept 5', 3, model => '{f}')"),
+        ("omop_emb.clear_cache(text)", "admin", f"SELECT omop_emb.clear_cache('{f}')"),
+        ("omop_emb.register_model(text,text,text,integer,text,text,text,text,text,integer,double precision,boolean)",
+         "admin", f"SELECT omop_emb.register_model('trap_model', 'openai', '{url}', dimensions => 384, "
+                  "document_prefix => '', query_prefix => '')"),
+        ("omop_emb.alter_model(text,text,text,text,text,integer,double precision,double precision,integer,integer,text,text,text)",
+         "admin", f"SELECT omop_emb.alter_model('trap_model', endpoint => '{url}', batch_size => 16, "
+                  "new_name => 'trap_model2')"),
+        ("omop_emb.create_index(text,text,integer,integer,text)", "admin",
+         "SELECT omop_emb.create_index('trap_model2', m => 4, ef_construction => 8)"),
+        ("omop_emb.drop_model(text,boolean)", "admin", "SELECT omop_emb.drop_model('trap_model2')"),
+        ("omop_emb.set_secret(text,text)", "admin", "SELECT omop_emb.set_secret('trap_secret', 'v')"),
+        ("omop_emb.bind_secret(text,text)", "superuser", f"SELECT omop_emb.bind_secret('trap_secret', '{url}')"),
+        ("omop_emb.delete_secret(text)", "admin", "SELECT omop_emb.delete_secret('trap_secret')"),
+        ("omop_emb.allow_env_key(text)", "superuser", "SELECT omop_emb.allow_env_key('TRAP_VARIABLE')"),
+        ("omop_emb.index_concepts(text,text,text[],text[],text[],boolean,boolean,boolean,boolean,integer,bigint,boolean)",
+         "admin", f"CALL omop_emb.index_concepts(model => '{f}', vocabulary_schema => 'voc', "
+                  "include_synonyms => true, include_mapped => true, batch_size => 7)"),
+        ("omop_emb.upsert_concept_texts(integer[],text[],text)", "admin",
+         f"SELECT omop_emb.upsert_concept_texts(ARRAY[41], ARRAY['trap concept'], '{f}')"),
+        ("omop_emb_internal.load_runtime()", "admin", "SELECT omop_emb_internal.load_runtime()"),
+        ("omop_emb_internal.index_model(text)", "admin", f"SELECT * FROM omop_emb_internal.index_model('{f}')"),
+        ("omop_emb_internal.embedded_concepts(integer)", "admin",
+         "SELECT pg_catalog.count(*) FROM omop_emb_internal.embedded_concepts(1)"),
+        ("omop_emb_internal.index_stage(text,text,text[],text[],text[],boolean,boolean,boolean,boolean,boolean)",
+         "admin", f"SELECT * FROM omop_emb_internal.index_stage('{f}', 'voc', ARRAY['Condition'], NULL, NULL, "
+                  "false, false, true, true, false)"),
+        ("omop_emb_internal.index_prepare(text)", "none", f"SELECT * FROM omop_emb_internal.index_prepare('{f}')"),
+        ("omop_emb_internal.index_batch(text,integer)", "admin", f"SELECT omop_emb_internal.index_batch('{f}', 5)"),
+        ("omop_emb_internal.index_finish(text)", "admin", f"SELECT omop_emb_internal.index_finish('{f}')"),
+        ("omop_emb_internal.upsert_concept_texts_store(integer[],text[],text,text)", "admin",
+         f"SELECT omop_emb_internal.upsert_concept_texts_store(ARRAY[42], ARRAY['trap store'], '{f}', '{{}}')"),
+        ("view omop_emb.models", "reader", "SELECT pg_catalog.count(*) FROM omop_emb.models"),
+        ("view omop_emb.index_status", "reader", "SELECT pg_catalog.count(*) FROM omop_emb.index_status"),
+        ("view omop_emb.search_result", "reader", "SELECT pg_catalog.count(*) FROM omop_emb.search_result"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def analyst(trap_db, pg):
+    role = _login_role(pg, trap_db, "ana", "omop_emb_reader")
+    yield role, make_conninfo(trap_db, user=role)
+    _drop_role(pg, trap_db, role)
+
+
+def test_traps_in_public_never_fire(trap_db, pg, admin, analyst, fake_embedder):
+    admin_role, admin_dsn = admin
+    analyst_role, analyst_dsn = analyst
+    log = "public.trap_log"
+    with connect(trap_db) as c:  # the vocabulary's other tables, for include_synonyms/include_mapped
+        c.execute("CREATE TABLE IF NOT EXISTS voc.concept_synonym (concept_id int, concept_synonym_name text, "
+                  "language_concept_id int)")
+        c.execute("CREATE TABLE IF NOT EXISTS voc.concept_relationship (concept_id_1 int, concept_id_2 int, "
+                  "relationship_id text, invalid_reason text)")
+        c.execute("INSERT INTO voc.concept_synonym VALUES (5, 'fifth concept', 4180186)")
+        c.execute("INSERT INTO voc.concept_relationship VALUES (5, 6, 'Maps to', NULL)")
+        c.execute("GRANT SELECT ON ALL TABLES IN SCHEMA voc TO PUBLIC")
+        c.execute("INSERT INTO voc.concept VALUES (41, 'forty-one', 'Condition', 'SNOMED', 'Clinical Finding', "
+                  "'S', 'C41', NULL), (42, 'forty-two', 'Condition', 'SNOMED', 'Clinical Finding', 'S', 'C42', NULL) "
+                  "ON CONFLICT DO NOTHING")
+        superuser = c.execute("SELECT current_user").fetchone()[0]
+    planted, refused = [], []
+    with connect(analyst_dsn) as c:
+        c.execute(f"CREATE TABLE {log} (who text, what text)")
+        c.execute(f"GRANT INSERT, SELECT ON {log} TO PUBLIC")
+        p, r = _plant_traps(c, "public", log)
+        planted += ["public." + x for x in p]
+        refused += r
+        # "$user" comes first on the default search_path: schemas named like the admin and the
+        # superuser, owned by the analyst, hold the same traps (and pgvector's operators)
+        for target in (admin_role, superuser):
+            c.execute(f'CREATE SCHEMA "{target}"')
+            c.execute(f'GRANT USAGE ON SCHEMA "{target}" TO PUBLIC')
+            p, r = _plant_traps(c, f'"{target}"', log)
+            planted += [f"{target}." + x for x in p]
+        # control: a trap does fire for an unqualified call that matches it
+        c.execute("SELECT 2.0 * 3::bigint")  # exact match in public beats pg_catalog's coercion
+        c.execute("SET search_path = public, pg_catalog")
+        c.execute("SELECT lower('X'::text)")  # same signature: public first wins
+        assert c.execute(f"SELECT pg_catalog.count(*) FROM {log}").fetchone()[0] == 2
+        c.execute(f"DELETE FROM {log}")
+    vec_sql = f"SELECT omop_emb.embed('trap vector', 'query', '{MODEL}')"
+    calls = _calls(fake_embedder.url, vec_sql)
+    with connect(trap_db) as c:
+        routines = {r[0] for r in c.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.pronamespace IN "
+            "('omop_emb'::regnamespace, 'omop_emb_internal'::regnamespace)").fetchall()}
+    covered = {sig.replace(" ", "").replace("doubleprecision", "double precision") for sig, _, _ in calls}
+    normal = {r.replace(", ", ",") for r in routines}
+    assert normal - covered == set(), f"routines the trap test does not call (add them to _calls): {normal - covered}"
+    may = {"reader": {"analyst", "admin", "superuser"}, "admin": {"admin", "superuser"},
+           "superuser": {"superuser"}, "none": set()}
+    failures, ran = [], 0
+    for path in (None, "public, pg_catalog"):
+        for who, dsn in (("analyst", analyst_dsn), ("admin", admin_dsn), ("superuser", trap_db)):
+            with connect(dsn) as c:
+                if path:
+                    c.execute(f"SET search_path = {path}")
+                for sig, group, sql in calls:
+                    if who not in may[group]:
+                        continue
+                    try:
+                        c.execute(sql)
+                        ran += 1
+                    except psycopg.Error as e:
+                        failures.append((sig, who, path, e.diag.message_primary))
+    with connect(analyst_dsn) as c:
+        fired = c.execute(f"SELECT who, what, pg_catalog.count(*) FROM {log} GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+    assert fired == [], f"traps fired: {fired}"
+    assert failures == [], failures
+    RESULTS["traps"] = (f"{len(planted)} traps planted by an analyst in public and in \"$user\" schemas "
+                        f"({len(refused)} refused by PostgreSQL: {sorted({w for w, _ in refused})}); "
+                        f"{len(normal)} routines + 3 views called {ran} times as analyst/admin/superuser "
+                        "with the default search_path and with public first: none fired")
+
+
 def test_zz_report_traps():
     for k, v in RESULTS.items():
         print(f"SECURITY {k}: {v}")

@@ -41,5 +41,5 @@ REVOKE ALL ON FUNCTION omop_emb_internal._bootstrap() FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION omop_emb.version() RETURNS text
 LANGUAGE sql IMMUTABLE
-AS $$ SELECT @OMOP_EMB_VERSION@::text $$;
+AS $$ SELECT @OMOP_EMB_VERSION@::pg_catalog.text $$;
 COMMENT ON FUNCTION omop_emb.version() IS 'Version of the omop_emb SQL API installed in this database';

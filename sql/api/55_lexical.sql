@@ -4,7 +4,7 @@
 
 CREATE OR REPLACE FUNCTION omop_emb.lexemes(t text) RETURNS text[]
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-AS $$ SELECT pg_catalog.tsvector_to_array(pg_catalog.to_tsvector('@TS_CONFIG@'::regconfig, t)) $$;
+AS $$ SELECT pg_catalog.tsvector_to_array(pg_catalog.to_tsvector('@TS_CONFIG@'::pg_catalog.regconfig, t)) $$;
 COMMENT ON FUNCTION omop_emb.lexemes(text) IS
 'The distinct stemmed words of a text (English full-text configuration, stop words dropped), as used by lexical search';
 
@@ -20,10 +20,12 @@ COMMENT ON FUNCTION omop_emb.lexical_query(text) IS
 CREATE OR REPLACE FUNCTION omop_emb.lexical_score(query_words text[], text_words text[]) RETURNS double precision
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$
-SELECT CASE WHEN pg_catalog.cardinality(query_words) + pg_catalog.cardinality(text_words) = 0 THEN 0
-       ELSE 2.0 * (SELECT pg_catalog.count(*) FROM pg_catalog.unnest(query_words) w
-                   WHERE w = ANY (text_words))
-            / (pg_catalog.cardinality(query_words) + pg_catalog.cardinality(text_words)) END
+SELECT CASE WHEN pg_catalog.cardinality(query_words) OPERATOR(pg_catalog.+) pg_catalog.cardinality(text_words)
+                 OPERATOR(pg_catalog.=) 0 THEN 0::pg_catalog.float8
+       ELSE (2 OPERATOR(pg_catalog.*) (SELECT pg_catalog.count(*) FROM pg_catalog.unnest(query_words) w
+                                       WHERE w OPERATOR(pg_catalog.=) ANY (text_words)))::pg_catalog.float8
+            OPERATOR(pg_catalog./) (pg_catalog.cardinality(query_words) OPERATOR(pg_catalog.+)
+                                    pg_catalog.cardinality(text_words))::pg_catalog.float8 END
 $$;
 COMMENT ON FUNCTION omop_emb.lexical_score(text[], text[]) IS
 'Lexical score of nearest(mode => ''lexical'') and the lexical part of the hybrid score (similarity + 0.005 * this): Dice overlap of two sets of stemmed words, 2*|shared|/(|a|+|b|), in [0, 1] (1: the same words in any order)';
