@@ -620,6 +620,48 @@ def test_traps_in_public_never_fire(trap_db, pg, admin, analyst, fake_embedder):
                         "with the default search_path and with public first: none fired")
 
 
+def test_traps_planted_before_install_never_fire(fresh_db, pg, fake_embedder):
+    """Views, defaults and constraints are bound when they are created: traps planted in public
+    before a superuser installs (or upgrades) the extension must not be bound into them."""
+    dsn = fresh_db()
+    with connect(dsn) as c:
+        c.execute(f"CREATE SCHEMA voc; CREATE TABLE voc.concept ({VOCAB_COLUMNS})")
+        c.execute("INSERT INTO voc.concept SELECT i, 'concept ' || i, 'Condition', 'SNOMED', "
+                  "'Clinical Finding', 'S', 'C' || i, NULL FROM generate_series(1, 40) i")
+        c.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    role = _login_role(pg, dsn, "ana", "pg_read_all_settings")
+    log = "public.trap_log"
+    try:
+        with connect(make_conninfo(dsn, user=role)) as c:
+            c.execute(f"CREATE TABLE {log} (who text, what text)")
+            c.execute(f"GRANT INSERT, SELECT ON {log} TO PUBLIC")
+            planted, _ = _plant_traps(c, "public", log)
+        install_extension(dsn)
+        register_fake_model(dsn, fake_embedder, name=MODEL)
+        failures = []
+        with connect(dsn) as c:
+            c.execute("CREATE TABLE voc.concept_synonym (concept_id int, concept_synonym_name text, "
+                      "language_concept_id int)")
+            c.execute("CREATE TABLE voc.concept_relationship (concept_id_1 int, concept_id_2 int, "
+                      "relationship_id text, invalid_reason text)")
+            c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'voc')", (MODEL,))
+            c.execute("INSERT INTO omop_emb.search_request (query, k, model) VALUES ('concept 3', 3, %s)", (MODEL,))
+            for sig, group, sql in _calls(fake_embedder.url, f"SELECT omop_emb.embed('v', 'query', '{MODEL}')"):
+                if group == "none":
+                    continue
+                try:
+                    c.execute(sql)
+                except psycopg.Error as e:
+                    failures.append((sig, e.diag.message_primary))
+            fired = c.execute(f"SELECT who, what, pg_catalog.count(*) FROM {log} GROUP BY 1, 2").fetchall()
+    finally:
+        _drop_role(pg, dsn, role)
+    assert fired == [], f"traps bound at install fired: {fired}"
+    assert failures == [], failures
+    RESULTS["traps before install"] = (f"{len(planted)} traps in public before the superuser installed: "
+                                       "none bound into a view, default or constraint")
+
+
 def test_zz_report_traps():
     for k, v in RESULTS.items():
         print(f"SECURITY {k}: {v}")

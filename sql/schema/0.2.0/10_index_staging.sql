@@ -11,7 +11,7 @@
 
 CREATE UNLOGGED TABLE omop_emb_internal.index_stage_run (
     pid                integer NOT NULL DEFAULT pg_catalog.pg_backend_pid()
-                       CHECK (pid = pg_catalog.pg_backend_pid()),
+                       CHECK (pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()),
     model_id           integer NOT NULL,
     vocabulary_schema  text NOT NULL,
     vocabulary_version text,
@@ -23,7 +23,7 @@ COMMENT ON TABLE omop_emb_internal.index_stage_run IS 'omop_emb: one row per ind
 -- The texts the vocabulary asks for (one row per concept, kind, text).
 CREATE UNLOGGED TABLE omop_emb_internal.index_stage_text (
     pid               integer NOT NULL DEFAULT pg_catalog.pg_backend_pid()
-                      CHECK (pid = pg_catalog.pg_backend_pid()),
+                      CHECK (pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()),
     concept_id        integer NOT NULL,
     text_kind         text NOT NULL,
     text              text NOT NULL,
@@ -42,7 +42,7 @@ COMMENT ON TABLE omop_emb_internal.index_stage_text IS 'omop_emb: concept texts 
 -- Attributes of the concepts in scope and of the concepts embedded already.
 CREATE UNLOGGED TABLE omop_emb_internal.index_stage_concept (
     pid              integer NOT NULL DEFAULT pg_catalog.pg_backend_pid()
-                     CHECK (pid = pg_catalog.pg_backend_pid()),
+                     CHECK (pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()),
     concept_id       integer NOT NULL,
     in_scope         boolean NOT NULL,
     concept_name     text,
