@@ -394,7 +394,8 @@ TRAP_FUNCTIONS = [
 ]
 TRAP_AGGREGATES = [
     # name, argument types (empty: *), state type
-    ("count", "", "bigint"), ("count", "integer", "bigint"), ("count", "text", "bigint"),
+    ("count", "", "bigint"), ("count", "integer", "bigint"), ("count", "bigint", "bigint"),
+    ("count", "text", "bigint"),
     ("sum", "bigint", "bigint"), ("sum", "integer", "bigint"), ("max", "double precision", "double precision"),
     ("max", "timestamptz", "timestamptz"), ("min", "timestamptz", "timestamptz"),
     ("string_agg", "text, text", "text"), ("array_agg", "text", "text"),
@@ -405,6 +406,7 @@ TRAP_OPERATORS = [
     ("*", "numeric", "numeric", "numeric"), ("/", "numeric", "integer", "numeric"),
     ("/", "bigint", "double precision", "double precision"), ("/", "numeric", "bigint", "numeric"),
     ("/", "double precision", "double precision", "double precision"),
+    ("/", "double precision", "bigint", "double precision"), (">=", "timestamptz", "timestamptz", "boolean"),
     ("=", "text", "text", "boolean"), ("=", "integer", "integer", "boolean"), ("=", "oid", "regclass", "boolean"),
     ("=", "bytea", "bytea", "boolean"), ("=", "name", "text", "boolean"), ("<>", "text", "text", "boolean"),
     ("+", "integer", "integer", "integer"), ("+", "bigint", "integer", "bigint"), ("-", "timestamptz", "timestamptz", "interval"),
@@ -465,7 +467,7 @@ def _calls(url, vec_sql):
     who: reader (analyst, admin, superuser), admin (admin, superuser), superuser."""
     f = MODEL
     return [
-        ("omop_emb._bootstrap()", "superuser", "SELECT omop_emb._bootstrap()"),
+        ("omop_emb_internal._bootstrap()", "superuser", "SELECT omop_emb_internal._bootstrap()"),
         ("omop_emb.version()", "reader", "SELECT omop_emb.version()"),
         ("omop_emb.fold_text(text)", "reader", "SELECT omop_emb.fold_text(E' Acute\\tCOUGH ')"),
         ("omop_emb.lexemes(text)", "admin", "SELECT omop_emb.lexemes('acute coughs')"),
@@ -506,10 +508,10 @@ def _calls(url, vec_sql):
         ("omop_emb.search_request_results(text,integer,text[],text[],text)", "reader",
          f"SELECT pg_catalog.count(*) FROM omop_emb.search_request_results('concept 5', 3, model => '{f}')"),
         ("omop_emb.clear_cache(text)", "admin", f"SELECT omop_emb.clear_cache('{f}')"),
-        ("omop_emb.register_model(text,text,text,integer,text,text,text,text,text,integer,double precision,boolean)",
+        ("omop_emb.register_model(text,text,text,integer,text,text,text,text,text,integer,double precision,text,boolean)",
          "admin", f"SELECT omop_emb.register_model('trap_model', 'openai', '{url}', dimensions => 384, "
                   "document_prefix => '', query_prefix => '')"),
-        ("omop_emb.alter_model(text,text,text,text,text,integer,double precision,double precision,integer,integer,text,text,text)",
+        ("omop_emb.alter_model(text,text,text,text,text,integer,double precision,double precision,integer,integer,text,text,text,text)",
          "admin", f"SELECT omop_emb.alter_model('trap_model', endpoint => '{url}', batch_size => 16, "
                   "new_name => 'trap_model2')"),
         ("omop_emb.create_index(text,text,integer,integer,text)", "admin",
@@ -536,6 +538,41 @@ def _calls(url, vec_sql):
         ("omop_emb_internal.index_finish(text)", "admin", f"SELECT omop_emb_internal.index_finish('{f}')"),
         ("omop_emb_internal.upsert_concept_texts_store(integer[],text[],text,text)", "admin",
          f"SELECT omop_emb_internal.upsert_concept_texts_store(ARRAY[42], ARRAY['trap store'], '{f}', '{{}}')"),
+        # source-term mapping (SECURITY INVOKER, search_path pinned); @JOB@: a job per caller and round
+        ("omop_emb.create_mapping_job(text,text,text,text[],text[],text[],text,text,text,integer)", "admin",
+         "SELECT omop_emb.create_mapping_job('@JOB@', $q$SELECT 'X1'::text AS source_code, 'concept 3'::text "
+         f"AS source_name, 5 AS source_frequency$q$, model => '{f}', source_vocabulary_id => 'TRAP', "
+         "vocabulary_schema => 'voc', cdm_schema => 'voc')"),
+        ("omop_emb.add_mapping_terms(text,text)", "admin",
+         "SELECT omop_emb.add_mapping_terms('@JOB@', $q$SELECT 'X2'::text AS source_code, "
+         "'forty-one'::text AS source_name$q$)"),
+        ("omop_emb._mapping_job(text,boolean)", "admin", "SELECT (omop_emb._mapping_job('@JOB@', true)).job_id"),
+        ("omop_emb._mapping_check_schema(text,text,text)", "admin",
+         "SELECT omop_emb._mapping_check_schema('voc', 'vocabulary_schema', 'concept')"),
+        ("omop_emb._mapping_add_terms(bigint,text)", "admin",
+         "SELECT omop_emb._mapping_add_terms((omop_emb._mapping_job('@JOB@', true)).job_id, "
+         "$q$SELECT 'X3'::text AS source_code, 'concept 9'::text AS source_name$q$)"),
+        ("omop_emb.assign_mapping_terms(text,name,bigint[])", "admin",
+         "SELECT omop_emb.assign_mapping_terms('@JOB@', current_user)"),
+        ("omop_emb.suggest_mappings_start(text,boolean)", "admin", "SELECT omop_emb.suggest_mappings_start('@JOB@')"),
+        ("omop_emb.suggest_mappings_batch(text,integer,boolean)", "admin",
+         "SELECT omop_emb.suggest_mappings_batch('@JOB@', 2)"),
+        ("omop_emb._mapping_record_counts(bigint)", "admin",
+         "SELECT omop_emb._mapping_record_counts((omop_emb._mapping_job('@JOB@', true)).job_id)"),
+        ("omop_emb.suggest_mappings(text,integer,boolean,boolean)", "admin",
+         "CALL omop_emb.suggest_mappings('@JOB@', 2)"),
+        ("omop_emb.record_decision(bigint,text,integer[],text,text)", "admin",
+         "SELECT omop_emb.record_decision((SELECT pg_catalog.min(t.term_id) FROM omop_emb.mapping_term t "
+         "WHERE t.job_id OPERATOR(pg_catalog.=) (omop_emb._mapping_job('@JOB@', true)).job_id), 'approved', "
+         "ARRAY[3], 'EQUAL', 'trap')"),
+        ("omop_emb.auto_approve(text,double precision)", "admin", "SELECT omop_emb.auto_approve('@JOB@', 0.0)"),
+        ("omop_emb.check_mappings(text)", "admin", "SELECT pg_catalog.count(*) FROM omop_emb.check_mappings('@JOB@')"),
+        ("omop_emb.export_source_to_concept_map(text,text)", "admin",
+         "SELECT * FROM omop_emb.export_source_to_concept_map('@JOB@', 'voc.source_to_concept_map')"),
+        ("view omop_emb.mapping_jobs", "reader", "SELECT pg_catalog.count(*) FROM omop_emb.mapping_jobs"),
+        ("view omop_emb.mapping_queue", "reader", "SELECT pg_catalog.count(*) FROM omop_emb.mapping_queue"),
+        ("view omop_emb.mapping_current_decision", "reader",
+         "SELECT pg_catalog.count(*) FROM omop_emb.mapping_current_decision"),
         ("view omop_emb.models", "reader", "SELECT pg_catalog.count(*) FROM omop_emb.models"),
         ("view omop_emb.index_status", "reader", "SELECT pg_catalog.count(*) FROM omop_emb.index_status"),
         ("view omop_emb.search_result", "reader", "SELECT pg_catalog.count(*) FROM omop_emb.search_result"),
@@ -561,6 +598,12 @@ def test_traps_in_public_never_fire(trap_db, pg, admin, analyst, fake_embedder):
         c.execute("INSERT INTO voc.concept_synonym VALUES (5, 'fifth concept', 4180186)")
         c.execute("INSERT INTO voc.concept_relationship VALUES (5, 6, 'Maps to', NULL)")
         c.execute("GRANT SELECT ON ALL TABLES IN SCHEMA voc TO PUBLIC")
+        c.execute("CREATE TABLE IF NOT EXISTS voc.source_to_concept_map (source_code varchar(50) NOT NULL, "
+                  "source_concept_id integer NOT NULL, source_vocabulary_id varchar(20) NOT NULL, "
+                  "source_code_description varchar(255), target_concept_id integer NOT NULL, "
+                  "target_vocabulary_id varchar(20) NOT NULL, valid_start_date date NOT NULL, "
+                  "valid_end_date date NOT NULL, invalid_reason varchar(1))")
+        c.execute("GRANT SELECT, INSERT, UPDATE ON voc.source_to_concept_map TO PUBLIC")
         c.execute("INSERT INTO voc.concept VALUES (41, 'forty-one', 'Condition', 'SNOMED', 'Clinical Finding', "
                   "'S', 'C41', NULL), (42, 'forty-two', 'Condition', 'SNOMED', 'Clinical Finding', 'S', 'C42', NULL) "
                   "ON CONFLICT DO NOTHING")
@@ -600,13 +643,14 @@ def test_traps_in_public_never_fire(trap_db, pg, admin, analyst, fake_embedder):
     for path in (None, "public, pg_catalog"):
         for who, dsn in (("analyst", analyst_dsn), ("admin", admin_dsn), ("superuser", trap_db)):
             with connect(dsn) as c:
+                c.execute("SET statement_timeout = '60s'")  # a trap that ends no loop fails, not hangs
                 if path:
                     c.execute(f"SET search_path = {path}")
                 for sig, group, sql in calls:
                     if who not in may[group]:
                         continue
                     try:
-                        c.execute(sql)
+                        c.execute(sql.replace("@JOB@", f"trap_{who}_{1 if path else 0}"))
                         ran += 1
                     except psycopg.Error as e:
                         failures.append((sig, who, path, e.diag.message_primary))
@@ -616,7 +660,7 @@ def test_traps_in_public_never_fire(trap_db, pg, admin, analyst, fake_embedder):
     assert failures == [], failures
     RESULTS["traps"] = (f"{len(planted)} traps planted by an analyst in public and in \"$user\" schemas "
                         f"({len(refused)} refused by PostgreSQL: {sorted({w for w, _ in refused})}); "
-                        f"{len(normal)} routines + 3 views called {ran} times as analyst/admin/superuser "
+                        f"{len(normal)} routines + {sum(sig.startswith('view') for sig, _, _ in calls)} views called {ran} times as analyst/admin/superuser "
                         "with the default search_path and with public first: none fired")
 
 
@@ -644,13 +688,19 @@ def test_traps_planted_before_install_never_fire(fresh_db, pg, fake_embedder):
                       "language_concept_id int)")
             c.execute("CREATE TABLE voc.concept_relationship (concept_id_1 int, concept_id_2 int, "
                       "relationship_id text, invalid_reason text)")
+            c.execute("CREATE TABLE IF NOT EXISTS voc.source_to_concept_map (source_code varchar(50) NOT NULL, "
+                      "source_concept_id integer NOT NULL, source_vocabulary_id varchar(20) NOT NULL, "
+                      "source_code_description varchar(255), target_concept_id integer NOT NULL, "
+                      "target_vocabulary_id varchar(20) NOT NULL, valid_start_date date NOT NULL, "
+                      "valid_end_date date NOT NULL, invalid_reason varchar(1))")
+            c.execute("GRANT SELECT, INSERT, UPDATE ON voc.source_to_concept_map TO PUBLIC")
             c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'voc')", (MODEL,))
             c.execute("INSERT INTO omop_emb.search_request (query, k, model) VALUES ('concept 3', 3, %s)", (MODEL,))
             for sig, group, sql in _calls(fake_embedder.url, f"SELECT omop_emb.embed('v', 'query', '{MODEL}')"):
                 if group == "none":
                     continue
                 try:
-                    c.execute(sql)
+                    c.execute(sql.replace("@JOB@", "trap_job"))
                 except psycopg.Error as e:
                     failures.append((sig, e.diag.message_primary))
             fired = c.execute(f"SELECT who, what, pg_catalog.count(*) FROM {log} GROUP BY 1, 2").fetchall()

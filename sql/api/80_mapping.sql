@@ -99,22 +99,25 @@ LEFT JOIN LATERAL (SELECT * FROM omop_emb.mapping_decision x WHERE x.term_id = t
 LEFT JOIN omop_emb.mapping_candidate c ON c.term_id = t.term_id AND c.rank = 1;
 COMMENT ON VIEW omop_emb.mapping_queue IS 'omop_emb: one row per source term with its current decision (status ''unreviewed'' when none) and its top candidate; page it with ORDER BY source_frequency DESC NULLS LAST, source_code';
 
+-- Bound at install and upgrade (public on the search_path): aggregates and the
+-- division are named with pg_catalog, so that no look-alike is bound in.
 CREATE OR REPLACE VIEW omop_emb.mapping_jobs WITH (security_invoker = true) AS
 SELECT j.job_id, j.name, j.model, j.created_by, j.created_at,
-       count(q.term_id) AS terms,
-       count(q.term_id) FILTER (WHERE q.suggested_at IS NOT NULL
+       pg_catalog.count(q.term_id) AS terms,
+       pg_catalog.count(q.term_id) FILTER (WHERE q.suggested_at IS NOT NULL
            AND (j.suggest_requested_at IS NULL OR q.suggested_at >= j.suggest_requested_at)) AS suggested,
-       count(q.term_id) FILTER (WHERE q.status = 'approved') AS approved,
-       count(q.term_id) FILTER (WHERE q.status = 'flagged') AS flagged,
-       count(q.term_id) FILTER (WHERE q.status = 'unmapped') AS unmapped,
-       count(q.term_id) FILTER (WHERE q.status = 'ignored') AS ignored,
-       count(q.term_id) FILTER (WHERE q.status = 'unreviewed') AS unreviewed,
-       CASE WHEN count(q.term_id) = 0 THEN 0::double precision
-            ELSE (count(q.term_id) FILTER (WHERE q.status <> 'unreviewed'))::double precision / count(q.term_id)
+       pg_catalog.count(q.term_id) FILTER (WHERE q.status = 'approved') AS approved,
+       pg_catalog.count(q.term_id) FILTER (WHERE q.status = 'flagged') AS flagged,
+       pg_catalog.count(q.term_id) FILTER (WHERE q.status = 'unmapped') AS unmapped,
+       pg_catalog.count(q.term_id) FILTER (WHERE q.status = 'ignored') AS ignored,
+       pg_catalog.count(q.term_id) FILTER (WHERE q.status = 'unreviewed') AS unreviewed,
+       CASE WHEN pg_catalog.count(q.term_id) = 0 THEN 0::double precision
+            ELSE (pg_catalog.count(q.term_id) FILTER (WHERE q.status <> 'unreviewed'))::double precision
+                 OPERATOR(pg_catalog./) pg_catalog.count(q.term_id)::double precision
        END AS progress,
        j.source_vocabulary_id, j.vocabulary_schema, j.cdm_schema, j.reviewers,
-       count(q.term_id) FILTER (WHERE q.automatic AND q.status = 'approved') AS auto_approved,
-       max(q.suggested_at) AS last_suggested_at
+       pg_catalog.count(q.term_id) FILTER (WHERE q.automatic AND q.status = 'approved') AS auto_approved,
+       pg_catalog.max(q.suggested_at) AS last_suggested_at
 FROM omop_emb.mapping_job j
 LEFT JOIN omop_emb.mapping_queue q ON q.job_id = j.job_id
 GROUP BY j.job_id;
@@ -530,28 +533,32 @@ CREATE OR REPLACE PROCEDURE omop_emb.suggest_mappings(job text, batch_size integ
                                                      context boolean DEFAULT true)
 LANGUAGE plpgsql
 AS $$
+-- A procedure that commits cannot pin search_path: it runs in the caller's, so
+-- every operator and type is named with pg_catalog (a look-alike in public,
+-- =(integer, integer) say, must not run as the caller nor end the loop).
 DECLARE
-    st record;
-    n integer;
-    done bigint := 0;
-    started timestamptz := pg_catalog.clock_timestamp();
-    last_notice timestamptz := pg_catalog.clock_timestamp();
+    st pg_catalog.record;
+    n pg_catalog.int4;
+    done pg_catalog.int8 := 0;
+    started pg_catalog.timestamptz := pg_catalog.clock_timestamp();
+    last_notice pg_catalog.timestamptz := pg_catalog.clock_timestamp();
 BEGIN
     SELECT * INTO st FROM omop_emb.suggest_mappings_start(job, resuggest);
     RAISE NOTICE 'omop_emb: mapping job %: % terms, % to suggest', job, st.terms, st.pending;
     COMMIT;
     LOOP
         n := omop_emb.suggest_mappings_batch(job, batch_size, context);
-        EXIT WHEN n = 0;
-        done := done + n;
+        EXIT WHEN n OPERATOR(pg_catalog.=) 0;
+        done := done OPERATOR(pg_catalog.+) n::pg_catalog.int8;
         COMMIT;
-        IF pg_catalog.clock_timestamp() - last_notice > interval '5 seconds' THEN
+        IF pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) last_notice
+           OPERATOR(pg_catalog.>) '5 seconds'::pg_catalog.interval THEN
             RAISE NOTICE 'omop_emb: % of % terms suggested', done, st.pending;
             last_notice := pg_catalog.clock_timestamp();
         END IF;
     END LOOP;
     RAISE NOTICE 'omop_emb: done, % terms suggested in % s', done,
-        pg_catalog.round(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - started)::numeric, 1);
+        pg_catalog.round(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) started)::pg_catalog.numeric, 1);
 END
 $$;
 COMMENT ON PROCEDURE omop_emb.suggest_mappings(text, integer, boolean, boolean) IS
