@@ -538,6 +538,20 @@ def _calls(url, vec_sql):
         ("omop_emb_internal.index_finish(text)", "admin", f"SELECT omop_emb_internal.index_finish('{f}')"),
         ("omop_emb_internal.upsert_concept_texts_store(integer[],text[],text,text)", "admin",
          f"SELECT omop_emb_internal.upsert_concept_texts_store(ARRAY[42], ARRAY['trap store'], '{f}', '{{}}')"),
+        # embedding bundles (export, then the same rows imported back)
+        ("omop_emb.export_embeddings(text,integer,text,text,integer)", "admin",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.export_embeddings('{f}', max_rows => 5)"),
+        ("omop_emb.import_embeddings(text,jsonb,integer[],text[],text[],bytea[],integer[],text[],text[],text[],"
+         "text[],text[],text[],text[],vector[])", "admin",
+         f"WITH x AS (SELECT * FROM omop_emb.export_embeddings('{f}', max_rows => 3)) "
+         f"SELECT * FROM omop_emb.import_embeddings('{f}', (SELECT pg_catalog.to_jsonb(m) FROM omop_emb.models m "
+         f"WHERE m.name OPERATOR(pg_catalog.=) '{f}'), ARRAY(SELECT x.concept_id FROM x), "
+         "ARRAY(SELECT x.text_kind FROM x), ARRAY(SELECT x.text FROM x), ARRAY(SELECT x.text_hash FROM x), "
+         "ARRAY(SELECT x.source_concept_id FROM x), ARRAY(SELECT x.source_code FROM x), "
+         "ARRAY(SELECT x.concept_name FROM x), ARRAY(SELECT x.domain_id FROM x), "
+         "ARRAY(SELECT x.vocabulary_id FROM x), ARRAY(SELECT x.concept_class_id FROM x), "
+         "ARRAY(SELECT x.standard_concept FROM x), ARRAY(SELECT x.invalid_reason FROM x), "
+         "ARRAY(SELECT x.embedding FROM x))"),
         # source-term mapping (SECURITY INVOKER, search_path pinned); @JOB@: a job per caller and round
         ("omop_emb.create_mapping_job(text,text,text,text[],text[],text[],text,text,text,integer)", "admin",
          "SELECT omop_emb.create_mapping_job('@JOB@', $q$SELECT 'X1'::text AS source_code, 'concept 3'::text "
