@@ -282,7 +282,39 @@ def test_reviewer_approves_with_the_keyboard_and_exports(ui_env, mapping_job, pa
         second = conn.execute("SELECT c.concept_id FROM omop_emb.mapping_candidate c JOIN omop_emb.mapping_term t "
                               "USING (term_id) WHERE t.source_code = 'ASTH' AND c.rank = 2").fetchone()[0]
     assert d["status"] == "flagged" and d["concept_ids"] == [second]
+
+    # Choose another concept: 'j' to OTIT, 's' to its search box, Enter searches with the job's filters;
+    # the results join the candidates, the first selected; 'a' approves it.
+    page.keyboard.press("j")
+    assert page.text_content("#queue tr.current td:first-child") == "OTIT"
+    page.keyboard.press("s")
+    page.keyboard.type("acute otitis media")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#panel-%s tr.searched" % page.get_attribute("#queue tr.current", "data-term"))
+    picked = page.locator(".panel:not([hidden]) tr.searched input[type=radio]").first
+    assert picked.is_checked()
+    searched_id = int(picked.get_attribute("value"))
+    assert "otitis" in page.locator(".panel:not([hidden]) tr.searched td a").first.text_content().lower()
     page.screenshot(path=str(IMG / "ui-review.png"), full_page=True)
+    page.keyboard.press("a")
+    page.wait_for_selector(".flash.ok")
+    assert current_decision(env["dsn"], "OTIT") == {"status": "approved", "concept_ids": [searched_id],
+                                                    "decided_by": env["reviewer"]}
+
+    # Comment ('c', Enter saves it, the status stays) and unmapped ('u') on FX-ARM.
+    assert page.text_content("#queue tr.current td:first-child") == "FX-ARM"
+    page.keyboard.press("c")
+    page.keyboard.type("no fracture concept in this vocabulary")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".flash.ok")
+    with psycopg.connect(env["dsn"]) as conn:
+        status, comment = conn.execute("SELECT status, comment FROM omop_emb.mapping_queue "
+                                       "WHERE source_code = 'FX-ARM'").fetchone()
+    assert (status, comment) == ("unreviewed", "no fracture concept in this vocabulary")
+    assert page.text_content("#queue tr.current td:first-child") == "FX-ARM"
+    page.keyboard.press("u")
+    page.wait_for_selector(".flash.ok")
+    assert current_decision(env["dsn"], "FX-ARM")["status"] == "unmapped"
 
     # Usagi CSV download: the approved row with its concept.
     with page.expect_download() as dl:
@@ -298,12 +330,14 @@ def test_reviewer_approves_with_the_keyboard_and_exports(ui_env, mapping_job, pa
     page.click("#export-stcm button")
     flash = page.locator(".flash").first
     flash.wait_for()
-    assert "1 inserted" in flash.text_content() and "error" not in flash.get_attribute("class"), flash.text_content()
+    assert "2 inserted" in flash.text_content() and "error" not in flash.get_attribute("class"), flash.text_content()
     with psycopg.connect(env["dsn"]) as conn:
         stcm = conn.execute("SELECT source_code, source_vocabulary_id, target_concept_id "
                             "FROM cdm.source_to_concept_map "
-                            "WHERE source_code IN ('HTN', 'ASTH') AND invalid_reason IS NULL").fetchall()
-    assert stcm == [("HTN", "CLINIC_LOCAL", concept_id)]  # flagged terms are not exported
+                            "WHERE source_code IN ('HTN', 'ASTH', 'OTIT', 'FX-ARM') AND invalid_reason IS NULL "
+                            "ORDER BY source_code").fetchall()
+    # The approved terms, not the flagged or unmapped ones.
+    assert stcm == [("HTN", "CLINIC_LOCAL", concept_id), ("OTIT", "CLINIC_LOCAL", searched_id)]
 
 
 def test_reader_sees_the_job_but_the_database_refuses_its_decision(ui_env, mapping_job, page):

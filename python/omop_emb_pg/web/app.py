@@ -40,6 +40,8 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 #: Rows of a search (?k=); nearest() itself accepts 1..1000.
 DEFAULT_SEARCH_K = 20
+#: Rows of the review page's inline search for another concept (they join the term's candidates).
+INLINE_SEARCH_K = 10
 #: Rows shown per section of a concept's detail (ancestors, descendants, mapped from).
 DETAIL_LIMIT = 100
 SEARCH_MODES = ("", "semantic", "lexical", "hybrid")
@@ -495,7 +497,7 @@ def create_app(settings: UiSettings, store: SessionStore | None = None) -> Starl
             if inline["q"].strip() and current_id is not None:
                 try:
                     inline["rows"] = search_rows(
-                        conn, inline["q"], k=DEFAULT_SEARCH_K, domain_ids=spec.get("domain_ids"),
+                        conn, inline["q"], k=INLINE_SEARCH_K, domain_ids=spec.get("domain_ids"),
                         vocabulary_ids=spec.get("vocabulary_ids"), concept_class_ids=spec.get("concept_class_ids"),
                         standard_only=True, mode=None, model=spec.get("model"))
                 except psycopg.Error as e:
