@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup server-deps venv build demo test bench eval clean
+.PHONY: setup server-deps venv build demo test regress bench eval clean
 
 setup: server-deps venv build
 
@@ -34,6 +34,11 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The SQL regression suite alone (test/sql/*.sql against test/expected/*.out with
+# pg_regress, tests/test_regress.py); `make test` runs it with everything else.
+regress: setup
+	$(VENV)/bin/pytest tests/test_regress.py
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -139,13 +139,16 @@ def test_bad_k_and_null_query(e5_sample_db):
             assert e.value.diag.sqlstate == "22023" and "1..1000" in e.value.diag.message_primary
 
 
-def test_filters_matching_nothing_give_no_rows_and_a_notice(e5_sample_db):
+def test_a_filter_value_nothing_indexed_has_is_an_error_naming_what_is(e5_sample_db):
+    # (Known values that match nothing together: a notice and no rows, test_errors.py.)
     with connect(e5_sample_db) as conn:
-        notices = []
-        conn.add_notice_handler(lambda d: notices.append(d.message_primary))
-        n = conn.execute("SELECT count(*) FROM omop_emb.nearest('fever', 5, "
-                         "domain_ids => ARRAY['No such domain'])").fetchone()[0]
-    assert n == 0 and any("no indexed concept matches" in m for m in notices)
+        with pytest.raises(psycopg.errors.InvalidParameterValue) as e:
+            conn.execute("SELECT count(*) FROM omop_emb.nearest('fever', 5, "
+                         "domain_ids => ARRAY['conditions'])")
+    assert e.value.diag.message_primary == \
+        "omop_emb: domain_ids: no indexed concept has domain_id 'conditions'"
+    assert e.value.diag.message_hint.startswith("Did you mean 'Condition'?")
+    assert "Indexed domain_id values of model e5-small: Condition" in e.value.diag.message_detail
 
 
 # ------------------------------------------------------------ plumbing on the test double
