@@ -49,8 +49,8 @@ def two_dbs(fresh_db, fake_embedder):
     with connect(a) as conn:
         # A's identity version moves on (and salts its stored hashes); B's stays 0:
         # bundles carry the unsalted hash of the text sent.
-        conn.execute("SELECT omop_emb.alter_model('fake', document_prefix => 'other: ')")
-        conn.execute("SELECT omop_emb.alter_model('fake', document_prefix => 'passage: ')")
+        conn.execute("SELECT omop_emb.alter_model('fake', remote_model => 'other')")
+        conn.execute("SELECT omop_emb.alter_model('fake', remote_model => 'fake')")
         assert conn.execute("SELECT identity_version FROM omop_emb.model").fetchone()[0] > 0
         conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
         conn.execute("SELECT omop_emb.create_index()")

@@ -13,6 +13,7 @@ database reads and writes it only through ``omop_emb.export_embeddings`` and
 from __future__ import annotations
 
 import json
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,51 @@ def _schema(pa, dims: int, identity: dict[str, Any]):
     fields += [pa.field(c, pa.string()) for c in ROW_COLUMNS[5:]]
     fields.append(pa.field("embedding", pa.list_(pa.float32(), dims), nullable=False))
     return pa.schema(fields, metadata={META_KEY: json.dumps(identity).encode()})
+
+
+class _VectorArray:
+    """A ``vector[]`` parameter already in PostgreSQL's binary array format."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+def _register_vector_array(conn: psycopg.Connection) -> int:
+    """Teach ``conn`` to send a _VectorArray as binary ``vector[]``; returns vector's oid."""
+    from psycopg.adapt import Dumper
+    from psycopg.pq import Format
+    from psycopg.types import TypeInfo
+
+    info = TypeInfo.fetch(conn, "vector")
+    if info is None:
+        raise InvalidArgument("the pgvector extension (type vector) is not in this database")
+
+    class VectorArrayDumper(Dumper):
+        format = Format.BINARY
+        oid = info.array_oid
+
+        def dump(self, obj: _VectorArray) -> bytes:
+            return obj.payload
+
+    conn.adapters.register_dumper(_VectorArray, VectorArrayDumper)
+    return info.oid
+
+
+def _vector_array(mat, vector_oid: int) -> _VectorArray:
+    """Rows of a float32 matrix as one binary ``vector[]`` (array header, then per element
+    its length and pgvector's binary form: int16 dimensions, int16 unused, big-endian float4s),
+    built by numpy in one pass instead of one Python object per vector."""
+    import numpy as np
+
+    n, d = mat.shape
+    rows = np.empty(n, dtype=np.dtype([("len", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("v", ">f4", (d,))]))
+    rows["len"] = 4 + 4 * d
+    rows["dim"] = d
+    rows["unused"] = 0
+    rows["v"] = mat
+    return _VectorArray(struct.pack(">iiIii", 1, 0, vector_oid, n, 1) + rows.tobytes())
 
 
 def _model_row(conn: psycopg.Connection, model: str | None) -> dict[str, Any]:
@@ -163,7 +209,6 @@ def import_bundle(dsn: str, path: str | Path, model: str | None = None,
     registered model's. Texts present with the same hash are skipped; rows whose hash
     is not that of the model's document prefix + text are queued for re-embedding."""
     import numpy as np
-    from pgvector.psycopg import register_vector
 
     pa, pq = _pa()
     identity = read_identity(path)
@@ -172,7 +217,7 @@ def import_bundle(dsn: str, path: str | Path, model: str | None = None,
     totals = [0, 0, 0]
     n = 0
     with psycopg.connect(dsn, autocommit=True) as conn:
-        register_vector(conn)
+        vector_oid = _register_vector_array(conn)
         m = _model_row(conn, model or identity.get("name"))
         # The same check import_embeddings makes, before the file is read.
         diffs = [f"{k}: bundle {identity.get(k)!r}, model {m[k]!r}" for k in IDENTITY if identity.get(k) != m[k]]
@@ -192,7 +237,7 @@ def import_bundle(dsn: str, path: str | Path, model: str | None = None,
                 cols = [batch.column(c).to_pylist() for c in ROW_COLUMNS]
                 emb = batch.column("embedding")
                 mat = emb.values.to_numpy(zero_copy_only=False).reshape(len(batch), dims)
-                vecs = list(mat.astype(np.float32, copy=False))
+                vecs = _vector_array(mat.astype(np.float32, copy=False), vector_oid)
                 row = conn.execute(sql, (m["name"], bundle_json, *cols, vecs)).fetchone()
                 for i in range(3):
                     totals[i] += int(row[i])
