@@ -67,6 +67,8 @@ CLIENT = {
     "drop_model": ("drop_model", {}),
     "set_secret": ("set_secret", {}),
     "delete_secret": ("delete_secret", {}),
+    "bind_secret": ("bind_secret", {}),
+    "allow_env_key": ("allow_env_key", {}),
     "index_concepts": ("index_concepts", {}),
     "create_index": ("create_index", {}),
     "status": ("status", {}),

@@ -148,6 +148,15 @@ def _fail(command: str, err: BaseException) -> int:
     return EXIT_ERROR
 
 
+def _yes_no(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("yes", "true", "on", "1"):
+        return True
+    if v in ("no", "false", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
+
+
 def _fmt_prefix(p: object) -> str:
     return "(unset)" if p is None else repr(p)
 
@@ -197,6 +206,9 @@ def add_register_model_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", default=None,
                    help="vector = float32; halfvec = float16, half the size (default: chosen by the "
                         "dimensions, see register_model)")
+    p.add_argument("--adopt-table", type=_yes_no, default=None, metavar="yes|no",
+                   help="a table of embeddings left by an earlier installation under the new model's id: "
+                        "yes = use it (same shape), no = leave it and take the next id (default: an error)")
     p.add_argument("--if-not-exists", action="store_true", help="do nothing when NAME is already registered")
     p.set_defaults(func=cmd_register_model)
 
@@ -211,7 +223,8 @@ def cmd_register_model(args: argparse.Namespace) -> int:
                                 metric=args.metric, document_prefix=args.document_prefix,
                                 query_prefix=args.query_prefix, remote_model=args.remote_model,
                                 api_key_ref=args.api_key_ref, batch_size=args.batch_size,
-                                read_timeout_s=args.read_timeout_s, storage=args.storage, **extra)
+                                read_timeout_s=args.read_timeout_s, storage=args.storage,
+                                adopt_table=args.adopt_table, **extra)
         (st,) = [s for s in db.status() if s.model == args.name] or [None]
         extra = ""
         if st is not None:
@@ -239,6 +252,8 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-mapped", action="store_const", const=True, default=None, help="also names of source concepts mapped to them")
     p.add_argument("--batch-size", type=int, default=None, help="texts per batch (default: the model's)")
     p.add_argument("--max-texts", type=int, default=None, help="stop after this many texts")
+    p.add_argument("--allow-any-relation", action="store_const", const=True, default=None,
+                   help="read the vocabulary even from views, foreign or temporary tables (refused by default)")
     p.add_argument("--jobs", type=int, default=1,
                    help="indexing sessions run at once (each CALLs index_concepts; they share the queue "
                         "and, for a model with several servers, spread their batches over them)")
@@ -411,7 +426,7 @@ def run_index(dsn: str, *, model: str | None = None, progress: str = "auto", pol
 def cmd_index(args: argparse.Namespace) -> int:
     kw = {k: getattr(args, k) for k in ("vocabulary_schema", "domain_ids", "vocabulary_ids", "concept_class_ids",
                                          "include_classification", "include_invalid", "include_synonyms",
-                                         "include_mapped", "batch_size", "max_texts")}
+                                         "include_mapped", "batch_size", "max_texts", "allow_any_relation")}
     code = run_index(_dsn(args), model=args.model, progress=args.progress, poll=args.poll, jobs=args.jobs, **kw)
     if code == EXIT_OK and args.create_index:
         with _client(args) as db:

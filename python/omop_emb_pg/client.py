@@ -386,22 +386,33 @@ class OmopEmb:
     def delete_secret(self, name: str) -> bool:
         return self._scalar("SELECT omop_emb.delete_secret(%s)", (name,))
 
+    def bind_secret(self, name: str, endpoint: str) -> bool:
+        """Superuser: allow the stored secret ``name`` to be sent to ``endpoint``
+        (``omop_emb.bind_secret``)."""
+        return self._scalar("SELECT omop_emb.bind_secret(%s, %s)", (name, endpoint))
+
+    def allow_env_key(self, variable: str) -> bool:
+        """Superuser: let ``api_key_ref='env:VARIABLE'`` read this server environment variable
+        (``omop_emb.allow_env_key``)."""
+        return self._scalar("SELECT omop_emb.allow_env_key(%s)", (variable,))
+
     def register_model(self, name: str, endpoint: str, *, provider: str = "openai",
                        dimensions: int | None = None, metric: str | None = None,
                        document_prefix: str | None = None, query_prefix: str | None = None,
                        remote_model: str | None = None, api_key_ref: str | None = None,
                        batch_size: int | None = None, read_timeout_s: float | None = None,
-                       storage: str | None = None) -> int:
+                       storage: str | None = None, adopt_table: bool | None = None) -> int:
         """Register an embedding model (``omop_emb.register_model``); returns its id.
         ``provider`` (which SQL requires): 'openai' (any OpenAI-compatible server) unless
         given. ``None``: the SQL default (prefixes: the settings, else what the server
         advertises, else empty; the rest: the registry's column defaults). ``storage``: 'vector'
-        (float32) or 'halfvec' (float16)."""
+        (float32) or 'halfvec' (float16). ``adopt_table``: what to do with a table of embeddings left
+        by an earlier installation (None: an error naming it; True: use it; False: leave it)."""
         named, params = _named({"provider": provider, "dimensions": dimensions, "metric": metric,
                                 "document_prefix": document_prefix, "query_prefix": query_prefix,
                                 "remote_model": remote_model, "api_key_ref": api_key_ref,
                                 "batch_size": batch_size, "read_timeout_s": read_timeout_s,
-                                "storage": storage})
+                                "storage": storage, "adopt_table": adopt_table})
         return self._scalar(f"SELECT omop_emb.register_model(name => %(name)s, endpoint => %(endpoint)s{named})",
                             {"name": name, "endpoint": endpoint, **params})
 
@@ -435,7 +446,7 @@ class OmopEmb:
                        include_classification: bool | None = None, include_invalid: bool | None = None,
                        include_synonyms: bool | None = None, include_mapped: bool | None = None,
                        batch_size: int | None = None,
-                       max_texts: int | None = None,
+                       max_texts: int | None = None, allow_any_relation: bool | None = None,
                        on_notice: Callable[[str], None] | None = None) -> None:
         """``CALL omop_emb.index_concepts(...)``: embed the concepts in scope (DOCUMENT role),
         committing every batch; resumable. The connection must not be inside a transaction
@@ -458,7 +469,7 @@ class OmopEmb:
                 "vocabulary_ids": _opt(vocabulary_ids), "concept_class_ids": _opt(concept_class_ids),
                 "include_classification": include_classification, "include_invalid": include_invalid,
                 "include_synonyms": include_synonyms, "include_mapped": include_mapped,
-                "batch_size": batch_size, "max_texts": max_texts})
+                "batch_size": batch_size, "max_texts": max_texts, "allow_any_relation": allow_any_relation})
             self._rows(f"CALL omop_emb.index_concepts({named[2:]})", params)
         finally:
             if not old_ac and not self.conn.closed:
