@@ -404,3 +404,32 @@ def test_sessions_expire_and_cookies_cannot_be_forged():
     assert store.get(cookie[:-2] + ("AA" if not cookie.endswith("AA") else "BB")) is None
     time.sleep(0.3)
     assert store.get(cookie) is None and len(store) == 0 and s.conninfo == ""  # idle: ended, password dropped
+
+
+def test_single_user_mode_and_forms_without_the_session_token(ui_env, mapping_job):
+    """--single-user: no login form, the DSN's own role; a POST without the form's token changes nothing."""
+    from psycopg.conninfo import make_conninfo
+    from starlette.testclient import TestClient
+
+    from omop_emb_pg.web.app import UiSettings, create_app
+
+    env = ui_env
+    app = create_app(UiSettings(dsn=env["reviewer_dsn"], single_user=True))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        r = client.get("/jobs")
+        assert r.status_code == 200 and JOB in r.text and env["reviewer"] in r.text
+        job_id = int(r.text.split('href="/jobs/')[1].split('"')[0])
+        with psycopg.connect(env["dsn"]) as conn:
+            term_id = conn.execute("SELECT term_id FROM omop_emb.mapping_term WHERE source_code = 'ZZZ'").fetchone()[0]
+        before = current_decision(env["dsn"], "ZZZ")
+        r = client.post(f"/jobs/{job_id}/decide", data={"term_id": term_id, "status": "ignored"},
+                        follow_redirects=False)
+        assert r.status_code == 403 and "out of date" in r.text
+        assert current_decision(env["dsn"], "ZZZ") == before
+    # A login page started for many users never uses the DSN's own credentials.
+    app = create_app(UiSettings(dsn=make_conninfo(env["reviewer_dsn"])))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        r = client.get("/jobs", follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")
+        r = client.post("/login", data={"user": env["reviewer"], "password": ""})
+        assert r.status_code == 401 and "enter a PostgreSQL user name and its password" in r.text
