@@ -348,6 +348,29 @@ def test_a_mapper_decides_in_another_mappers_job_only_when_assigned(map_db, job)
         assert current(conn)["DX011"][0] == "ignored"
 
 
+def test_a_reviewer_never_reads_a_view_the_jobs_creator_chose(map_db, job):
+    """A reviewer reads the job's schemas as itself: a view there (or row-level security) could
+    run the creator's code with the reviewer's rights, so it is refused; the creator may."""
+    with connect(map_db["dsn"]) as conn:
+        conn.execute("CREATE SCHEMA trap; CREATE VIEW trap.concept AS SELECT * FROM cdm.concept")
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA trap TO {0}, {1}; GRANT SELECT ON trap.concept TO {0}, {1}")
+                     .format(sql.Identifier(map_db["roles"]["a"]), sql.Identifier(map_db["roles"]["b"])))
+    source = "SELECT code AS source_code, label AS source_name FROM public.local_terms WHERE code = 'DX001'"
+    with connect(map_db["a"]) as conn:
+        conn.execute("SELECT omop_emb.create_mapping_job('trap_job', %s, vocabulary_schema => 'trap', "
+                     "domain_ids => ARRAY['Condition'])", (source,))
+        conn.execute("UPDATE omop_emb.mapping_job SET reviewers = ARRAY[%s]::name[] WHERE name = 'trap_job'",
+                     (map_db["roles"]["b"],))
+    with connect(map_db["b"]) as conn:
+        with pytest.raises(errors.InsufficientPrivilege, match=r"reads trap.concept \(relkind v\)"):
+            conn.execute("SELECT omop_emb.suggest_mappings_batch('trap_job')")
+        # Nor can a reviewer point a job at another schema.
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("UPDATE omop_emb.mapping_job SET vocabulary_schema = 'cdm' WHERE name = 'trap_job'")
+    with connect(map_db["a"]) as conn:
+        assert conn.execute("SELECT omop_emb.suggest_mappings_batch('trap_job')").fetchone()[0] == 1
+
+
 def test_an_invalidated_concept_is_flagged_with_its_replacement(map_db, job):
     with connect(map_db["a"]) as conn:
         ids = term_ids(conn)

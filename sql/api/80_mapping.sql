@@ -71,9 +71,12 @@ GRANT SELECT ON omop_emb.mapping_job, omop_emb.mapping_term, omop_emb.mapping_ca
     omop_emb.mapping_decision, omop_emb.mapping_record_count TO omop_emb_reader;
 GRANT INSERT, DELETE ON omop_emb.mapping_job, omop_emb.mapping_term, omop_emb.mapping_candidate,
     omop_emb.mapping_record_count TO omop_emb_mapper;
+-- vocabulary_schema and cdm_schema are set when the job is created, not later: the job's
+-- reviewers read those schemas as themselves (see _mapping_guard).
 GRANT UPDATE (model, domain_ids, vocabulary_ids, concept_class_ids, source_vocabulary_id,
-    vocabulary_schema, cdm_schema, candidates_per_term, reviewers, suggest_requested_at,
-    record_counts_at, record_counts_source) ON omop_emb.mapping_job TO omop_emb_mapper;
+    candidates_per_term, reviewers, suggest_requested_at, record_counts_at, record_counts_source)
+    ON omop_emb.mapping_job TO omop_emb_mapper;
+REVOKE UPDATE (vocabulary_schema, cdm_schema) ON omop_emb.mapping_job FROM omop_emb_mapper;
 GRANT UPDATE (source_name, source_frequency, extra, assigned_reviewer, suggested_at)
     ON omop_emb.mapping_term TO omop_emb_mapper;
 GRANT INSERT ON omop_emb.mapping_decision TO omop_emb_mapper;
@@ -175,6 +178,40 @@ BEGIN
                   HINT = 'Pass ' || what || ' => ''<schema>'' naming the schema that holds ' || needed || '.';
     END IF;
     RETURN schema_name;
+END
+$$;
+
+-- The job's schemas were chosen by its creator. Anyone else (a reviewer, an
+-- assigned mapper, an administrator) reads them as themselves: a view, or a
+-- table with row-level security, could run the creator's code with the
+-- reader's rights. So for them the relations read must be plain tables.
+CREATE OR REPLACE FUNCTION omop_emb._mapping_guard(j omop_emb.mapping_job)
+RETURNS void
+LANGUAGE plpgsql STABLE SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    bad text;
+BEGIN
+    IF j.created_by = current_user THEN
+        RETURN;
+    END IF;
+    SELECT string_agg(format('%I.%I (%s)', n.nspname, c.relname,
+                             CASE WHEN c.relrowsecurity THEN 'row-level security' ELSE 'relkind ' || c.relkind::text END),
+                      ', ' ORDER BY n.nspname, c.relname)
+    INTO bad
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE ((n.nspname = j.vocabulary_schema AND c.relname IN ('concept', 'concept_ancestor', 'concept_relationship'))
+        OR (n.nspname = j.cdm_schema AND c.relname IN ('achilles_results', 'condition_occurrence', 'drug_exposure',
+              'procedure_occurrence', 'measurement', 'observation', 'device_exposure', 'visit_occurrence',
+              'specimen', 'death', 'note')))
+      AND (c.relkind NOT IN ('r', 'p', 'm') OR c.relrowsecurity);
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'omop_emb: mapping job % reads % (chosen by its creator %), which could run code as you',
+            quote_literal(j.name), bad, j.created_by
+            USING ERRCODE = '42501',
+                  HINT = 'Only the job''s creator may suggest, decide or export in a job whose vocabulary or CDM relations are views or have row-level security; or re-create the job on plain tables.';
+    END IF;
 END
 $$;
 
@@ -377,6 +414,7 @@ BEGIN
     IF j.cdm_schema IS NULL OR j.record_counts_at IS NOT NULL THEN
         RETURN j.record_counts_source;
     END IF;
+    PERFORM omop_emb._mapping_guard(j);
     DELETE FROM omop_emb.mapping_record_count c WHERE c.job_id = j.job_id;
     IF to_regclass(format('%I.achilles_results', j.cdm_schema)) IS NOT NULL THEN
         -- Achilles: records per concept (condition 401, procedure 601, drug 701,
@@ -471,6 +509,7 @@ BEGIN
     IF ids IS NULL THEN
         RETURN 0;
     END IF;
+    PERFORM omop_emb._mapping_guard(j);
     -- A calibrated confidence from nearest_batch when it has one; until then the
     -- similarity margin of a candidate over the best of the others.
     SELECT coalesce(bool_or('confidence' = ANY (p.proargnames)), false) INTO has_confidence
@@ -605,6 +644,7 @@ BEGIN
             coalesce(nullif(array_to_string(j.reviewers, ', '), ''), 'none'), coalesce(t.assigned_reviewer::text, 'nobody')
             USING ERRCODE = '42501', HINT = 'The job''s creator assigns the term: SELECT omop_emb.assign_mapping_terms(job, reviewer, term_ids).';
     END IF;
+    PERFORM omop_emb._mapping_guard(j);
     IF st = 'approved' AND (ids IS NULL OR cardinality(ids) = 0) THEN
         SELECT ARRAY[c.concept_id] INTO ids FROM omop_emb.mapping_candidate c
         WHERE c.term_id = t.term_id AND c.rank = 1;
@@ -680,6 +720,7 @@ DECLARE
     target regclass;
     missing text;
 BEGIN
+    PERFORM omop_emb._mapping_guard(j);
     IF j.source_vocabulary_id IS NULL THEN
         RAISE EXCEPTION 'omop_emb: mapping job % has no source_vocabulary_id', quote_literal(job)
             USING ERRCODE = '22023', HINT = 'Set it: UPDATE omop_emb.mapping_job SET source_vocabulary_id = ''MY_CODES'' WHERE name = ' || quote_literal(job) || ';';
@@ -767,6 +808,7 @@ DECLARE
     j omop_emb.mapping_job := omop_emb._mapping_job(job, true);
     has_rel boolean;
 BEGIN
+    PERFORM omop_emb._mapping_guard(j);
     has_rel := to_regclass(format('%I.concept_relationship', j.vocabulary_schema)) IS NOT NULL;
     CREATE TEMP TABLE IF NOT EXISTS omop_emb_check_mappings (
         term_id bigint, source_code text, concept_id integer, problem text, suggested_concept_id integer
@@ -824,13 +866,13 @@ BEGIN
           AND p.proname IN ('create_mapping_job', 'add_mapping_terms', 'assign_mapping_terms',
                             'suggest_mappings', 'suggest_mappings_start', 'suggest_mappings_batch',
                             'record_decision', 'auto_approve', 'export_source_to_concept_map',
-                            'check_mappings', '_mapping_job', '_mapping_check_schema',
+                            'check_mappings', '_mapping_job', '_mapping_check_schema', '_mapping_guard',
                             '_mapping_add_terms', '_mapping_record_counts')
     LOOP
         EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', r.sig);
         -- Exporting needs write rights on the target table and nothing more.
         EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %s', r.sig,
-                       CASE WHEN r.proname IN ('export_source_to_concept_map', '_mapping_job')
+                       CASE WHEN r.proname IN ('export_source_to_concept_map', '_mapping_job', '_mapping_guard')
                             THEN 'omop_emb_reader' ELSE 'omop_emb_mapper' END);
     END LOOP;
 END
@@ -839,5 +881,6 @@ GRANT SELECT ON omop_emb.mapping_jobs, omop_emb.mapping_queue, omop_emb.mapping_
 
 COMMENT ON FUNCTION omop_emb._mapping_job(text, boolean) IS 'Internal: the mapping job of a name (clear error when unknown or, for_write, when the caller may not change it)';
 COMMENT ON FUNCTION omop_emb._mapping_check_schema(text, text, text) IS 'Internal: checks that a schema holds a table (clear error otherwise)';
+COMMENT ON FUNCTION omop_emb._mapping_guard(omop_emb.mapping_job) IS 'Internal: refuses, to anyone but a job''s creator, vocabulary or CDM relations that could run code (views, row-level security)';
 COMMENT ON FUNCTION omop_emb._mapping_add_terms(bigint, text) IS 'Internal: runs a source query as the caller and adds its rows as terms of a job';
 COMMENT ON FUNCTION omop_emb._mapping_record_counts(bigint) IS 'Internal: computes a job''s record counts per concept once (Achilles results or the clinical tables of its cdm_schema)';
