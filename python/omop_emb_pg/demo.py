@@ -35,7 +35,7 @@ DBNAME = "omop_emb_demo"
 MODEL = "e5-small"
 #: The second model: (registered name, id on the server). Symmetric: no prefixes.
 SECOND_MODEL = ("minilm", "all-MiniLM-L6-v2")
-#: None: every domain of the sample that has standard concepts (2,3xx texts per model;
+#: None: every domain of the sample that has standard concepts (2,320 texts per model;
 #: e5 embeds 15-55 texts/s on two shared cores, MiniLM about 3x faster).
 DEFAULT_DOMAINS: list[str] | None = None
 SERVE_PORT = 8765
