@@ -157,6 +157,30 @@ def test_job_of_50_terms_gets_candidates_with_context(map_db, job):
     assert all(r[0][12] > 0 for r in by_term.values())
 
 
+def test_record_counts_come_from_achilles_results_when_present(map_db, job):
+    with connect(map_db["dsn"]) as conn:
+        conn.execute("CREATE SCHEMA ach; CREATE TABLE ach.achilles_results (analysis_id integer, stratum_1 text, "
+                     "stratum_2 text, count_value bigint)")
+        truth = conn.execute("SELECT truth FROM public.local_terms WHERE code = 'DX003'").fetchone()[0]
+        # 401: condition records per concept (counted); 400: persons (not records); 402: by month.
+        conn.execute("INSERT INTO ach.achilles_results VALUES (401, %s, NULL, 1234), (400, %s, NULL, 99), "
+                     "(402, %s, '202001', 5)", (str(truth), str(truth), str(truth)))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA ach TO {0}; GRANT SELECT ON ach.achilles_results TO {0}")
+                     .format(sql.Identifier(map_db["roles"]["a"])))
+    source = "SELECT code AS source_code, label AS source_name FROM public.local_terms WHERE code = 'DX003'"
+    with connect(map_db["a"]) as conn:
+        conn.execute("SELECT omop_emb.create_mapping_job('achilles_job', %s, cdm_schema => 'ach', "
+                     "domain_ids => ARRAY['Condition'])", (source,))
+        conn.execute("CALL omop_emb.suggest_mappings('achilles_job')")
+        counts = dict(conn.execute("SELECT c.concept_id, c.record_count FROM omop_emb.mapping_candidate c "
+                                   "JOIN omop_emb.mapping_term t USING (term_id) JOIN omop_emb.mapping_job j "
+                                   "USING (job_id) WHERE j.name = 'achilles_job'").fetchall())
+        source_used = conn.execute("SELECT record_counts_source FROM omop_emb.mapping_job "
+                                   "WHERE name = 'achilles_job'").fetchone()[0]
+    assert source_used == "achilles_results"
+    assert counts[truth] == 1234 and all(v is None for k, v in counts.items() if k != truth)
+
+
 def test_decisions_are_recorded_with_history(map_db, job):
     with connect(map_db["a"]) as conn:
         ids = term_ids(conn)
