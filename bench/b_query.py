@@ -481,6 +481,9 @@ def batch_mapping(dsn: str, e5_url: str, n: int) -> dict:
             "ratio": ext_rate / raw["per_s"]}
 
 
+MODES = ("semantic", "fused", "hybrid", "lexical")
+
+
 def modes(dsn: str, n: int = 30) -> dict:
     """nearest(text, 10) latency per search mode at scale (cached query vectors: the search only).
 
@@ -493,7 +496,7 @@ def modes(dsn: str, n: int = 30) -> dict:
     with psycopg.connect(dsn, autocommit=True) as c:
         for t in texts:  # embed once: the timings below are cached (no HTTP)
             c.execute("SELECT omop_emb.embed(%s, 'query', %s)", (t, MODEL)).fetchone()
-        for mode in ("semantic", "hybrid", "lexical"):
+        for mode in MODES:
             c.execute("SELECT * FROM omop_emb.nearest(%s, 10, model => %s, mode => %s)",
                       (texts[0], MODEL, mode)).fetchall()
             lat = []

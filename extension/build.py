@@ -47,8 +47,9 @@ CONTROL_TEMPLATE = ROOT / "extension" / "omop_emb.control.in"
 PACKAGE_COPY = ROOT / "python" / "omop_emb_pg" / "_extension"
 
 # Load order: a module comes after the modules it imports.
-MODULES = ["errors", "checks", "suggest", "vectors", "prefixes", "providers", "sqlgen", "lexical", "http_client",
-           "registry", "indexing", "drift", "runtime"]
+MODULES = ["errors", "checks", "suggest", "vectors", "prefixes", "providers", "sqlgen", "lexical",
+           "ranking_weights", "ranking", "rerank", "http_client", "registry", "indexing", "drift",
+           "runtime"]
 
 HEADER = '\\echo Use "CREATE EXTENSION omop_emb CASCADE" to load this file. \\quit\n'
 
@@ -171,12 +172,13 @@ def module_rows():
 # Numbers the SQL states (function SET clauses, comments) that the in-database
 # Python defines: @NAME@ in sql/ becomes the value of NAME in that module, so
 # that each is written once.
-SQL_CONSTANTS = {"MAX_K": "checks", "DEFAULT_EF_SEARCH": "runtime", "TS_CONFIG": "lexical"}
+SQL_CONSTANTS = {"MAX_K": "checks", "DEFAULT_EF_SEARCH": "runtime", "TS_CONFIG": "lexical",
+                 "TRIGRAM_THRESHOLD": "ranking", "DEFAULT_TOP_N": "rerank"}
 
 
 def python_constant(name, module):
-    """NAME = 123 or NAME = "word" in omop_emb_indb/<module>.py, as SQL text."""
-    m = re.search(r'^%s = (\d+|"[a-z_]+")\s*(#.*)?$' % name,
+    """NAME = 123, NAME = 0.5 or NAME = "word" in omop_emb_indb/<module>.py, as SQL text."""
+    m = re.search(r'^%s = (\d+(?:\.\d+)?|"[a-z_]+")\s*(#.*)?$' % name,
                   (PY_DIR / (module + ".py")).read_text(), re.M)
     if not m:
         raise SystemExit("extension/build.py: no constant %s in omop_emb_indb/%s.py" % (name, module))

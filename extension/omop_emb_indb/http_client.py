@@ -224,11 +224,51 @@ class EmbeddingHTTP:
         url = providers.embeddings_url(provider, model["endpoint"])
         body = providers.request_body(provider, model["remote_model"] or model["name"], texts,
                                       floats=sql_text)
+        where = "embedding server %s (model %s, provider %s)" % (url, model["name"], provider)
+        resp = self.post_checked(model, url, body, where, api_key)
+        if sql_text and provider == "openai" and model.get("dimensions"):
+            fast = vectors.json_arrays(resp.content, len(texts), int(model["dimensions"]))
+            if fast is not None:
+                return fast
+        payload = _json_of(resp, where, api_key, provider)
+        try:
+            vecs = providers.parse_response(provider, payload, len(texts))
+            vecs = providers.validate_vectors(vecs, model.get("dimensions"))
+            return [vectors.to_sql(v) for v in vecs] if sql_text else vecs
+        except InvalidEmbeddingResponse as e:
+            raise InvalidEmbeddingResponse(
+                "%s gave an invalid answer: %s" % (where, e.message),
+                hint="Check that the model registered (dimensions, provider) is the one the "
+                     "server runs; omop_emb.models lists the registry.")
+
+    def post_rerank(self, reranker, query, texts, api_key=None):
+        """Scores of ``texts`` for ``query`` from a rerank server, in the order of
+        ``texts`` (validated: one finite score per text). The same timeouts,
+        deadline, retries and errors as an embedding call."""
+        from . import rerank
+
+        provider = reranker["provider"]
+        url = rerank.rerank_url(provider, reranker["endpoint"])
+        body = rerank.request_body(provider, reranker.get("remote_model"), query, texts)
+        where = "reranker %s (%s, provider %s)" % (url, reranker["name"], provider)
+        resp = self.post_checked(reranker, url, body, where, api_key)
+        payload = _json_of(resp, where, api_key, provider)
+        try:
+            return rerank.parse_response(provider, payload, len(texts))
+        except InvalidEmbeddingResponse as e:
+            raise InvalidEmbeddingResponse(
+                "%s gave an invalid answer: %s" % (where, e.message),
+                hint="Check the reranker's provider: 'tei' posts to /rerank (TEI, Infinity), "
+                     "'cohere' to /v1/rerank (vLLM, Jina, Cohere).")
+
+    def post_checked(self, conf, url, body, where, api_key):
+        """POST ``body`` as JSON under ``conf``'s timeouts, deadline and retry budget
+        (connect_timeout_s, read_timeout_s, max_retries); the response when it is
+        HTTP 200, else a clear error naming ``where``, never the key."""
         headers = {"Content-Type": "application/json"}
         if api_key:
             headers["Authorization"] = "Bearer " + api_key
-        where = "embedding server %s (model %s, provider %s)" % (url, model["name"], provider)
-        timeout = (float(model["connect_timeout_s"]), float(model["read_timeout_s"]))
+        timeout = (float(conf["connect_timeout_s"]), float(conf["read_timeout_s"]))
         deadline_s = timeout[0] + timeout[1]
         started = time.monotonic()
         requests = _requests()
@@ -237,7 +277,7 @@ class EmbeddingHTTP:
         try:
             self.requests_sent += 1
             try:
-                resp = self._send(self.session(int(model["max_retries"])), "POST", url,
+                resp = self._send(self.session(int(conf["max_retries"])), "POST", url,
                                   timeout, deadline_s, data=json.dumps(body), headers=headers)
             except requests.exceptions.ConnectionError as e:
                 # With Retry(read=0) urllib3 wraps a read timeout in MaxRetryError, which
@@ -257,8 +297,9 @@ class EmbeddingHTTP:
         except requests.exceptions.ConnectTimeout:
             raise EmbeddingServiceError(
                 "could not connect to %s within %.1f s" % (where, timeout[0]),
-                hint="Check that the embedding server is running and reachable from the "
-                     "database server; the endpoint is set with omop_emb.alter_model().")
+                hint="Check that the server is running and reachable from the database "
+                     "server; the endpoint is set with omop_emb.alter_model() (a reranker's: "
+                     "omop_emb.register_reranker()).")
         except requests.exceptions.ReadTimeout:
             raise EmbeddingServiceError(
                 "no answer from %s within the read timeout of %.1f s" % (where, timeout[1]),
@@ -269,37 +310,28 @@ class EmbeddingHTTP:
             raise EmbeddingServiceError(
                 "cannot reach %s: %s" % (where, _reason(e)),
                 detail="gave up after %.1f s (at most %d retries)"
-                       % (time.monotonic() - started, int(model["max_retries"])),
-                hint="Check that the embedding server is running (omop-emb-pg serve for the "
-                     "embedded default) and that the endpoint is right.")
+                       % (time.monotonic() - started, int(conf["max_retries"])),
+                hint="Check that the server is running (omop-emb-pg serve for the embedded "
+                     "default) and that the endpoint is right.")
         except requests.exceptions.RequestException as e:
             raise EmbeddingServiceError("request to %s failed: %s" % (where, _reason(e)),
-                                        hint="Check the endpoint registered for the model.")
+                                        hint="Check the endpoint registered.")
         if resp.status_code != 200:
             raise EmbeddingServiceError(
                 "%s answered HTTP %d" % (where, resp.status_code),
                 detail=_short(resp.text, api_key),
                 hint=_status_hint(resp.status_code))
-        if sql_text and provider == "openai" and model.get("dimensions"):
-            fast = vectors.json_arrays(resp.content, len(texts), int(model["dimensions"]))
-            if fast is not None:
-                return fast
-        try:
-            payload = resp.json()
-        except ValueError:
-            raise InvalidEmbeddingResponse(
-                "%s answered HTTP 200 with a body that is not JSON" % where,
-                detail=_short(resp.text, api_key),
-                hint="Is the endpoint an embedding server of provider %r?" % provider)
-        try:
-            vecs = providers.parse_response(provider, payload, len(texts))
-            vecs = providers.validate_vectors(vecs, model.get("dimensions"))
-            return [vectors.to_sql(v) for v in vecs] if sql_text else vecs
-        except InvalidEmbeddingResponse as e:
-            raise InvalidEmbeddingResponse(
-                "%s gave an invalid answer: %s" % (where, e.message),
-                hint="Check that the model registered (dimensions, provider) is the one the "
-                     "server runs; omop_emb.models lists the registry.")
+        return resp
+
+
+def _json_of(resp, where, api_key, provider):
+    try:
+        return resp.json()
+    except ValueError:
+        raise InvalidEmbeddingResponse(
+            "%s answered HTTP 200 with a body that is not JSON" % where,
+            detail=_short(resp.text, api_key),
+            hint="Is the endpoint a server of provider %r?" % provider)
 
 
 def _reason(exc):

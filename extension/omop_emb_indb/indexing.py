@@ -212,6 +212,11 @@ class IndexingMixin:
                            ["int4"]).execute([model["model_id"]])[0]["vocabulary_schema"]
         return [(model["model_id"], model["name"], schema)]
 
+    def _vocabulary_has(self, plpy, vocab_schema, table):
+        return plpy.execute(plpy.prepare(
+            "SELECT pg_catalog.to_regclass(pg_catalog.quote_ident($1) || '.' || $2) IS NOT NULL "
+            "AS present", ["text", "text"]), [vocab_schema, table])[0]["present"]
+
     def index_stage(self, plpy, model_name, vocab_schema, domain_ids, vocabulary_ids,
                     concept_class_ids, include_classification, include_invalid,
                     include_synonyms, include_mapped, allow_any):
@@ -223,6 +228,18 @@ class IndexingMixin:
                 "no vocabulary schema: no table named concept is on the search_path",
                 hint="Pass vocabulary_schema => 'cdm' (the schema holding CONCEPT), or SET "
                      "search_path so that it is found.")
+        # NULL (the default): synonyms and mapped source names are indexed whenever
+        # the vocabulary has the table they come from.
+        if include_synonyms is None:
+            include_synonyms = self._vocabulary_has(plpy, vocab_schema, "concept_synonym")
+        if include_mapped is None:
+            include_mapped = self._vocabulary_has(plpy, vocab_schema, "concept_relationship")
+        # NULL (the default): synonyms and mapped source names are indexed whenever
+        # the vocabulary has the table they come from.
+        if include_synonyms is None:
+            include_synonyms = self._vocabulary_has(plpy, vocab_schema, "concept_synonym")
+        if include_mapped is None:
+            include_mapped = self._vocabulary_has(plpy, vocab_schema, "concept_relationship")
         for t in ["concept"] + (["concept_synonym"] if include_synonyms else []) + \
                 (["concept_relationship"] if include_mapped else []):
             check_relation(plpy, vocab_schema, t, allow_any)

@@ -36,7 +36,7 @@ bench/results/quality.md and bench/fusion_sweep.py for the variants measured).
 Pure functions here (no plpy) so that plain pytest can test them.
 """
 
-MODES = ("semantic", "lexical", "hybrid")
+MODES = ("semantic", "lexical", "hybrid", "fused")
 # Semantic by default: hybrid gains +0.005 Recall@1 on two sets (bench/results/quality.md)
 # for the cost of a full-text search beside the vector search.
 DEFAULT_MODE = "semantic"
@@ -68,8 +68,11 @@ def check_mode(mode, setting=None):
     v = value.strip().lower()
     if v not in MODES:
         raise InvalidArgument("%s = %r is not a search mode" % (source, value),
-                              hint="Use 'semantic' (embeddings only), 'lexical' (words only) "
-                                   "or 'hybrid' (similarity plus a small weight times the lexical score).")
+                              hint="Use 'fused' (embedding, trigram, word and abbreviation "
+                                   "signals fused by a fitted model, with a confidence), "
+                                   "'semantic' (embeddings only), 'lexical' (words only) or "
+                                   "'hybrid' (similarity plus a small weight times the lexical "
+                                   "score).")
     return v
 
 

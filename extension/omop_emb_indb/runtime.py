@@ -9,7 +9,7 @@ that this module imports without PostgreSQL.
 import time
 from collections import OrderedDict
 
-from . import drift, lexical, prefixes, sqlgen, suggest, vectors
+from . import drift, lexical, prefixes, ranking, ranking_weights, rerank as rerank_api, sqlgen, suggest, vectors
 from .checks import (MAX_K, check_batch_size, check_filters, check_input_length, check_k,
                      int_setting, sql_array)
 from .errors import InvalidArgument, ModelNotFound, NotIndexed, OmopEmbError
@@ -28,7 +28,7 @@ BATCH_CHUNK = 256
 MODEL_COLUMNS = ("model_id, name, provider, endpoint, remote_model, dimensions, metric, "
                  "document_prefix, query_prefix, api_key_ref, batch_size, max_input_chars, "
                  "connect_timeout_s, read_timeout_s, max_retries, storage, index_method, "
-                 "generation, identity_version, vectors_stale")
+                 "generation, identity_version, vectors_stale, ranking::text AS ranking")
 
 SETTINGS_SQL = """SELECT current_setting('omop_emb.model', true) AS model,
        current_setting('omop_emb.document_embedding_prefix', true) AS document,
@@ -36,6 +36,8 @@ SETTINGS_SQL = """SELECT current_setting('omop_emb.model', true) AS model,
        current_setting('omop_emb.strict_prefixes', true) AS strict,
        current_setting('omop_emb.ef_search', true) AS ef_search,
        current_setting('omop_emb.search_mode', true) AS search_mode,
+       current_setting('omop_emb.reranker', true) AS reranker,
+       current_setting('omop_emb.rerank', true) AS rerank,
        current_setting('transaction_read_only') = 'on' OR pg_is_in_recovery() AS read_only"""
 
 TRUE_WORDS = ("on", "true", "yes", "1", "t", "y")
@@ -52,6 +54,8 @@ class Runtime(RegistryMixin, IndexingMixin):
         self.word_stats = {}  # model_id -> (read at, {lexeme: texts holding it})
         self.known_values = {}  # (model_id, column) -> values the embedding table holds
         self._error_class = None
+        self.scorers = {}  # (model_id, ranking json) -> ranking.Scorer
+        self.rerank_cache = OrderedDict()  # (reranker_id, key hash) -> scores
         self.cache_hits = 0
         self.cache_misses = 0
         self._unflushed = [0, 0]  # hits, misses not yet written to cache_stats
@@ -73,6 +77,9 @@ class Runtime(RegistryMixin, IndexingMixin):
             rows = plpy.execute(sqlgen.VECTOR_SCHEMA_SQL)
             if rows:
                 sqlgen.set_vector_schema(rows[0]["nspname"])
+            rows = plpy.execute(sqlgen.TRGM_SCHEMA_SQL)
+            if rows:
+                sqlgen.set_trgm_schema(rows[0]["nspname"])
         try:
             return getattr(self, name)(plpy, *args)
         except OmopEmbError as e:
@@ -107,6 +114,8 @@ class Runtime(RegistryMixin, IndexingMixin):
             "read_only": bool(row["read_only"]),
             "ef_search": int_setting(row["ef_search"], "omop_emb.ef_search", 1, MAX_K * 10),
             "search_mode": row["search_mode"],
+            "reranker": row["reranker"] or None,
+            "rerank": (row["rerank"] or "").strip().lower() in TRUE_WORDS,
         }
         for role in prefixes.ROLES:
             # Custom settings cannot tell "set to ''" from "RESET" (placeholders are
@@ -319,7 +328,7 @@ class Runtime(RegistryMixin, IndexingMixin):
 
     # -- search -------------------------------------------------------------
     def nearest(self, plpy, query, k, domain_ids, vocabulary_ids, concept_class_ids,
-                standard_only, include_invalid, model_name, mode=None):
+                standard_only, include_invalid, model_name, mode=None, rerank=None):
         k = check_k(k)
         filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
         st = self.settings(plpy)
@@ -341,12 +350,17 @@ class Runtime(RegistryMixin, IndexingMixin):
             self.check_vectors_current(model)
             vec = self.embed_texts(plpy, model, "query", [query], st)[0]
         return self.search(plpy, model, st, vec, k, filters, standard_only, include_invalid,
-                           query_text=query, mode=mode)
+                           query_text=query, mode=mode, rerank=rerank)
 
     def nearest_vector(self, plpy, vec, k, domain_ids, vocabulary_ids, concept_class_ids,
-                       standard_only, include_invalid, model_name, mode=None):
+                       standard_only, include_invalid, model_name, mode=None, rerank=None):
         k = check_k(k)
         filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
+        if rerank:
+            raise InvalidArgument("a query vector cannot be reranked: the reranker reads the "
+                                  "query text",
+                                  hint="Pass the query text: omop_emb.nearest('...', "
+                                       "rerank => true).")
         if mode is not None and lexical.check_mode(mode) == "lexical":
             raise InvalidArgument("a query vector cannot be searched lexically",
                                   hint="Pass the query text: omop_emb.nearest('...', "
@@ -375,7 +389,7 @@ class Runtime(RegistryMixin, IndexingMixin):
                            mode="semantic")
 
     def nearest_batch(self, plpy, queries, k, domain_ids, vocabulary_ids, concept_class_ids,
-                      standard_only, include_invalid, model_name, mode=None):
+                      standard_only, include_invalid, model_name, mode=None, rerank=None):
         """Rows of every query, streamed: a generator, so that PostgreSQL takes
         each row as it comes (its tuplestore spills to disk past work_mem) and
         this backend holds the vectors of one chunk of queries (BATCH_CHUNK) and
@@ -404,10 +418,10 @@ class Runtime(RegistryMixin, IndexingMixin):
             prefix, _ = self.prefix(plpy, model, "query", st)
             check_input_length(model, queries, prefix, "query")  # all of them, before any work
         return self._stream(plpy, self._batch_rows(plpy, model, st, queries, k, filters,
-                                                   standard_only, include_invalid, mode))
+                                                   standard_only, include_invalid, mode, rerank))
 
     def _batch_rows(self, plpy, model, st, queries, k, filters, standard_only,
-                    include_invalid, mode):
+                    include_invalid, mode, rerank=None):
         # Embedded chunk by chunk: a chunk at least as large as the model's batch
         # size costs no extra request, and the vectors (and the cache rows written
         # for them) of 2,000 queries at once took 112 MB.
@@ -424,7 +438,8 @@ class Runtime(RegistryMixin, IndexingMixin):
                     continue
                 searched = True
                 for row in self.search(plpy, model, st, v or None, k, filters, standard_only,
-                                       include_invalid, query_text=q, notice=False, mode=mode):
+                                       include_invalid, query_text=q, notice=False, mode=mode,
+                                       rerank=rerank):
                     found = True
                     yield (i + 1, q) + row
         if searched and not found and all(f != [] for f in filters):
@@ -459,7 +474,7 @@ class Runtime(RegistryMixin, IndexingMixin):
                      "model => '%s'); (a re-run resumes where it stopped)." % model["name"])
 
     def search(self, plpy, model, st, vec, k, filters, standard_only, include_invalid,
-               query_text=None, notice=True, mode="semantic"):
+               query_text=None, notice=True, mode="semantic", rerank=None):
         """Rows of nearest(): exact matches first, then the ranking of ``mode``.
 
         score: semantic -> similarity; lexical -> lexical score (Dice overlap of
@@ -479,12 +494,20 @@ class Runtime(RegistryMixin, IndexingMixin):
             mode = "semantic"
         mid = model["model_id"]
         exact_rows = OrderedDict()
+        exact_texts = []
         if query_text is not None:
             sql, types, _ = sqlgen.exact_match(model, shape)
             for r in self.plan(plpy, ("exact", mid, shape), sql, types).execute(
                     [vec, query_text] + args):
+                exact_texts.append(r)
                 if r["concept_id"] not in exact_rows and len(exact_rows) < k:
                     exact_rows[r["concept_id"]] = r
+        if query_text is not None and (rerank if rerank is not None else st["rerank"]):
+            return self._reranked(plpy, model, st, vec, k, filters, standard_only,
+                                  include_invalid, query_text, notice, mode)
+        if mode == "fused":
+            return self._fused(plpy, model, st, vec, k, shape, args, filters, query_text,
+                               exact_rows, exact_texts, notice)
         want = k if mode == "semantic" else lexical.depth(k)
         sem = lex = None
         if mode != "lexical":
@@ -531,23 +554,275 @@ class Runtime(RegistryMixin, IndexingMixin):
                 score = 1.0 if mode == "lexical" else sim
             out.append((rank, cid, r["concept_name"], r["domain_id"],
                         r["vocabulary_id"], r["concept_class_id"], r["standard_concept"],
-                        sim, d, r["text"], r["text_kind"], cid in exact_rows, score))
+                        sim, d, r["text"], r["text_kind"], cid in exact_rows, score, None))
         return out
 
-    def _semantic_ranking(self, plpy, model, st, vec, want, shape, args):
-        """{concept_id: nearest text row} for the ``want`` nearest concepts, best first."""
+    # -- the reranking stage (omop_emb_indb.rerank) -------------------------------
+    RERANKER_COLUMNS = ("reranker_id, name, provider, endpoint, remote_model, api_key_ref, top_n, "
+                        "connect_timeout_s, read_timeout_s, max_retries")
+
+    def reranker(self, plpy, st):
+        name = st["reranker"]
+        if name is not None:
+            rows = self.plan(plpy, "reranker_by_name", "SELECT %s FROM omop_emb.reranker "
+                             "WHERE name = $1" % self.RERANKER_COLUMNS, ["text"]).execute([name])
+            if not rows:
+                raise InvalidArgument("unknown reranker %r (setting %s)" % (name, rerank_api.SETTING),
+                                      detail="Registered rerankers: %s" % self._reranker_names(plpy),
+                                      hint="SET %s to a registered reranker, or RESET it."
+                                           % rerank_api.SETTING)
+            return dict(rows[0])
+        rows = self.plan(plpy, "rerankers_all", "SELECT %s FROM omop_emb.reranker ORDER BY name "
+                         "LIMIT 2" % self.RERANKER_COLUMNS).execute([])
+        if len(rows) == 1:
+            return dict(rows[0])
+        if not rows:
+            raise InvalidArgument(
+                "rerank was asked for but no reranker is registered",
+                hint="An administrator registers one with SELECT omop_emb.register_reranker("
+                     "'bge-reranker', 'tei', 'http://127.0.0.1:8080'); or search without "
+                     "rerank => true (and RESET %s)." % rerank_api.RERANK_SETTING)
+        raise InvalidArgument("several rerankers are registered and none is chosen",
+                              detail="Registered rerankers: %s" % self._reranker_names(plpy),
+                              hint="SET %s = '<name>'." % rerank_api.SETTING)
+
+    def _reranker_names(self, plpy):
+        rows = plpy.execute("SELECT string_agg(name, ', ' ORDER BY name) AS n FROM omop_emb.reranker")
+        return rows[0]["n"] or "(none)"
+
+    def rerank_scores(self, plpy, rr, st, query, texts):
+        key = rerank_api.cache_key(query, texts)
+        ck = (rr["reranker_id"], key)
+        hit = self.rerank_cache.get(ck)
+        if hit is not None:
+            self.rerank_cache.move_to_end(ck)
+            return hit
+        rows = self.plan(plpy, "rerank_cache_get", "SELECT scores FROM omop_emb.rerank_cache "
+                         "WHERE reranker_id = $1 AND key_hash = $2", ["int4", "bytea"]).execute(
+            [rr["reranker_id"], key])
+        if rows:
+            scores = list(rows[0]["scores"])
+        else:
+            scores = self.http.post_rerank(rr, query, texts, self.api_key(plpy, rr))
+            if not st["read_only"]:
+                self.plan(plpy, "rerank_cache_put",
+                          "INSERT INTO omop_emb.rerank_cache (reranker_id, key_hash, scores) "
+                          "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                          ["int4", "bytea", "float8[]"]).execute([rr["reranker_id"], key, scores])
+        self.rerank_cache[ck] = scores
+        while len(self.rerank_cache) > SESSION_CACHE_SIZE:
+            self.rerank_cache.popitem(last=False)
+        return scores
+
+    def _reranked(self, plpy, model, st, vec, k, filters, standard_only, include_invalid,
+                  query_text, notice, mode):
+        """The top ``top_n`` rows of ``mode`` reordered by the reranker (exact matches
+        stay first); score = the reranker's score, confidence = it in [0, 1]."""
+        rr = self.reranker(plpy, st)
+        n = min(MAX_K, max(k, int(rr["top_n"])))
+        rows = self.search(plpy, model, st, vec, n, filters, standard_only, include_invalid,
+                           query_text=query_text, notice=notice, mode=mode, rerank=False)
+        if not rows:
+            return rows
+        scores = self.rerank_scores(plpy, rr, st, query_text, [r[2] for r in rows])
+        order = sorted(range(len(rows)), key=lambda i: (not rows[i][11], -scores[i], i))[:k]
+        out, last = [], None
+        for rank, i in enumerate(order, 1):
+            conf = rerank_api.confidence_of(scores[i])
+            last = conf if last is None else min(conf, last)
+            out.append((rank,) + tuple(rows[i][1:12]) + (scores[i], last))
+        return out
+
+    def register_reranker(self, plpy, name, provider, endpoint, remote_model, api_key_ref,
+                          top_n, read_timeout_s, max_retries):
+        from .registry import check_key_ref, check_name
+        check_name(name)
+        provider = rerank_api.check_provider(provider)
+        rerank_api.rerank_url(provider, endpoint)
+        api_key_ref = check_key_ref(api_key_ref)
+        top_n = rerank_api.DEFAULT_TOP_N if top_n is None else int(top_n)
+        if not 2 <= top_n <= MAX_K:
+            raise InvalidArgument("top_n = %d is outside 2..%d" % (top_n, MAX_K),
+                                  hint="The reranker reorders the first top_n candidates "
+                                       "(default %d)." % rerank_api.DEFAULT_TOP_N)
+        if plpy.execute(plpy.prepare("SELECT 1 FROM omop_emb.reranker WHERE name = $1", ["text"]),
+                        [name]):
+            raise InvalidArgument("reranker %r is already registered" % name,
+                                  hint="omop_emb.drop_reranker() it first.")
+        row = plpy.execute(plpy.prepare(
+            "INSERT INTO omop_emb.reranker (name, provider, endpoint, remote_model, api_key_ref, "
+            "top_n, read_timeout_s, max_retries) VALUES ($1, $2, $3, $4, $5, $6, "
+            "coalesce($7, 60), coalesce($8, 3)) RETURNING reranker_id",
+            ["text", "text", "text", "text", "text", "int4", "float8", "int4"]),
+            [name, provider, endpoint, remote_model, api_key_ref, top_n, read_timeout_s,
+             max_retries])[0]
+        return row["reranker_id"]
+
+    def drop_reranker(self, plpy, name, if_exists):
+        rows = plpy.execute(plpy.prepare("DELETE FROM omop_emb.reranker WHERE name = $1 "
+                                         "RETURNING reranker_id", ["text"]), [name])
+        if not rows and not if_exists:
+            raise InvalidArgument("unknown reranker %r" % (name,),
+                                  detail="Registered rerankers: %s" % self._reranker_names(plpy))
+        self.rerank_cache.clear()
+        return bool(rows)
+
+    # -- the fused ranking (omop_emb_indb.ranking) --------------------------------
+    def ranking_candidates(self, plpy, queries, k, domain_ids, vocabulary_ids,
+                           concept_class_ids, standard_only, include_invalid, model_name):
+        k = check_k(k)
+        filters = check_filters(domain_ids, vocabulary_ids, concept_class_ids)
+        if not queries:
+            return []
+        st = self.settings(plpy)
+        model = self.model(plpy, model_name, st)
+        standard_only = True if standard_only is None else bool(standard_only)
+        shape = (tuple(f is not None for f in filters), standard_only, bool(include_invalid))
+        args = [f for f in filters if f is not None]
+        vecs = self.embed_texts(plpy, model, "query", list(queries), st)
+        out = []
+        names = list(ranking.FEATURES)
+        for i, (q, v) in enumerate(zip(queries, vecs), 1):
+            if v is None:
+                continue
+            sql, types, _ = sqlgen.exact_match(model, shape)
+            exact = list(self.plan(plpy, ("exact", model["model_id"], shape), sql, types)
+                         .execute([v, q] + args))
+            cands = self.fused_candidates(plpy, model, st, v, k, shape, args, q, exact)
+            best_sim = max((r["similarity"] for r in cands if r["similarity"] is not None),
+                           default=0.0)
+            best_trg = max((r["trigram"] or 0.0 for r in cands), default=0.0)
+            query = ranking.Query(q, vectors.fold)
+            exact_ids = {r["concept_id"] for r in exact}
+            for r in cands:
+                out.append((i, r["concept_id"], r["text"], r["text_kind"],
+                            r["concept_id"] in exact_ids,
+                            ranking.text_features(query, r, vectors.fold, best_sim, best_trg),
+                            names))
+        return out
+
+    def set_ranking(self, plpy, model_name, weights):
+        import json
+        model = self.model(plpy, model_name)
+        value = None
+        if weights is not None:
+            value = json.dumps(ranking.check_weights(weights))
+        plpy.execute(plpy.prepare(
+            "UPDATE omop_emb.model SET ranking = $2::jsonb, updated_at = now() WHERE model_id = $1",
+            ["int4", "text"]), [model["model_id"], value])
+        return True
+
+    def ranking_of(self, plpy, model_name):
+        import json
+        model = self.model(plpy, model_name)
+        w = dict(self.scorer(model).weights)
+        if model.get("ranking"):
+            w["source"] = "model (omop_emb.set_ranking)"
+        elif ranking_weights.DEFAULTS.get(model.get("remote_model") or "") or \
+                ranking_weights.DEFAULTS.get(model["name"]):
+            w["source"] = "shipped for %s" % (model.get("remote_model") or model["name"])
+        else:
+            w["source"] = "generic (not fitted for this model: omop-emb-pg fit-ranking)"
+        return json.dumps(w)
+
+    def scorer(self, model):
+        """The model's ranking model: its own fit (omop_emb.model.ranking), else the
+        one shipped for its remote model, else the generic one."""
+        raw = model.get("ranking")
+        key = (model["model_id"], raw)
+        sc = self.scorers.get(key)
+        if sc is None:
+            if raw:
+                weights = raw
+            else:
+                weights = ranking_weights.DEFAULTS.get(model.get("remote_model") or "") or \
+                    ranking_weights.DEFAULTS.get(model["name"]) or ranking_weights.GENERIC
+            sc = self.scorers[key] = ranking.Scorer(weights)
+        return sc
+
+    def fused_candidates(self, plpy, model, st, vec, k, shape, args, query_text, exact_texts):
+        """Candidate text rows of the fused ranking, each with similarity and
+        trigram (see omop_emb_indb.ranking for the sources)."""
+        mid = model["model_id"]
+        metric = model["metric"]
+        rows = list(exact_texts)
+        # Semantic source: at least k concepts whenever k pass the filters.
+        sem_rows = []
+        self._semantic_ranking(plpy, model, st, vec, max(k, ranking.SEMANTIC_DEPTH), shape, args,
+                               fused_text=query_text, all_rows=sem_rows)
+        rows += sem_rows
+        sql, types, _ = sqlgen.fused_trigram(model, shape)
+        rows += self.plan(plpy, ("fused_trgm", mid, shape), sql, types).execute(
+            [vec, query_text, ranking.TRIGRAM_DEPTH * 2] + args)
+        abbrevs = ranking.abbreviations(query_text)
+        if abbrevs:
+            sql, types, _ = sqlgen.fused_initials(model, shape)
+            rows += self.plan(plpy, ("fused_ini", mid, shape), sql, types).execute(
+                [vec, abbrevs, ranking.INITIALS_DEPTH, query_text] + args)
+            sql, types, _ = sqlgen.fused_abbreviation(model, shape)
+            rows += self.plan(plpy, ("fused_abbr", mid, shape), sql, types).execute(
+                [vec, " | ".join(abbrevs), ranking.ABBREVIATION_DEPTH, query_text] + args)
+        out, seen = [], set()
+        for r in rows:
+            key = (r["concept_id"], r["text_kind"], r["text"])
+            if key in seen:
+                continue
+            seen.add(key)
+            r = dict(r)
+            r["similarity"] = sqlgen.similarity_from_distance(metric, r["distance"])
+            out.append(r)
+        return out
+
+    def _fused(self, plpy, model, st, vec, k, shape, args, filters, query_text, exact_rows,
+               exact_texts, notice):
+        cands = self.fused_candidates(plpy, model, st, vec, k, shape, args, query_text,
+                                      exact_texts)
+        scorer = self.scorer(model)
+        q = ranking.Query(query_text, vectors.fold)
+        ranked = ranking.rank(q, cands, scorer, vectors.fold)
+        # Exact matches first (every mode), then by score.
+        ranked = [t for t in ranked if t[0] in exact_rows] + \
+            [t for t in ranked if t[0] not in exact_rows]
+        ranked = ranked[:k]
+        if not ranked:
+            self._explain_empty(plpy, model, shape, filters, notice)
+            return []
+        confidences = scorer.confidences([t[1] for t in ranked])
+        out = []
+        for rank, ((cid, score, r, _), conf) in enumerate(zip(ranked, confidences), 1):
+            out.append((rank, cid, r["concept_name"], r["domain_id"], r["vocabulary_id"],
+                        r["concept_class_id"], r["standard_concept"], r["similarity"],
+                        r["distance"], r["text"], r["text_kind"], cid in exact_rows, score, conf))
+        return out
+
+    def _semantic_ranking(self, plpy, model, st, vec, want, shape, args, fused_text=None,
+                          all_rows=None):
+        """{concept_id: nearest text row} for the ``want`` nearest concepts, best first.
+
+        With ``fused_text``: the rows carry their trigram similarity to it, the
+        window is at least ranking.SEMANTIC_FETCH texts, and every text row read
+        is appended to ``all_rows``."""
         mid = model["model_id"]
         # Texts collapse onto concepts: ask for more texts than concepts wanted.
         fetch = want if want >= 50 else min(MAX_K, want + max(want, 20))
+        if fused_text is not None:
+            fetch = max(fetch, ranking.SEMANTIC_FETCH)
         picked = OrderedDict()
         exact = False
         while True:
             ef = max(fetch, st["ef_search"] or DEFAULT_EF_SEARCH)
             self.plan(plpy, "set_ef", "SELECT set_config('hnsw.ef_search', $1, true)",
                       ["text"]).execute([str(min(ef, 1000))])
-            sql, types, _ = sqlgen.search(model, shape, exact=exact)
-            rows = self.plan(plpy, ("search", mid, shape, exact), sql, types).execute(
-                [vec, fetch] + args)
+            if fused_text is None:
+                sql, types, _ = sqlgen.search(model, shape, exact=exact)
+                rows = self.plan(plpy, ("search", mid, shape, exact), sql, types).execute(
+                    [vec, fetch] + args)
+            else:
+                sql, types, _ = sqlgen.fused_semantic(model, shape, exact=exact)
+                rows = self.plan(plpy, ("fused_sem", mid, shape, exact), sql, types).execute(
+                    [vec, fetch] + args + [fused_text])
+                del all_rows[:]
+                all_rows.extend(rows)
             for r in rows:
                 if len(picked) >= want:
                     break

@@ -44,6 +44,30 @@ def set_vector_schema(name):
 VECTOR_SCHEMA_SQL = ("SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n "
                      "ON n.oid = e.extnamespace WHERE e.extname = 'vector'")
 
+# pg_trgm's schema, likewise (its functions, the % operator and gin_trgm_ops are
+# written qualified with it).
+TRGM_SCHEMA = "public"
+
+
+def set_trgm_schema(name):
+    global TRGM_SCHEMA
+    TRGM_SCHEMA = name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else \
+        '"%s"' % name.replace('"', '""')
+
+
+TRGM_SCHEMA_SQL = ("SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n "
+                   "ON n.oid = e.extnamespace WHERE e.extname = 'pg_trgm'")
+
+
+def trgm(function):
+    """A pg_trgm function, schema-qualified: ``public.similarity``."""
+    return "%s.%s" % (TRGM_SCHEMA, function)
+
+
+def trgm_op():
+    """pg_trgm's similarity operator, schema-qualified: ``OPERATOR(public.%)``."""
+    return "OPERATOR(%s.%%)" % TRGM_SCHEMA
+
 
 def op(metric):
     """The distance operator of a metric, schema-qualified: ``OPERATOR(public.<=>)``."""
@@ -113,8 +137,22 @@ def create_table(model):
         "CREATE INDEX embedding_%d_class ON %s (concept_class_id)" % (mid, t),
         # Lexical side of hybrid search (omop_emb_indb.lexical).
         lexical.index_statements(mid, if_not_exists=False)[0],
+    ] + ranking_index_statements(mid) + [
         "COMMENT ON TABLE %s IS 'omop_emb: embeddings of model %d (one row per concept text)'"
         % (t, mid),
+    ]
+
+
+def ranking_index_statements(model_id, if_not_exists=False):
+    """The indexes of the fused ranking's candidate sources: character trigrams
+    (pg_trgm GIN) and word initials (btree on omop_emb.initials(text))."""
+    mid = int(model_id)
+    ine = "IF NOT EXISTS " if if_not_exists else ""
+    return [
+        "CREATE INDEX %sembedding_%d_trgm ON %s USING gin (text %s)"
+        % (ine, mid, table(mid), trgm("gin_trgm_ops")),
+        "CREATE INDEX %sembedding_%d_initials ON %s (omop_emb.initials(text))"
+        % (ine, mid, table(mid)),
     ]
 
 
@@ -177,14 +215,64 @@ def search(model, shape, exact=False):
 
 def exact_match(model, shape):
     """Rows whose text or source code equals the query ($2, unfolded), both folded
-    by ``omop_emb.fold_text``, the one fold (its index serves the lookup)."""
+    by ``omop_emb.fold_text``, the one fold (its index serves the lookup), with
+    their trigram similarity to the query (1 for the text itself)."""
     where, names = filter_clause(shape, 3)
-    sql = ("SELECT %s, e.embedding %s $1 AS distance FROM %s e "
+    sql = ("SELECT %s, e.embedding %s $1 AS distance, %s(e.text, $2) AS trigram FROM %s e "
            "WHERE (omop_emb.fold_text(e.text) = omop_emb.fold_text($2) "
            "OR lower(e.source_code) = omop_emb.fold_text($2)) AND %s "
            "ORDER BY distance LIMIT 100"
-           % (SELECT_COLS, op(model["metric"]), table(model["model_id"]), where))
+           % (SELECT_COLS, op(model["metric"]), trgm("similarity"), table(model["model_id"]),
+              where))
     return sql, [vector_type(model), "text"] + ["text[]"] * len(names), names
+
+
+def fused_semantic(model, shape, exact=False):
+    """The semantic source of the fused ranking: the k-NN query of ``search``
+    ($1 vector, $2 limit, $3... filter arrays), each row with its trigram
+    similarity to the query text (the last parameter)."""
+    inner, types, names = search(model, shape, exact=exact)
+    n = len(types) + 1
+    sql = ("SELECT s.*, %s(s.text, $%d) AS trigram FROM (%s) s"
+           % (trgm("similarity"), n, inner))
+    return sql, types + ["text"], names
+
+
+def fused_trigram(model, shape):
+    """Trigram candidates: texts whose pg_trgm similarity to $2 reaches the
+    threshold (the % operator, GIN index), best first, at most $3, each with its
+    distance to $1. Returns (sql, types, names)."""
+    where, names = filter_clause(shape, 4)
+    sim = "%s(e.text, $2)" % trgm("similarity")
+    sql = ("SELECT s.*, s.embedding %s $1 AS distance FROM (SELECT %s, e.embedding, %s AS trigram "
+           "FROM %s e WHERE e.text %s $2 AND %s ORDER BY trigram DESC, length(e.text) LIMIT $3) s"
+           % (op(model["metric"]), SELECT_COLS, sim, table(model["model_id"]), trgm_op(), where))
+    return sql, [vector_type(model), "text", "int4"] + ["text[]"] * len(names), names
+
+
+def fused_initials(model, shape):
+    """Texts whose word initials are one of $2 (abbreviation-like query tokens),
+    at most $3, each with its distance to $1 and trigram similarity to $4."""
+    where, names = filter_clause(shape, 5)
+    sql = ("SELECT %s, e.embedding %s $1 AS distance, %s(e.text, $4) AS trigram FROM %s e "
+           "WHERE omop_emb.initials(e.text) = ANY($2) AND %s LIMIT $3"
+           % (SELECT_COLS, op(model["metric"]), trgm("similarity"), table(model["model_id"]),
+              where))
+    return sql, [vector_type(model), "text[]", "int4", "text"] + ["text[]"] * len(names), names
+
+
+def fused_abbreviation(model, shape):
+    """Texts holding one of the abbreviation-like query tokens as a word ($2: the
+    tokens joined by ' | ', plain letters and digits; full-text index), at most
+    $3, shortest first, with distance to $1 and trigram similarity to $4."""
+    where, names = filter_clause(shape, 5)
+    sql = ("SELECT %s, e.embedding %s $1 AS distance, %s(e.text, $4) AS trigram FROM %s e "
+           "WHERE pg_catalog.to_tsvector('english'::regconfig, e.text) "
+           "OPERATOR(pg_catalog.@@) pg_catalog.to_tsquery('english'::regconfig, $2) AND %s "
+           "ORDER BY length(e.text) LIMIT $3"
+           % (SELECT_COLS, op(model["metric"]), trgm("similarity"), table(model["model_id"]),
+              where))
+    return sql, [vector_type(model), "text", "int4", "text"] + ["text[]"] * len(names), names
 
 
 def claim(model_id):

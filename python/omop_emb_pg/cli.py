@@ -436,7 +436,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- search
 _SEARCH_COLUMNS = ["rank", "concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_class_id",
-                   "standard_concept", "similarity", "matched_text", "match_kind", "exact_match", "score"]
+                   "standard_concept", "similarity", "confidence", "score", "matched_text", "match_kind",
+                   "exact_match"]
+_SEARCH_MODES = ("fused", "semantic", "lexical", "hybrid")
 
 
 def add_search_parser(sub: argparse._SubParsersAction) -> None:
@@ -452,9 +454,13 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
                    help="not only standard concepts")
     p.add_argument("--include-invalid", action="store_const", const=True, default=None,
                    help="also invalid concepts")
-    p.add_argument("--mode", default=None,
-                   help="semantic (embeddings), lexical (words) or hybrid (default: the setting "
-                        "omop_emb.search_mode, else semantic)")
+    p.add_argument("--mode", choices=_SEARCH_MODES, default=None,
+                   help="ranking (default: the omop_emb.search_mode setting, else the extension's "
+                        "default): fused = embedding + trigram/word/abbreviation signals with a "
+                        "calibrated confidence")
+    p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
+                   help="reorder the top candidates with the registered reranker "
+                        "(default: the omop_emb.rerank setting)")
     p.add_argument("--format", choices=["table", "tsv", "csv", "json"], default="table")
     p.set_defaults(func=cmd_search)
 
@@ -474,7 +480,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         per_query = db.get_nearest_concepts_from_query_texts(
             args.text, k=args.k, domain_ids=args.domain_ids, vocabulary_ids=args.vocabulary_ids,
             concept_class_ids=args.concept_class_ids, standard_only=args.standard_only,
-            include_invalid=args.include_invalid, mode=args.mode)
+            include_invalid=args.include_invalid, mode=args.mode, rerank=args.rerank)
     multi = len(args.text) > 1
     cols = (["query"] if multi else []) + _SEARCH_COLUMNS
     rows = [{**r, "query": q} for q, hits in zip(args.text, per_query) for r in iter_nearest(hits)]
@@ -486,10 +492,105 @@ def cmd_search(args: argparse.Namespace) -> int:
         w = csv.writer(sys.stdout, delimiter="\t" if args.format == "tsv" else ",", lineterminator="\n")
         w.writerow(cols)
         for r in rows:
-            w.writerow(["" if r[c] is None else (f"{r[c]:.4f}" if c in ("similarity", "score") else r[c])
+            w.writerow(["" if r[c] is None else
+                        (f"{r[c]:.4f}" if c in ("similarity", "confidence", "score") else r[c])
                         for c in cols])
     else:
         _print_table(args.text, per_query)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- fit-ranking
+def add_fit_ranking_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fit-ranking", help="fit the fused ranking for a model on your labelled pairs (administrator)",
+        description="Fit the weights and the confidence calibration of mode 'fused' for a model on "
+                    "labelled pairs (a query text and its right concept), e.g. a reviewed "
+                    "SOURCE_TO_CONCEPT_MAP, and store them with omop_emb.set_ranking(). Needs "
+                    "numpy and scikit-learn (pip install 'omop-emb-pg[bench]').")
+    _add_conn_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pairs", metavar="CSV",
+                     help="CSV with a header: a query column and a concept id column")
+    src.add_argument("--table", metavar="SCHEMA.TABLE",
+                     help="a table of pairs, e.g. cdm.source_to_concept_map (read as you)")
+    p.add_argument("--query-column", default=None,
+                   help="default: query, else source_code_description")
+    p.add_argument("--concept-column", default=None,
+                   help="default: concept_id, else target_concept_id")
+    p.add_argument("--domain", dest="domain_ids", action="append",
+                   help="search only these domains while fitting (repeatable)")
+    p.add_argument("--holdout", type=float, default=0.3,
+                   help="share of the pairs kept out of the fit to report on (default %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="fit and report; store nothing")
+    p.set_defaults(func=cmd_fit_ranking)
+
+
+def _read_pairs(args) -> list[tuple[str, list[int]]]:
+    import csv
+
+    qcols = [args.query_column] if args.query_column else ["query", "source_code_description"]
+    ccols = [args.concept_column] if args.concept_column else ["concept_id", "target_concept_id"]
+    if args.pairs:
+        with open(args.pairs, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        header = list(rows[0]) if rows else []
+    else:
+        import psycopg
+        from psycopg import sql
+
+        schema, _, table = args.table.rpartition(".")
+        ident = sql.Identifier(schema, table) if schema else sql.Identifier(table)
+        with psycopg.connect(_dsn(args)) as conn:
+            cur = conn.execute(sql.SQL("SELECT * FROM {} LIMIT 100000").format(ident))
+            header = [c.name for c in cur.description]
+            rows = [dict(zip(header, r)) for r in cur.fetchall()]
+    q = next((c for c in qcols if c in header), None)
+    c = next((c for c in ccols if c in header), None)
+    if q is None or c is None:
+        raise SystemExit(f"fit-ranking: need a query column ({' or '.join(qcols)}) and a concept "
+                         f"column ({' or '.join(ccols)}); found {header}")
+    pairs: dict[str, set[int]] = {}
+    for r in rows:
+        text, cid = r.get(q), r.get(c)
+        if text and str(text).strip() and cid not in (None, "", 0, "0"):
+            pairs.setdefault(str(text).strip(), set()).update(int(x) for x in str(cid).split(";"))
+    return [(t, sorted(ids)) for t, ids in pairs.items()]
+
+
+def cmd_fit_ranking(args: argparse.Namespace) -> int:
+    import hashlib
+    import json
+
+    import psycopg
+
+    from . import ranking_fit as rf
+
+    pairs = _read_pairs(args)
+    if len(pairs) < 20:
+        raise SystemExit(f"fit-ranking: {len(pairs)} labelled queries; fit on at least 20")
+    # A fixed split by text: the same pairs are held out on every run.
+    held = [p for p in pairs
+            if hashlib.sha256(p[0].encode()).digest()[0] < 256 * args.holdout]
+    fit = [p for p in pairs if p not in held]
+    with psycopg.connect(_dsn(args), autocommit=True) as conn:
+        print(f"collecting candidates of {len(fit)} fitting and {len(held)} held-out queries ...",
+              file=sys.stderr)
+        cf = rf.collect(conn, args.model, fit, domain_ids=args.domain_ids)
+        ch = rf.collect(conn, args.model, held, domain_ids=args.domain_ids)
+        weights = rf.fit(cf, fitted_on=args.pairs or args.table)
+        new = rf.evaluate(ch, weights)
+        current = conn.execute("SELECT omop_emb.ranking(%s)", (args.model,)).fetchone()[0]
+        old = rf.evaluate(ch, current)
+        for name, e in (("current", old), ("fitted", new)):
+            print(f"{name:8} held-out n={e['n']} R@1 {e['recall@1']:.3f} R@10 {e['recall@10']:.3f} "
+                  f"MRR {e['mrr']:.3f} ECE {e['ece']:.3f}")
+        if args.dry_run:
+            print(json.dumps(weights, indent=2))
+            return EXIT_OK
+        conn.execute("SELECT omop_emb.set_ranking(%s, %s::jsonb)", (args.model, json.dumps(weights)))
+        print(f"stored with omop_emb.set_ranking() (undo: SELECT omop_emb.set_ranking("
+              f"{args.model or '<model>'!r}, NULL))")
     return EXIT_OK
 
 
@@ -502,14 +603,15 @@ def _print_table(queries, per_query) -> None:
         t = Table(title=f"nearest to {q!r}", title_justify="left")
         for c, kw in (("#", {"justify": "right"}), ("concept_id", {"justify": "right"}), ("concept_name", {}),
                       ("domain", {}), ("vocabulary", {}), ("class", {}), ("similarity", {"justify": "right"}),
-                      ("matched", {})):
+                      ("confidence", {"justify": "right"}), ("matched", {})):
             t.add_column(c, **kw)
         for h in hits:
             matched = "exact" if h.exact_match else (h.match_kind or "")
             if h.match_kind and h.match_kind != "name" and h.matched_text:
                 matched += f": {h.matched_text}"
             t.add_row(str(h.rank), str(h.concept_id), h.concept_name, h.domain_id, h.vocabulary_id,
-                      h.concept_class_id, "-" if h.similarity is None else f"{h.similarity:.3f}", matched)
+                      h.concept_class_id, "-" if h.similarity is None else f"{h.similarity:.3f}",
+                      "-" if h.confidence is None else f"{h.confidence:.2f}", matched)
         console.print(t)
 
 
@@ -946,6 +1048,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_index_parser,
     add_create_index_parser,
     add_search_parser,
+    add_fit_ranking_parser,
     add_status_parser,
     add_demo_parser,
     add_export_parser,

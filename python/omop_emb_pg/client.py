@@ -97,7 +97,11 @@ class NearestConcept:
     matched_text: str | None
     match_kind: str | None
     exact_match: bool
+    #: what rows are ordered by after exact matches (see the mode)
     score: float | None = None
+    #: mode 'fused' and reranked searches: the estimated probability (0..1) that
+    #: the row is a right concept; None in the other modes
+    confidence: float | None = None
     query_index: int | None = None
     query: str | None = None
 
@@ -335,13 +339,16 @@ class OmopEmb:
     def nearest(self, text: str, k: int | None = None, *, domain_ids: Sequence[str] | None = None,
                 vocabulary_ids: Sequence[str] | None = None, concept_class_ids: Sequence[str] | None = None,
                 standard_only: bool | None = None, include_invalid: bool | None = None,
-                model: str | None = None, mode: str | None = None) -> list[NearestConcept]:
+                model: str | None = None, mode: str | None = None,
+                rerank: bool | None = None) -> list[NearestConcept]:
         """The ``k`` concepts nearest in meaning to ``text`` (``omop_emb.nearest``), best first.
-        Arguments left ``None`` take the SQL defaults; ``mode``: 'semantic', 'lexical' or
-        'hybrid' (default: the setting omop_emb.search_mode)."""
+        Arguments left ``None`` take the SQL defaults; ``mode``: 'fused', 'semantic', 'lexical'
+        or 'hybrid' (default: the setting omop_emb.search_mode); ``rerank``: reorder the top
+        candidates with the registered reranker (default: the setting omop_emb.rerank)."""
         named, params = _named({"k": k, "domain_ids": _opt(domain_ids), "vocabulary_ids": _opt(vocabulary_ids),
                                 "concept_class_ids": _opt(concept_class_ids), "standard_only": standard_only,
-                                "include_invalid": include_invalid, "model": self._m(model), "mode": mode})
+                                "include_invalid": include_invalid, "model": self._m(model), "mode": mode,
+                                "rerank": rerank})
         rows = self._rows(f"SELECT * FROM omop_emb.nearest(%(query)s::text{named})", {"query": text, **params})
         return [_from_row(NearestConcept, r) for r in rows]
 
@@ -349,15 +356,18 @@ class OmopEmb:
             self, query_texts: Sequence[str], k: int | None = None, *, domain_ids: Sequence[str] | None = None,
             vocabulary_ids: Sequence[str] | None = None, concept_class_ids: Sequence[str] | None = None,
             standard_only: bool | None = None, include_invalid: bool | None = None,
-            model: str | None = None, mode: str | None = None) -> list[list[NearestConcept]]:
+            model: str | None = None, mode: str | None = None,
+            rerank: bool | None = None) -> list[list[NearestConcept]]:
         """For each query text (QUERY role), its ``k`` nearest concepts, best first
-        (one ``omop_emb.nearest_batch`` call). The outer list follows ``query_texts``."""
+        (one ``omop_emb.nearest_batch`` call). The outer list follows ``query_texts``.
+        ``mode`` and ``rerank`` as for :meth:`nearest`."""
         texts = list(query_texts)
         if not texts:
             return []
         named, params = _named({"k": k, "domain_ids": _opt(domain_ids), "vocabulary_ids": _opt(vocabulary_ids),
                                 "concept_class_ids": _opt(concept_class_ids), "standard_only": standard_only,
-                                "include_invalid": include_invalid, "model": self._m(model), "mode": mode})
+                                "include_invalid": include_invalid, "model": self._m(model), "mode": mode,
+                                "rerank": rerank})
         rows = self._rows(f"SELECT * FROM omop_emb.nearest_batch(%(queries)s::text[]{named})"
                           " ORDER BY query_index, rank", {"queries": texts, **params})
         out: list[list[NearestConcept]] = [[] for _ in texts]

@@ -107,7 +107,7 @@ def check_prerequisites(conn: psycopg.Connection) -> None:
                  "GRANT omop_emb_reader TO <role>.")
     avail = dict(conn.execute(
         "SELECT name, default_version FROM pg_available_extensions "
-        "WHERE name IN ('vector', 'plpython3u')").fetchall())
+        "WHERE name IN ('vector', 'plpython3u', 'pg_trgm')").fetchall())
     installed = dict(conn.execute(
         "SELECT extname, extversion FROM pg_extension WHERE extname = 'vector'").fetchall())
     vec = installed.get("vector") or avail.get("vector")
@@ -117,6 +117,9 @@ def check_prerequisites(conn: psycopg.Connection) -> None:
         problems.append(f"pgvector {vec} is too old: omop_emb needs >= 0.8.0 (iterative index scans)")
     if "plpython3u" not in avail:
         problems.append("PL/Python (extension 'plpython3u') is not available on the server")
+    if "pg_trgm" not in avail:
+        problems.append("pg_trgm (PostgreSQL contrib: character-trigram similarity, used by the "
+                        "fused ranking) is not available on the server")
     if problems:
         raise InstallError(
             "the server lacks what omop_emb needs: " + "; ".join(problems),
@@ -125,6 +128,7 @@ def check_prerequisites(conn: psycopg.Connection) -> None:
                  "or use the image built from Dockerfile.postgres.")
     conn.execute("CREATE EXTENSION IF NOT EXISTS plpython3u")
     conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    conn.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
     try:
         with conn.transaction():
             conn.execute("DO $probe$ import requests $probe$ LANGUAGE plpython3u")
@@ -207,11 +211,24 @@ def _no_files(version: str) -> InstallError:
              "over the connection with method 'script' (omop-emb-pg install --method script).")
 
 
+def _ensure_pg_trgm(conn) -> None:
+    if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm'").fetchone():
+        return
+    if not conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm'").fetchone():
+        raise InstallError(
+            "this version of omop_emb needs pg_trgm (PostgreSQL contrib), which the server lacks",
+            hint="Install PostgreSQL's contrib modules on the database server (Debian: they "
+                 "come with postgresql-N).")
+    conn.execute("CREATE EXTENSION pg_trgm")
+
+
 def _upgrade(conn, have, how, version, files, method) -> InstallResult:
     if _version_tuple(have) > _version_tuple(version):
         raise InstallError(
             f"omop_emb {have} is installed; this package installs the older {version}",
             hint="Use a client package of version " + have + " or newer.")
+    # 0.2.0 requires pg_trgm; ALTER EXTENSION UPDATE cannot CASCADE.
+    _ensure_pg_trgm(conn)
     if how == "extension":
         if method == "script":
             raise InstallError(

@@ -81,8 +81,8 @@ CREATE OR REPLACE PROCEDURE omop_emb.index_concepts(
     concept_class_ids text[] DEFAULT NULL,
     include_classification boolean DEFAULT false,
     include_invalid boolean DEFAULT false,
-    include_synonyms boolean DEFAULT false,
-    include_mapped boolean DEFAULT false,
+    include_synonyms boolean DEFAULT NULL,
+    include_mapped boolean DEFAULT NULL,
     batch_size integer DEFAULT NULL,
     max_texts bigint DEFAULT NULL,
     allow_any_relation boolean DEFAULT false)
@@ -166,7 +166,7 @@ BEGIN
 END
 $$;
 COMMENT ON PROCEDURE omop_emb.index_concepts(text, text, text[], text[], text[], boolean, boolean, boolean, boolean, integer, bigint, boolean) IS
-'Embed the concepts of the vocabulary''s CONCEPT table (standard, valid concepts by default) with the DOCUMENT role, committing each batch. Resumable: a re-run embeds only texts that are missing or whose exact text sent (prefix included) changed. Several sessions can run it at once. Options: domain_ids, vocabulary_ids, concept_class_ids, include_classification, include_invalid, include_synonyms (English concept_synonym), include_mapped (names of source concepts that ''Maps to'' a standard concept), batch_size, max_texts. The vocabulary is read with the caller''s rights and must be plain tables: a view, a materialized view, a foreign or temporary table, a table with row-level security or user-defined column types is refused unless allow_any_relation => true. Must be CALLed outside an explicit transaction block.';
+'Embed the concepts of the vocabulary''s CONCEPT table (standard, valid concepts by default) with the DOCUMENT role, committing each batch. Resumable: a re-run embeds only texts that are missing or whose exact text sent (prefix included) changed. Several sessions can run it at once. Options: domain_ids, vocabulary_ids, concept_class_ids, include_classification, include_invalid, include_synonyms (English concept_synonym; NULL, the default: whenever the vocabulary has concept_synonym), include_mapped (names of source concepts that ''Maps to'' a standard concept; NULL, the default: whenever it has concept_relationship; false turns either off), batch_size, max_texts. The vocabulary is read with the caller''s rights and must be plain tables: a view, a materialized view, a foreign or temporary table, a table with row-level security or user-defined column types is refused unless allow_any_relation => true. Must be CALLed outside an explicit transaction block.';
 
 CREATE OR REPLACE FUNCTION omop_emb.create_index(
     model text DEFAULT NULL,

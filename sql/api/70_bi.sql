@@ -26,7 +26,7 @@ CREATE OR REPLACE FUNCTION omop_emb.search_request_results(
 RETURNS TABLE (rank integer, concept_id integer, concept_name text, domain_id text,
                vocabulary_id text, concept_class_id text, standard_concept text,
                similarity double precision, matched_text text, match_kind text,
-               exact_match boolean, error text)
+               exact_match boolean, error text, confidence double precision)
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
@@ -34,7 +34,7 @@ BEGIN
     RETURN QUERY
         SELECT n.rank, n.concept_id, n.concept_name, n.domain_id, n.vocabulary_id,
                n.concept_class_id, n.standard_concept, n.similarity, n.matched_text,
-               n.match_kind, n.exact_match, NULL::text
+               n.match_kind, n.exact_match, NULL::text, n.confidence
         FROM omop_emb.nearest(search_request_results.query, k => search_request_results.k,
                               domain_ids => search_request_results.domain_ids,
                               vocabulary_ids => search_request_results.vocabulary_ids,
@@ -43,7 +43,8 @@ EXCEPTION WHEN OTHERS THEN
     RETURN QUERY SELECT NULL::integer, NULL::integer, NULL::text, NULL::text, NULL::text,
                         NULL::text, NULL::text, NULL::double precision, NULL::text, NULL::text,
                         NULL::boolean,
-                        pg_catalog.regexp_replace(SQLERRM, '^(plpy\.Error|omop_emb): ', '') || ' (SQLSTATE ' || SQLSTATE || ')';
+                        pg_catalog.regexp_replace(SQLERRM, '^(plpy\.Error|omop_emb): ', '') || ' (SQLSTATE ' || SQLSTATE || ')',
+                        NULL::double precision;
 END
 $fn$;
 COMMENT ON FUNCTION omop_emb.search_request_results(text, integer, text[], text[], text) IS
@@ -53,7 +54,7 @@ CREATE OR REPLACE VIEW omop_emb.search_result WITH (security_invoker = true) AS
 SELECT r.request_id, r.label, r.query, r.created_by, r.created_at,
        s.rank, s.concept_id, s.concept_name, s.domain_id, s.vocabulary_id,
        s.concept_class_id, s.standard_concept, s.similarity, s.matched_text,
-       s.match_kind, s.exact_match, s.error
+       s.match_kind, s.exact_match, s.error, s.confidence
 FROM omop_emb.search_request r
 CROSS JOIN LATERAL omop_emb.search_request_results(r.query, r.k, r.domain_ids,
                                                     r.vocabulary_ids, r.model) s;
@@ -75,6 +76,7 @@ COMMENT ON COLUMN omop_emb.search_result.similarity IS 'Similarity of query and 
 COMMENT ON COLUMN omop_emb.search_result.matched_text IS 'The concept text that matched (name, synonym or mapped source name)';
 COMMENT ON COLUMN omop_emb.search_result.match_kind IS 'name, synonym or mapped';
 COMMENT ON COLUMN omop_emb.search_result.exact_match IS 'The query equals the concept''s name, synonym or code (case and spaces folded)';
+COMMENT ON COLUMN omop_emb.search_result.confidence IS 'Estimated probability (0..1) that the concept is a right match for the query (mode fused, the default; calibrated on labelled data, see the README): filter on it (e.g. confidence >= 0.5) rather than on similarity. NULL when the search mode in force is not fused';
 COMMENT ON COLUMN omop_emb.search_result.error IS 'Why the request failed (then the other result columns are NULL); NULL on result rows';
 
 -- Privileges (99_security.sql only revokes from PUBLIC; these grants stand).

@@ -19,14 +19,15 @@ GRANT USAGE ON SCHEMA omop_emb_internal TO omop_emb_admin;
 GRANT INSERT ON omop_emb_internal.index_stage_run, omop_emb_internal.index_stage_text,
     omop_emb_internal.index_stage_concept TO omop_emb_admin;
 GRANT USAGE ON SCHEMA omop_emb TO omop_emb_reader;
-GRANT SELECT ON omop_emb.models, omop_emb.index_status TO omop_emb_reader;
+GRANT SELECT ON omop_emb.models, omop_emb.index_status, omop_emb.rerankers TO omop_emb_reader;
 
 DO $privileges$
 DECLARE
     r record;
     vector_schema text;
     reader_routines text[] := ARRAY['embed', 'embed_batch', 'similarity',
-        'embedding_role_prefixes', 'nearest', 'nearest_batch', 'explain_nearest', 'status', 'fold_text', 'version'];
+        'embedding_role_prefixes', 'nearest', 'nearest_batch', 'explain_nearest', 'status', 'fold_text', 'version',
+        'initials', 'ranking_candidates', 'ranking'];
 BEGIN
     SELECT n.nspname INTO vector_schema
     FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace

@@ -5,7 +5,15 @@ Standard library only. It answers the same routes as a real embedding server:
     POST /v1/embeddings   (OpenAI: {"input": str|[str], "encoding_format": "float"|"base64", "dimensions"?})
     POST /api/embed       (Ollama: {"model", "input": str|[str]} -> {"model", "embeddings"})
     POST /api/embeddings  (Ollama, old: {"model", "prompt"} -> {"embedding"})
+    POST /rerank          (TEI, Infinity: {"query", "texts": [...]} -> [{"index", "score"}], best first)
+    POST /v1/rerank       (Cohere-compatible: {"model", "query", "documents": [...], "top_n"?}
+                           -> {"results": [{"index", "relevance_score"}]}, best first)
     GET  /health, GET /v1/models
+
+The rerank score of a document is :func:`rerank_score`: the share of the query's
+words found in it, minus a thousandth per extra word (deterministic, and a different
+order than the vectors'). Fault modes apply to rerank requests as to embedding
+requests (``wrong_count``: one result too few; ``nan``: the first score is NaN).
 
 The vector of a text is a unit vector computed from the exact text (sha256 seed -> Gaussian
 -> normalised): the same text always gives the same vector, any other text an unrelated one.
@@ -63,7 +71,8 @@ from typing import Any
 
 from .._http import FastThreadingHTTPServer, HTTPError, JSONRequestHandler, ServerThread
 
-__all__ = ["DeterministicEmbeddingServer", "deterministic_vector", "FAULT_MODES", "main"]
+__all__ = ["DeterministicEmbeddingServer", "deterministic_vector", "rerank_score", "FAULT_MODES",
+           "main"]
 
 FAULT_MODES = ("refuse", "hang", "slow", "status", "not_json", "wrong_count", "wrong_dim",
                "nan", "inf", "die_mid_batch", "drip")
@@ -83,6 +92,21 @@ def deterministic_vector(text: str, dim: int) -> list[float]:
     v = [rng.gauss(0.0, 1.0) for _ in range(dim)]
     norm = math.sqrt(sum(x * x for x in v)) or 1.0
     return [x / norm for x in v]
+
+
+_WORD_RE = re.compile(r"\w+")
+RERANK_ROUTES = ("/rerank", "/v1/rerank")
+
+
+def rerank_score(query: str, document: str) -> float:
+    """The test double's rerank score: share of the query's words in the document,
+    minus 0.001 per document word that is not a query word, in [-1, 1]."""
+    q = set(_WORD_RE.findall(query.lower()))
+    d = _WORD_RE.findall(document.lower())
+    if not q:
+        return 0.0
+    shared = len(q & set(d)) / len(q)
+    return round(shared - 0.001 * len([w for w in d if w not in q]), 6)
 
 
 class _Handler(JSONRequestHandler):
@@ -129,7 +153,7 @@ class _Handler(JSONRequestHandler):
             owner.set_fault(req.pop("mode", None), **req)
             self.send_json(200, {"ok": True, "fault": owner.stats()["fault"]})
             return
-        if path not in ("/v1/embeddings", "/embeddings", "/api/embed", "/api/embeddings"):
+        if path not in ("/v1/embeddings", "/embeddings", "/api/embed", "/api/embeddings") + RERANK_ROUTES:
             raise HTTPError(404, f"no route POST {path}", close=True)
 
         fault = owner._take_fault(path)
@@ -140,7 +164,14 @@ class _Handler(JSONRequestHandler):
         req = self.read_json()
         if not isinstance(req, dict):
             raise HTTPError(400, "request body must be a JSON object")
-        if path == "/api/embeddings":
+        if path in RERANK_ROUTES:
+            docs = req.get("texts" if path == "/rerank" else "documents")
+            if not isinstance(req.get("query"), str) or not isinstance(docs, list) or \
+                    not all(isinstance(t, str) for t in docs):
+                raise HTTPError(400, "'query' must be a string and '%s' a list of strings"
+                                % ("texts" if path == "/rerank" else "documents"))
+            texts = docs
+        elif path == "/api/embeddings":
             prompt = req.get("prompt")
             if not isinstance(prompt, str):
                 raise HTTPError(400, "'prompt' must be a string")
@@ -174,6 +205,21 @@ class _Handler(JSONRequestHandler):
             return
         if mode == "not_json":
             self.send_bytes(200, b"<html>this is not JSON</html>", content_type="text/html")
+            return
+
+        if path in RERANK_ROUTES:
+            scored = sorted(((rerank_score(req["query"], t), i) for i, t in enumerate(texts)),
+                            key=lambda t: (-t[0], t[1]))
+            if mode == "wrong_count":
+                scored = scored[:-1]
+            elif mode in ("nan", "inf") and scored:
+                scored[0] = (float("nan") if mode == "nan" else float("inf"), scored[0][1])
+            if path == "/rerank":
+                self.send_json(200, [{"index": i, "score": sc} for sc, i in scored])
+            else:
+                self.send_json(200, {"id": "rerank", "model": req.get("model") or MODEL_ID,
+                                     "results": [{"index": i, "relevance_score": sc}
+                                                 for sc, i in scored]})
             return
 
         dim = owner.dim

@@ -1,0 +1,229 @@
+"""The fused ranking (``mode => 'fused'``) and its calibrated confidence.
+
+Candidates (each source filtered like the search itself, so k rows come back
+whenever k concepts pass the filters): exact matches, the HNSW ranking, the
+character-trigram ranking (pg_trgm, GIN index), texts whose word initials equal
+an abbreviation-like query ("T2DM" -> "Type 2 diabetes mellitus", btree index
+on ``omop_emb.initials(text)``) and texts holding an abbreviation-like query
+token as a word ("COPD" -> a synonym "COPD - chronic obstructive pulmonary
+disease", full-text index).
+
+Every candidate text gets the features of ``FEATURES``; a logistic model (one
+weight per feature and an intercept, fitted offline on labelled pairs:
+bench/fit_ranking.py, ``omop-emb-pg fit-ranking``) scores it, a concept takes
+the score of its best text, and concepts are ordered by score (exact matches
+first, as in every mode). ``confidence`` is Platt scaling of the score and of
+its margin over the runner-up (fitted on queries the logistic model did not
+see): the estimated probability that the row is the right concept.
+
+Pure functions here (no plpy), unit-testable with plain pytest.
+"""
+
+import json
+import math
+import re
+
+from .errors import InvalidArgument
+
+FEATURES = (
+    "similarity",        # cosine similarity of query and text
+    "similarity_gap",    # similarity - the best similarity among the candidates (<= 0)
+    "trigram",           # pg_trgm similarity() of query and text
+    "trigram_gap",       # trigram - the best trigram similarity among the candidates
+    "word_dice",         # Dice overlap of words (stop words dropped, cut to 6 letters)
+    "query_coverage",    # share of the query's words found in the text
+    "initialism",        # an abbreviation-like query equals the initials of the text's words
+    "abbreviation_in_text",  # an abbreviation-like query token is a word of the text
+    "exact",             # folded text == folded query
+    "kind_synonym",      # the text is an English synonym
+    "kind_mapped",       # the text is the name of a source concept that 'Maps to' it
+    "length_ratio",      # |log((chars of text + 1) / (chars of query + 1))|
+    "classification",    # the concept is a classification concept ('C'), not standard ('S')
+)
+
+# Words that carry no meaning of their own in concept names. Must agree with
+# omop_emb.initials() (sql/api/56_ranking.sql).
+STOP_WORDS = frozenset(("of", "the", "and", "or", "in", "on", "to", "with", "by", "for", "a",
+                        "an", "at", "as", "due", "nos"))
+WORD_RE = re.compile(r"[a-z0-9]+")
+# Word prefix compared by word_dice: a crude stemmer (diabetes ~ diabetic).
+STEM_CHARS = 6
+# An abbreviation-like token: 2..8 letters/digits, all capitals in the query
+# (COPD, T2DM, HbA1c is not) or the whole query when it is one short token (copd).
+ABBREV_MAX = 8
+SHORT_QUERY_MAX = 5
+
+# How many concepts each candidate source contributes (besides exact matches).
+SEMANTIC_DEPTH = 50
+TRIGRAM_DEPTH = 30
+INITIALS_DEPTH = 30
+ABBREVIATION_DEPTH = 30
+# The HNSW window of the semantic source, in texts: one scan at the default
+# ef_search 200 yields this many rows anyway, and a concept has several texts.
+SEMANTIC_FETCH = 200
+# pg_trgm's similarity threshold for the % operator that finds trigram candidates.
+TRIGRAM_THRESHOLD = 0.3
+
+
+def words(text):
+    return [w for w in WORD_RE.findall((text or "").lower()) if w not in STOP_WORDS]
+
+
+def initials(text):
+    """First characters of the words of a text, stop words dropped:
+    'Type 2 diabetes mellitus' -> 't2dm'. Must agree with omop_emb.initials()."""
+    return "".join(w[0] for w in words(text))
+
+
+def abbreviations(query):
+    """Abbreviation-like tokens of a query, lower-cased (see ABBREV_MAX)."""
+    q = (query or "").strip()
+    toks = re.findall(r"[A-Za-z0-9]+", q)
+    out = [t.lower() for t in toks
+           if 2 <= len(t) <= ABBREV_MAX and t.upper() == t and any(c.isalpha() for c in t)]
+    if len(toks) == 1 and 2 <= len(toks[0]) <= SHORT_QUERY_MAX and \
+            any(c.isalpha() for c in toks[0]):
+        out.append(toks[0].lower())
+    # 'T2DM', 'C.O.P.D.' and 'type 2 dm' written without spaces
+    joined = "".join(t.lower() for t in toks)
+    if 2 <= len(joined) <= ABBREV_MAX and len(toks) > 1 and all(len(t) <= 2 for t in toks):
+        out.append(joined)
+    return list(dict.fromkeys(out))
+
+
+class Query:
+    """What the features need to know about a query, computed once."""
+
+    def __init__(self, text, fold):
+        self.text = text
+        self.folded = fold(text)
+        self.words = words(text)
+        self.stems = {w[:STEM_CHARS] for w in self.words}
+        self.abbrevs = set(abbreviations(text))
+        self.length = len(text.strip())
+
+
+def text_features(q, row, fold, best_similarity, best_trigram):
+    """The feature vector (in FEATURES order) of one candidate text ``row``
+    (concept_name, text, text_kind, standard_concept, similarity, trigram)."""
+    text = row["text"]
+    ws = words(text)
+    stems = {w[:STEM_CHARS] for w in ws}
+    shared = len(q.stems & stems)
+    n = len(q.stems) + len(stems)
+    sim = row["similarity"] if row["similarity"] is not None else 0.0
+    trg = row["trigram"] or 0.0
+    ini = "".join(w[0] for w in ws)
+    return [
+        sim,
+        sim - best_similarity,
+        trg,
+        trg - best_trigram,
+        (2.0 * shared / n) if n else 0.0,
+        (shared / len(q.stems)) if q.stems else 0.0,
+        1.0 if len(ws) >= 2 and ini in q.abbrevs else 0.0,
+        1.0 if len(ws) >= 2 and q.abbrevs.intersection(ws) else 0.0,
+        1.0 if fold(text) == q.folded else 0.0,
+        1.0 if row["text_kind"] == "synonym" else 0.0,
+        1.0 if row["text_kind"] == "mapped" else 0.0,
+        abs(math.log((len(text) + 1.0) / (q.length + 1.0))),
+        1.0 if row["standard_concept"] == "C" else 0.0,
+    ]
+
+
+def check_weights(w):
+    """Validate a ranking model (a dict, or its JSON); returns it as a dict."""
+    if isinstance(w, str):
+        try:
+            w = json.loads(w)
+        except ValueError as e:
+            raise InvalidArgument("ranking weights are not JSON: %s" % e)
+    hint = ('Give {"features": [...], "coef": [...], "intercept": x, "calibration": '
+            '{"score": a, "margin": b, "intercept": c}} with feature names from: '
+            + ", ".join(FEATURES) + " (omop-emb-pg fit-ranking writes it).")
+    if not isinstance(w, dict):
+        raise InvalidArgument("ranking weights must be a JSON object", hint=hint)
+    feats, coef = w.get("features"), w.get("coef")
+    if not isinstance(feats, list) or not isinstance(coef, list) or len(feats) != len(coef) \
+            or not feats:
+        raise InvalidArgument("ranking weights need lists 'features' and 'coef' of equal length",
+                              hint=hint)
+    unknown = [f for f in feats if f not in FEATURES]
+    if unknown:
+        raise InvalidArgument("unknown ranking features %s" % unknown, hint=hint)
+    cal = w.get("calibration")
+    if not isinstance(cal, dict):
+        raise InvalidArgument("ranking weights lack 'calibration'", hint=hint)
+    nums = list(coef) + [w.get("intercept"), cal.get("score"), cal.get("margin"),
+                         cal.get("intercept")]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+               for x in nums):
+        raise InvalidArgument("ranking weights hold a value that is not a finite number",
+                              hint=hint)
+    if cal["score"] < 0 or cal["margin"] < 0:
+        raise InvalidArgument("calibration 'score' and 'margin' must be >= 0 (confidence must "
+                              "not fall as the score rises)", hint=hint)
+    return w
+
+
+class Scorer:
+    """A ranking model: feature weights and the confidence calibration."""
+
+    def __init__(self, weights):
+        w = check_weights(weights)
+        self.weights = w
+        idx = {f: i for i, f in enumerate(FEATURES)}
+        self.terms = [(idx[f], float(c)) for f, c in zip(w["features"], w["coef"])]
+        self.intercept = float(w["intercept"])
+        cal = w["calibration"]
+        self.cal = (float(cal["score"]), float(cal["margin"]), float(cal["intercept"]))
+
+    def score(self, x):
+        return self.intercept + sum(c * x[i] for i, c in self.terms)
+
+    def confidences(self, scores):
+        """Confidence of each row of a ranking (scores in rank order), never above
+        the confidence of the row ranked before it."""
+        a, b, c = self.cal
+        out = []
+        for i, s in enumerate(scores):
+            if len(scores) == 1:
+                margin = 0.0 if i else 5.0
+            elif i == 0:
+                margin = s - scores[1]
+            else:
+                margin = s - scores[0]
+            p = sigmoid(a * s + b * margin + c)
+            out.append(min(p, out[-1]) if out else p)
+        return out
+
+
+def sigmoid(z):
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+def rank(q, rows, scorer, fold):
+    """Score candidate text rows; returns [(concept_id, score, best row, features)],
+    best first (ties: the order rows were given in)."""
+    if not rows:
+        return []
+    best_sim = max((r["similarity"] for r in rows if r["similarity"] is not None),
+                   default=0.0)
+    best_trg = max((r["trigram"] or 0.0 for r in rows), default=0.0)
+    best = {}
+    order = []
+    for r in rows:
+        x = text_features(q, r, fold, best_sim, best_trg)
+        s = scorer.score(x)
+        cid = r["concept_id"]
+        if cid not in best:
+            order.append(cid)
+            best[cid] = (s, r, x)
+        elif s > best[cid][0]:
+            best[cid] = (s, r, x)
+    pos = {cid: i for i, cid in enumerate(order)}
+    ranked = sorted(order, key=lambda cid: (-best[cid][0], pos[cid]))
+    return [(cid, best[cid][0], best[cid][1], best[cid][2]) for cid in ranked]

