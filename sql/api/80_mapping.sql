@@ -514,12 +514,17 @@ BEGIN
     -- similarity margin of a candidate over the best of the others.
     SELECT coalesce(bool_or('confidence' = ANY (p.proargnames)), false) INTO has_confidence
     FROM pg_proc p WHERE p.pronamespace = 'omop_emb'::regnamespace AND p.proname = 'nearest_batch';
+    -- nearest_batch fills confidence in mode 'fused' only: the margin stands in
+    -- row by row where it is NULL.
     IF has_confidence THEN
-        conf_expr := 'r.confidence, ''calibrated''';
+        conf_expr := $e$coalesce(r.confidence, CASE WHEN r.similarity IS NULL THEN NULL
+                         WHEN r.similarity >= r.best THEN r.similarity - coalesce(r.second, 0)
+                         ELSE r.similarity - r.best END),
+                    CASE WHEN r.confidence IS NULL THEN 'margin' ELSE 'calibrated' END$e$;
     ELSE
         conf_expr := $e$CASE WHEN r.similarity IS NULL THEN NULL
-                             WHEN r.similarity >= r.best THEN r.similarity - coalesce(r.second, 0)
-                             ELSE r.similarity - r.best END, 'margin'$e$;
+                         WHEN r.similarity >= r.best THEN r.similarity - coalesce(r.second, 0)
+                         ELSE r.similarity - r.best END, 'margin'$e$;
     END IF;
     IF context THEN
         ancestor_ok := to_regclass(format('%I.concept_ancestor', j.vocabulary_schema)) IS NOT NULL;
