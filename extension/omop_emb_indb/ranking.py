@@ -34,7 +34,7 @@ FEATURES = (
     "query_coverage",    # share of the query's words found in the text
     "initialism",        # an abbreviation-like query equals the initials of the text's words
     "abbreviation_in_text",  # an abbreviation-like query token is a word of the text
-    "exact",             # folded text == folded query
+    "exact",             # the text (or its code) equals the query, folded (omop_emb.fold_text)
     "kind_synonym",      # the text is an English synonym
     "kind_mapped",       # the text is the name of a source concept that 'Maps to' it
     "length_ratio",      # |log((chars of text + 1) / (chars of query + 1))|
@@ -94,18 +94,18 @@ def abbreviations(query):
 class Query:
     """What the features need to know about a query, computed once."""
 
-    def __init__(self, text, fold):
+    def __init__(self, text):
         self.text = text
-        self.folded = fold(text)
         self.words = words(text)
         self.stems = {w[:STEM_CHARS] for w in self.words}
         self.abbrevs = set(abbreviations(text))
         self.length = len(text.strip())
 
 
-def text_features(q, row, fold, best_similarity, best_trigram):
+def text_features(q, row, best_similarity, best_trigram):
     """The feature vector (in FEATURES order) of one candidate text ``row``
-    (concept_name, text, text_kind, standard_concept, similarity, trigram)."""
+    (concept_name, text, text_kind, standard_concept, similarity, trigram, and
+    exact: whether the exact-match lookup found it)."""
     text = row["text"]
     ws = words(text)
     stems = {w[:STEM_CHARS] for w in ws}
@@ -123,7 +123,7 @@ def text_features(q, row, fold, best_similarity, best_trigram):
         (shared / len(q.stems)) if q.stems else 0.0,
         1.0 if len(ws) >= 2 and ini in q.abbrevs else 0.0,
         1.0 if len(ws) >= 2 and q.abbrevs.intersection(ws) else 0.0,
-        1.0 if fold(text) == q.folded else 0.0,
+        1.0 if row.get("exact") else 0.0,
         1.0 if row["text_kind"] == "synonym" else 0.0,
         1.0 if row["text_kind"] == "mapped" else 0.0,
         abs(math.log((len(text) + 1.0) / (q.length + 1.0))),
@@ -205,7 +205,7 @@ def sigmoid(z):
     return e / (1.0 + e)
 
 
-def rank(q, rows, scorer, fold):
+def rank(q, rows, scorer):
     """Score candidate text rows; returns [(concept_id, score, best row, features)],
     best first (ties: the order rows were given in)."""
     if not rows:
@@ -216,7 +216,7 @@ def rank(q, rows, scorer, fold):
     best = {}
     order = []
     for r in rows:
-        x = text_features(q, r, fold, best_sim, best_trg)
+        x = text_features(q, r, best_sim, best_trg)
         s = scorer.score(x)
         cid = r["concept_id"]
         if cid not in best:

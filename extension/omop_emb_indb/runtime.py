@@ -692,12 +692,12 @@ class Runtime(RegistryMixin, IndexingMixin):
             best_sim = max((r["similarity"] for r in cands if r["similarity"] is not None),
                            default=0.0)
             best_trg = max((r["trigram"] or 0.0 for r in cands), default=0.0)
-            query = ranking.Query(q, vectors.fold)
+            query = ranking.Query(q)
             exact_ids = {r["concept_id"] for r in exact}
             for r in cands:
                 out.append((i, r["concept_id"], r["text"], r["text_kind"],
                             r["concept_id"] in exact_ids,
-                            ranking.text_features(query, r, vectors.fold, best_sim, best_trg),
+                            ranking.text_features(query, r, best_sim, best_trg),
                             names))
         return out
 
@@ -746,6 +746,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         mid = model["model_id"]
         metric = model["metric"]
         rows = list(exact_texts)
+        exact_keys = {(r["concept_id"], r["text_kind"], r["text"]) for r in exact_texts}
         # Semantic source: at least k concepts whenever k pass the filters.
         sem_rows = []
         self._semantic_ranking(plpy, model, st, vec, max(k, ranking.SEMANTIC_DEPTH), shape, args,
@@ -770,6 +771,7 @@ class Runtime(RegistryMixin, IndexingMixin):
             seen.add(key)
             r = dict(r)
             r["similarity"] = sqlgen.similarity_from_distance(metric, r["distance"])
+            r["exact"] = key in exact_keys
             out.append(r)
         return out
 
@@ -778,8 +780,8 @@ class Runtime(RegistryMixin, IndexingMixin):
         cands = self.fused_candidates(plpy, model, st, vec, k, shape, args, query_text,
                                       exact_texts)
         scorer = self.scorer(model)
-        q = ranking.Query(query_text, vectors.fold)
-        ranked = ranking.rank(q, cands, scorer, vectors.fold)
+        q = ranking.Query(query_text)
+        ranked = ranking.rank(q, cands, scorer)
         # Exact matches first (every mode), then by score.
         ranked = [t for t in ranked if t[0] in exact_rows] + \
             [t for t in ranked if t[0] not in exact_rows]
