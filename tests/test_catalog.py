@@ -74,10 +74,16 @@ CLIENT = {
     "status": ("status", {}),
     "clear_cache": ("clear_cache", {}),
     "version": ("version", {}),
+    "ranking": ("ranking", {}),
+    "set_ranking": ("set_ranking", {}),
+    "register_reranker": ("register_reranker", {}),
+    "drop_reranker": ("drop_reranker", {}),
 }
 NOT_IN_CLIENT = {
     "nearest(vector)": "a query vector is SQL's business (nearest(text) embeds the text)",
     "fold_text": "SQL helper for expressions",
+    "initials": "SQL helper for expressions (the fused ranking's initials index)",
+    "ranking_candidates": "features for fitting: omop_emb_pg.ranking_fit and omop-emb-pg fit-ranking drive it",
     "lexemes": "SQL helper for expressions",
     "lexical_query": "SQL helper for expressions",
     "lexical_score": "SQL helper for expressions",

@@ -446,6 +446,37 @@ class OmopEmb:
         named, params = _named({"if_exists": if_exists})
         return self._scalar(f"SELECT omop_emb.drop_model(%(name)s{named})", {"name": name, **params})
 
+    # ------------------------------------------------------------ ranking and reranking
+    def ranking(self, *, model: str | None = None) -> dict[str, Any]:
+        """The ranking model mode 'fused' uses for a model (``omop_emb.ranking``), with its source."""
+        named, params = _named({"model": self._m(model)})
+        return self._scalar(f"SELECT omop_emb.ranking({named[2:]})", params)
+
+    def set_ranking(self, model: str, ranking: dict[str, Any] | None) -> bool:
+        """Store a fitted ranking model for ``model`` (None: back to the shipped default);
+        ``omop-emb-pg fit-ranking`` writes it."""
+        import json
+
+        return self._scalar("SELECT omop_emb.set_ranking(%s, %s::jsonb)",
+                            (model, None if ranking is None else json.dumps(ranking)))
+
+    def register_reranker(self, name: str, provider: str, endpoint: str, *,
+                          remote_model: str | None = None, api_key_ref: str | None = None,
+                          top_n: int | None = None, read_timeout_s: float | None = None,
+                          max_retries: int | None = None) -> int:
+        """Register a reranker (``omop_emb.register_reranker``): provider 'tei' (POST /rerank)
+        or 'cohere' (POST /v1/rerank). Returns its id."""
+        named, params = _named({"remote_model": remote_model, "api_key_ref": api_key_ref,
+                                "top_n": top_n, "read_timeout_s": read_timeout_s,
+                                "max_retries": max_retries})
+        return self._scalar(f"SELECT omop_emb.register_reranker(%(name)s, %(provider)s, "
+                            f"%(endpoint)s{named})",
+                            {"name": name, "provider": provider, "endpoint": endpoint, **params})
+
+    def drop_reranker(self, name: str, *, if_exists: bool | None = None) -> bool:
+        named, params = _named({"if_exists": if_exists})
+        return self._scalar(f"SELECT omop_emb.drop_reranker(%(name)s{named})", {"name": name, **params})
+
     def models(self) -> list[dict[str, Any]]:
         """Rows of the view ``omop_emb.models`` (no secrets)."""
         return self._rows("SELECT * FROM omop_emb.models ORDER BY 1")
