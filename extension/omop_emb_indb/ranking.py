@@ -62,7 +62,7 @@ ABBREVIATION_DEPTH = 30
 # ef_search 200 yields this many rows anyway, and a concept has several texts.
 SEMANTIC_FETCH = 200
 # pg_trgm's similarity threshold for the % operator that finds trigram candidates.
-TRIGRAM_THRESHOLD = 0.3
+TRIGRAM_THRESHOLD = 0.4
 
 
 def words(text):
