@@ -480,28 +480,46 @@ def _calls(url, vec_sql):
         ("omop_emb.similarity(text,text,text,text,text)", "reader",
          f"SELECT omop_emb.similarity('trap a', 'concept 3', model => '{f}')"),
         ("omop_emb.embedding_role_prefixes(text)", "reader", f"SELECT * FROM omop_emb.embedding_role_prefixes('{f}')"),
-        ("omop_emb.nearest(text,integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+        ("omop_emb.nearest(text,integer,text[],text[],text[],boolean,boolean,text,text,boolean)", "reader",
          f"SELECT pg_catalog.count(*) FROM omop_emb.nearest('concept 7', 5, model => '{f}')"),
-        ("omop_emb.nearest(text,integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+        ("omop_emb.nearest(text,integer,text[],text[],text[],boolean,boolean,text,text,boolean)", "reader",
          f"SELECT pg_catalog.count(*) FROM omop_emb.nearest('trap query', 5, domain_ids => ARRAY['Condition'], "
          f"vocabulary_ids => ARRAY['SNOMED'], concept_class_ids => ARRAY['Clinical Finding'], model => '{f}')"),
-        ("omop_emb.nearest(text,integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+        ("omop_emb.nearest(text,integer,text[],text[],text[],boolean,boolean,text,text,boolean)", "reader",
          f"SELECT pg_catalog.count(*) FROM omop_emb.nearest('concept 7', 5, model => '{f}', mode => 'lexical')"),
-        ("omop_emb.nearest(text,integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+        ("omop_emb.nearest(text,integer,text[],text[],text[],boolean,boolean,text,text,boolean)", "reader",
          f"SELECT pg_catalog.count(*) FROM omop_emb.nearest('concept 7', 5, domain_ids => ARRAY['Condition'], "
          f"model => '{f}', mode => 'hybrid')"),
-        ("omop_emb.nearest(vector,integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+        ("omop_emb.nearest(vector,integer,text[],text[],text[],boolean,boolean,text,text,boolean)", "reader",
          f"SELECT pg_catalog.count(*) FROM omop_emb.nearest(({vec_sql}), 5, model => '{f}')"),
-        ("omop_emb.nearest(vector,integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+        ("omop_emb.nearest(vector,integer,text[],text[],text[],boolean,boolean,text,text,boolean)", "reader",
          f"SELECT pg_catalog.count(*) FROM omop_emb.nearest(({vec_sql}), 5, domain_ids => ARRAY['Condition'], "
          f"model => '{f}', mode => 'hybrid')"),
-        ("omop_emb.nearest_batch(text[],integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+        ("omop_emb.nearest_batch(text[],integer,text[],text[],text[],boolean,boolean,text,text,boolean)", "reader",
          f"SELECT pg_catalog.count(*) FROM omop_emb.nearest_batch(ARRAY['concept 2', 'trap b'], 3, model => '{f}')"),
-        ("omop_emb.nearest_batch(text[],integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+        ("omop_emb.nearest_batch(text[],integer,text[],text[],text[],boolean,boolean,text,text,boolean)", "reader",
          f"SELECT pg_catalog.count(*) FROM omop_emb.nearest_batch(ARRAY['concept 2', 'trap b'], 3, model => '{f}', "
          "mode => 'hybrid')"),
-        ("omop_emb.nearest_batch(text[],integer,text[],text[],text[],boolean,boolean,text,text)", "reader",
+        ("omop_emb.nearest_batch(text[],integer,text[],text[],text[],boolean,boolean,text,text,boolean)", "reader",
          f"SELECT pg_catalog.count(*) FROM omop_emb.nearest_batch(ARRAY['concept 2'], 3, model => '{f}', mode => 'lexical')"),
+        # the fused ranking (pg_trgm, initials) and the reranking stage
+        ("omop_emb.nearest(text,integer,text[],text[],text[],boolean,boolean,text,text,boolean)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.nearest('CN7', 5, domain_ids => ARRAY['Condition'], "
+         f"model => '{f}', mode => 'fused')"),
+        ("omop_emb.nearest_batch(text[],integer,text[],text[],text[],boolean,boolean,text,text,boolean)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.nearest_batch(ARRAY['concpet 2', 'trap b'], 3, model => '{f}', "
+         "mode => 'fused')"),
+        ("omop_emb.initials(text)", "reader", "SELECT omop_emb.initials('Type 2 diabetes mellitus')"),
+        ("omop_emb.ranking_candidates(text[],integer,text[],text[],text[],boolean,boolean,text)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.ranking_candidates(ARRAY['concept 4', 'CF'], 3, model => '{f}')"),
+        ("omop_emb.ranking(text)", "reader", f"SELECT omop_emb.ranking('{f}') IS NOT NULL"),
+        ("omop_emb.set_ranking(text,jsonb)", "admin", f"SELECT omop_emb.set_ranking('{f}', NULL)"),
+        # (the reranker trap_rr, registered before the traps, is the only one here)
+        ("omop_emb.nearest(text,integer,text[],text[],text[],boolean,boolean,text,text,boolean)", "reader",
+         f"SELECT pg_catalog.count(*) FROM omop_emb.nearest('concept 7', 5, model => '{f}', rerank => true)"),
+        ("omop_emb.register_reranker(text,text,text,text,text,integer,double precision,integer)", "admin",
+         f"SELECT omop_emb.register_reranker('@JOB@_rr', 'tei', '{url}')"),
+        ("omop_emb.drop_reranker(text,boolean)", "admin", "SELECT omop_emb.drop_reranker('@JOB@_rr', if_exists => true)"),
         ("omop_emb.explain_nearest(text,integer,text[],text[],text[],boolean,boolean,text)", "reader",
          f"SELECT pg_catalog.count(*) FROM omop_emb.explain_nearest('concept 7', 5, model => '{f}')"),
         ("omop_emb.status()", "reader", "SELECT pg_catalog.count(*) FROM omop_emb.status()"),
@@ -561,6 +579,8 @@ def _calls(url, vec_sql):
          "SELECT omop_emb.add_mapping_terms('@JOB@', $q$SELECT 'X2'::text AS source_code, "
          "'forty-one'::text AS source_name$q$)"),
         ("omop_emb._mapping_job(text,boolean)", "admin", "SELECT (omop_emb._mapping_job('@JOB@', true)).job_id"),
+        ("omop_emb._mapping_guard(omop_emb.mapping_job)", "admin",
+         "SELECT omop_emb._mapping_guard(omop_emb._mapping_job('@JOB@', false))"),
         ("omop_emb._mapping_check_schema(text,text,text)", "admin",
          "SELECT omop_emb._mapping_check_schema('voc', 'vocabulary_schema', 'concept')"),
         ("omop_emb._mapping_add_terms(bigint,text)", "admin",
@@ -622,6 +642,7 @@ def test_traps_in_public_never_fire(trap_db, pg, admin, analyst, fake_embedder):
                   "'S', 'C41', NULL), (42, 'forty-two', 'Condition', 'SNOMED', 'Clinical Finding', 'S', 'C42', NULL) "
                   "ON CONFLICT DO NOTHING")
         superuser = c.execute("SELECT current_user").fetchone()[0]
+        c.execute("SELECT omop_emb.register_reranker('trap_rr', 'tei', %s)", (fake_embedder.url,))
     planted, refused = [], []
     with connect(analyst_dsn) as c:
         c.execute(f"CREATE TABLE {log} (who text, what text)")
@@ -710,6 +731,7 @@ def test_traps_planted_before_install_never_fire(fresh_db, pg, fake_embedder):
             c.execute("GRANT SELECT, INSERT, UPDATE ON voc.source_to_concept_map TO PUBLIC")
             c.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'voc')", (MODEL,))
             c.execute("INSERT INTO omop_emb.search_request (query, k, model) VALUES ('concept 3', 3, %s)", (MODEL,))
+            c.execute("SELECT omop_emb.register_reranker('trap_rr', 'tei', %s)", (fake_embedder.url,))
             for sig, group, sql in _calls(fake_embedder.url, f"SELECT omop_emb.embed('v', 'query', '{MODEL}')"):
                 if group == "none":
                     continue
