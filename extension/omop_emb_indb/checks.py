@@ -3,6 +3,8 @@
 from .errors import InvalidArgument
 
 MAX_K = 1000
+# Concepts nearest() and its siblings return when k is not given (the SQL signatures' DEFAULT).
+DEFAULT_K = 10
 # nearest_batch: at most this many result rows (queries x k) per call. Rows are
 # streamed, but every query's vector and ranking are held while it is searched:
 # 2,000 queries x k 1,000 took 942 MB in one backend before streaming.

@@ -6,7 +6,7 @@
 
 CREATE OR REPLACE FUNCTION omop_emb.nearest(
     query text,
-    k integer DEFAULT 10,
+    k integer DEFAULT @DEFAULT_K@,
     domain_ids text[] DEFAULT NULL,
     vocabulary_ids text[] DEFAULT NULL,
     concept_class_ids text[] DEFAULT NULL,
@@ -33,7 +33,7 @@ COMMENT ON FUNCTION omop_emb.nearest(text, integer, text[], text[], text[], bool
 
 CREATE OR REPLACE FUNCTION omop_emb.nearest(
     query vector,
-    k integer DEFAULT 10,
+    k integer DEFAULT @DEFAULT_K@,
     domain_ids text[] DEFAULT NULL,
     vocabulary_ids text[] DEFAULT NULL,
     concept_class_ids text[] DEFAULT NULL,
@@ -60,7 +60,7 @@ COMMENT ON FUNCTION omop_emb.nearest(vector, integer, text[], text[], text[], bo
 
 CREATE OR REPLACE FUNCTION omop_emb.nearest_batch(
     queries text[],
-    k integer DEFAULT 10,
+    k integer DEFAULT @DEFAULT_K@,
     domain_ids text[] DEFAULT NULL,
     vocabulary_ids text[] DEFAULT NULL,
     concept_class_ids text[] DEFAULT NULL,
@@ -87,7 +87,7 @@ COMMENT ON FUNCTION omop_emb.nearest_batch(text[], integer, text[], text[], text
 
 CREATE OR REPLACE FUNCTION omop_emb.explain_nearest(
     query text,
-    k integer DEFAULT 10,
+    k integer DEFAULT @DEFAULT_K@,
     domain_ids text[] DEFAULT NULL,
     vocabulary_ids text[] DEFAULT NULL,
     concept_class_ids text[] DEFAULT NULL,

@@ -17,7 +17,7 @@ COMMENT ON FUNCTION omop_emb.initials(text) IS
 
 CREATE OR REPLACE FUNCTION omop_emb.ranking_candidates(
     queries text[],
-    k integer DEFAULT 10,
+    k integer DEFAULT @DEFAULT_K@,
     domain_ids text[] DEFAULT NULL,
     vocabulary_ids text[] DEFAULT NULL,
     concept_class_ids text[] DEFAULT NULL,
