@@ -227,6 +227,9 @@ def scripts():
     for old, path in frozen().items():
         if old != ver:
             out["omop_emb--%s.sql" % old] = path.read_text()
+            control = path.with_suffix(".control")
+            if control.exists():  # what installing that version requires, as released
+                out[control.name] = control.read_text()
     for a, b in upgrade_steps():
         out["omop_emb--%s--%s.sql" % (a, b)] = upgrade_script(b)
     out["omop_emb.control"] = CONTROL_TEMPLATE.read_text().replace("@OMOP_EMB_VERSION@", ver)
@@ -238,7 +241,7 @@ def write(targets=None):
     written = []
     for d in targets or [ROOT / "extension", PACKAGE_COPY]:
         d.mkdir(parents=True, exist_ok=True)
-        for stale in d.glob("omop_emb--*.sql"):
+        for stale in [*d.glob("omop_emb--*.sql"), *d.glob("omop_emb--*.control")]:
             if stale.name not in files:
                 stale.unlink()
         for name, text in files.items():

@@ -578,26 +578,26 @@ def _calls(url, vec_sql):
         ("omop_emb.add_mapping_terms(text,text)", "admin",
          "SELECT omop_emb.add_mapping_terms('@JOB@', $q$SELECT 'X2'::text AS source_code, "
          "'forty-one'::text AS source_name$q$)"),
-        ("omop_emb._mapping_job(text,boolean)", "admin", "SELECT (omop_emb._mapping_job('@JOB@', true)).job_id"),
-        ("omop_emb._mapping_guard(omop_emb.mapping_job)", "admin",
-         "SELECT omop_emb._mapping_guard(omop_emb._mapping_job('@JOB@', false))"),
-        ("omop_emb._mapping_check_schema(text,text,text)", "admin",
-         "SELECT omop_emb._mapping_check_schema('voc', 'vocabulary_schema', 'concept')"),
-        ("omop_emb._mapping_add_terms(bigint,text)", "admin",
-         "SELECT omop_emb._mapping_add_terms((omop_emb._mapping_job('@JOB@', true)).job_id, "
+        ("omop_emb_internal.mapping_job(text,boolean)", "admin", "SELECT (omop_emb_internal.mapping_job('@JOB@', true)).job_id"),
+        ("omop_emb_internal.mapping_guard(omop_emb.mapping_job)", "admin",
+         "SELECT omop_emb_internal.mapping_guard(omop_emb_internal.mapping_job('@JOB@', false))"),
+        ("omop_emb_internal.mapping_check_schema(text,text,text)", "admin",
+         "SELECT omop_emb_internal.mapping_check_schema('voc', 'vocabulary_schema', 'concept')"),
+        ("omop_emb_internal.mapping_add_terms(bigint,text)", "admin",
+         "SELECT omop_emb_internal.mapping_add_terms((omop_emb_internal.mapping_job('@JOB@', true)).job_id, "
          "$q$SELECT 'X3'::text AS source_code, 'concept 9'::text AS source_name$q$)"),
         ("omop_emb.assign_mapping_terms(text,name,bigint[])", "admin",
          "SELECT omop_emb.assign_mapping_terms('@JOB@', current_user)"),
         ("omop_emb.suggest_mappings_start(text,boolean)", "admin", "SELECT omop_emb.suggest_mappings_start('@JOB@')"),
         ("omop_emb.suggest_mappings_batch(text,integer,boolean)", "admin",
          "SELECT omop_emb.suggest_mappings_batch('@JOB@', 2)"),
-        ("omop_emb._mapping_record_counts(bigint)", "admin",
-         "SELECT omop_emb._mapping_record_counts((omop_emb._mapping_job('@JOB@', true)).job_id)"),
+        ("omop_emb_internal.mapping_record_counts(bigint)", "admin",
+         "SELECT omop_emb_internal.mapping_record_counts((omop_emb_internal.mapping_job('@JOB@', true)).job_id)"),
         ("omop_emb.suggest_mappings(text,integer,boolean,boolean)", "admin",
          "CALL omop_emb.suggest_mappings('@JOB@', 2)"),
         ("omop_emb.record_decision(bigint,text,integer[],text,text)", "admin",
          "SELECT omop_emb.record_decision((SELECT pg_catalog.min(t.term_id) FROM omop_emb.mapping_term t "
-         "WHERE t.job_id OPERATOR(pg_catalog.=) (omop_emb._mapping_job('@JOB@', true)).job_id), 'approved', "
+         "WHERE t.job_id OPERATOR(pg_catalog.=) (omop_emb_internal.mapping_job('@JOB@', true)).job_id), 'approved', "
          "ARRAY[3], 'EQUAL', 'trap')"),
         ("omop_emb.auto_approve(text,double precision)", "admin", "SELECT omop_emb.auto_approve('@JOB@', 0.0)"),
         ("omop_emb.check_mappings(text)", "admin", "SELECT pg_catalog.count(*) FROM omop_emb.check_mappings('@JOB@')"),

@@ -98,7 +98,7 @@ def _run(conn: psycopg.Connection, query, params=None) -> list[dict]:
 
 
 def _job(conn: psycopg.Connection, job: str) -> dict:
-    rows = _run(conn, "SELECT (omop_emb._mapping_job(%s)).*", (job,))
+    rows = _run(conn, "SELECT (omop_emb_internal.mapping_job(%s)).*", (job,))
     return rows[0]
 
 

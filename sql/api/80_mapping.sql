@@ -72,7 +72,7 @@ GRANT SELECT ON omop_emb.mapping_job, omop_emb.mapping_term, omop_emb.mapping_ca
 GRANT INSERT, DELETE ON omop_emb.mapping_job, omop_emb.mapping_term, omop_emb.mapping_candidate,
     omop_emb.mapping_record_count TO omop_emb_mapper;
 -- vocabulary_schema and cdm_schema are set when the job is created, not later: the job's
--- reviewers read those schemas as themselves (see _mapping_guard).
+-- reviewers read those schemas as themselves (see omop_emb_internal.mapping_guard).
 GRANT UPDATE (model, domain_ids, vocabulary_ids, concept_class_ids, source_vocabulary_id,
     candidates_per_term, reviewers, suggest_requested_at, record_counts_at, record_counts_source)
     ON omop_emb.mapping_job TO omop_emb_mapper;
@@ -127,7 +127,7 @@ GROUP BY j.job_id;
 COMMENT ON VIEW omop_emb.mapping_jobs IS 'omop_emb: one row per mapping job: terms, suggested (candidates current), counts per current status, progress = reviewed / terms (0..1)';
 
 -- ---------------------------------------------------------------- internal helpers
-CREATE OR REPLACE FUNCTION omop_emb._mapping_job(job text, for_write boolean DEFAULT false)
+CREATE OR REPLACE FUNCTION omop_emb_internal.mapping_job(job text, for_write boolean DEFAULT false)
 RETURNS omop_emb.mapping_job
 LANGUAGE plpgsql STABLE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
@@ -161,7 +161,7 @@ $$;
 
 -- The schema of a vocabulary table given by name, checked: the schema must
 -- hold a CONCEPT table the caller can see.
-CREATE OR REPLACE FUNCTION omop_emb._mapping_check_schema(schema_name text, what text, needed text)
+CREATE OR REPLACE FUNCTION omop_emb_internal.mapping_check_schema(schema_name text, what text, needed text)
 RETURNS text
 LANGUAGE plpgsql STABLE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
@@ -185,7 +185,7 @@ $$;
 -- assigned mapper, an administrator) reads them as themselves: a view, or a
 -- table with row-level security, could run the creator's code with the
 -- reader's rights. So for them the relations read must be plain tables.
-CREATE OR REPLACE FUNCTION omop_emb._mapping_guard(j omop_emb.mapping_job)
+CREATE OR REPLACE FUNCTION omop_emb_internal.mapping_guard(j omop_emb.mapping_job)
 RETURNS void
 LANGUAGE plpgsql STABLE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
@@ -216,7 +216,7 @@ END
 $$;
 
 -- Runs the caller's source query and adds its rows as terms (as the caller).
-CREATE OR REPLACE FUNCTION omop_emb._mapping_add_terms(job_id bigint, source_query text)
+CREATE OR REPLACE FUNCTION omop_emb_internal.mapping_add_terms(job_id bigint, source_query text)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
@@ -339,7 +339,7 @@ BEGIN
         RAISE EXCEPTION 'omop_emb: no vocabulary schema given, and model % records none', quote_literal(model_name)
             USING ERRCODE = '22023', HINT = 'Pass vocabulary_schema => ''<schema holding CONCEPT>''.';
     END IF;
-    PERFORM omop_emb._mapping_check_schema(vs, 'vocabulary_schema', 'concept');
+    PERFORM omop_emb_internal.mapping_check_schema(vs, 'vocabulary_schema', 'concept');
     IF cdm_schema IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspname = cdm_schema) THEN
         RAISE EXCEPTION 'omop_emb: cdm_schema % does not exist', quote_literal(cdm_schema)
             USING ERRCODE = '3F000', HINT = 'Pass the schema holding the clinical tables (condition_occurrence, ...), or NULL for no record counts.';
@@ -354,7 +354,7 @@ BEGIN
         RAISE EXCEPTION 'omop_emb: %', SQLERRM
             USING ERRCODE = '42501', HINT = 'Creating a mapping job needs the role omop_emb_mapper: GRANT omop_emb_mapper TO ' || current_user || ';';
     END;
-    PERFORM omop_emb._mapping_add_terms(new_id, source_query);
+    PERFORM omop_emb_internal.mapping_add_terms(new_id, source_query);
     RETURN new_id;
 END
 $$;
@@ -367,9 +367,9 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    j omop_emb.mapping_job := omop_emb._mapping_job(job, true);
+    j omop_emb.mapping_job := omop_emb_internal.mapping_job(job, true);
 BEGIN
-    RETURN omop_emb._mapping_add_terms(j.job_id, source_query);
+    RETURN omop_emb_internal.mapping_add_terms(j.job_id, source_query);
 END
 $$;
 COMMENT ON FUNCTION omop_emb.add_mapping_terms(text, text) IS
@@ -381,7 +381,7 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    j omop_emb.mapping_job := omop_emb._mapping_job(job, true);
+    j omop_emb.mapping_job := omop_emb_internal.mapping_job(job, true);
     n bigint;
 BEGIN
     IF reviewer IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = reviewer) THEN
@@ -399,7 +399,7 @@ COMMENT ON FUNCTION omop_emb.assign_mapping_terms(text, name, bigint[]) IS
 -- Record counts per concept in the job's CDM, once per job: from Achilles
 -- results when the CDM schema has them, else from the main *_concept_id
 -- column of each clinical table present (read as the caller).
-CREATE OR REPLACE FUNCTION omop_emb._mapping_record_counts(job_id bigint)
+CREATE OR REPLACE FUNCTION omop_emb_internal.mapping_record_counts(job_id bigint)
 RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
@@ -410,11 +410,11 @@ DECLARE
     r record;
     src text;
 BEGIN
-    SELECT * INTO j FROM omop_emb.mapping_job m WHERE m.job_id = _mapping_record_counts.job_id;
+    SELECT * INTO j FROM omop_emb.mapping_job m WHERE m.job_id = mapping_record_counts.job_id;
     IF j.cdm_schema IS NULL OR j.record_counts_at IS NOT NULL THEN
         RETURN j.record_counts_source;
     END IF;
-    PERFORM omop_emb._mapping_guard(j);
+    PERFORM omop_emb_internal.mapping_guard(j);
     DELETE FROM omop_emb.mapping_record_count c WHERE c.job_id = j.job_id;
     IF to_regclass(format('%I.achilles_results', j.cdm_schema)) IS NOT NULL THEN
         -- Achilles: records per concept (condition 401, procedure 601, drug 701,
@@ -461,7 +461,7 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    j omop_emb.mapping_job := omop_emb._mapping_job(job, true);
+    j omop_emb.mapping_job := omop_emb_internal.mapping_job(job, true);
 BEGIN
     IF resuggest THEN
         UPDATE omop_emb.mapping_job m SET suggest_requested_at = clock_timestamp(),
@@ -469,7 +469,7 @@ BEGIN
         WHERE m.job_id = j.job_id
         RETURNING * INTO j;
     END IF;
-    PERFORM omop_emb._mapping_record_counts(j.job_id);
+    PERFORM omop_emb_internal.mapping_record_counts(j.job_id);
     RETURN QUERY
     SELECT j.job_id, count(*),
            count(*) FILTER (WHERE t.suggested_at IS NULL OR t.suggested_at < j.suggest_requested_at)
@@ -486,7 +486,7 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    j omop_emb.mapping_job := omop_emb._mapping_job(job, true);
+    j omop_emb.mapping_job := omop_emb_internal.mapping_job(job, true);
     ids bigint[];
     names text[];
     has_confidence boolean;
@@ -509,7 +509,7 @@ BEGIN
     IF ids IS NULL THEN
         RETURN 0;
     END IF;
-    PERFORM omop_emb._mapping_guard(j);
+    PERFORM omop_emb_internal.mapping_guard(j);
     -- A calibrated confidence from nearest_batch when it has one; until then the
     -- similarity margin of a candidate over the best of the others.
     SELECT coalesce(bool_or('confidence' = ANY (p.proargnames)), false) INTO has_confidence
@@ -649,7 +649,7 @@ BEGIN
             coalesce(nullif(array_to_string(j.reviewers, ', '), ''), 'none'), coalesce(t.assigned_reviewer::text, 'nobody')
             USING ERRCODE = '42501', HINT = 'The job''s creator assigns the term: SELECT omop_emb.assign_mapping_terms(job, reviewer, term_ids).';
     END IF;
-    PERFORM omop_emb._mapping_guard(j);
+    PERFORM omop_emb_internal.mapping_guard(j);
     IF st = 'approved' AND (ids IS NULL OR cardinality(ids) = 0) THEN
         SELECT ARRAY[c.concept_id] INTO ids FROM omop_emb.mapping_candidate c
         WHERE c.term_id = t.term_id AND c.rank = 1;
@@ -686,7 +686,7 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    j omop_emb.mapping_job := omop_emb._mapping_job(job, true);
+    j omop_emb.mapping_job := omop_emb_internal.mapping_job(job, true);
     n bigint;
 BEGIN
     IF min_confidence IS NULL OR min_confidence = 'NaN'::double precision THEN
@@ -720,12 +720,12 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    j omop_emb.mapping_job := omop_emb._mapping_job(job, false);
+    j omop_emb.mapping_job := omop_emb_internal.mapping_job(job, false);
     parts text[];
     target regclass;
     missing text;
 BEGIN
-    PERFORM omop_emb._mapping_guard(j);
+    PERFORM omop_emb_internal.mapping_guard(j);
     IF j.source_vocabulary_id IS NULL THEN
         RAISE EXCEPTION 'omop_emb: mapping job % has no source_vocabulary_id', quote_literal(job)
             USING ERRCODE = '22023', HINT = 'Set it: UPDATE omop_emb.mapping_job SET source_vocabulary_id = ''MY_CODES'' WHERE name = ' || quote_literal(job) || ';';
@@ -810,10 +810,10 @@ LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    j omop_emb.mapping_job := omop_emb._mapping_job(job, true);
+    j omop_emb.mapping_job := omop_emb_internal.mapping_job(job, true);
     has_rel boolean;
 BEGIN
-    PERFORM omop_emb._mapping_guard(j);
+    PERFORM omop_emb_internal.mapping_guard(j);
     has_rel := to_regclass(format('%I.concept_relationship', j.vocabulary_schema)) IS NOT NULL;
     CREATE TEMP TABLE IF NOT EXISTS omop_emb_check_mappings (
         term_id bigint, source_code text, concept_id integer, problem text, suggested_concept_id integer
@@ -867,25 +867,27 @@ DECLARE
 BEGIN
     FOR r IN
         SELECT p.oid::regprocedure AS sig, p.proname, p.prokind FROM pg_proc p
-        WHERE p.pronamespace = 'omop_emb'::regnamespace
-          AND p.proname IN ('create_mapping_job', 'add_mapping_terms', 'assign_mapping_terms',
-                            'suggest_mappings', 'suggest_mappings_start', 'suggest_mappings_batch',
-                            'record_decision', 'auto_approve', 'export_source_to_concept_map',
-                            'check_mappings', '_mapping_job', '_mapping_check_schema', '_mapping_guard',
-                            '_mapping_add_terms', '_mapping_record_counts')
+        WHERE (p.pronamespace = 'omop_emb'::regnamespace
+               AND p.proname IN ('create_mapping_job', 'add_mapping_terms', 'assign_mapping_terms',
+                                 'suggest_mappings', 'suggest_mappings_start', 'suggest_mappings_batch',
+                                 'record_decision', 'auto_approve', 'export_source_to_concept_map',
+                                 'check_mappings'))
+           OR (p.pronamespace = 'omop_emb_internal'::regnamespace
+               AND p.proname IN ('mapping_job', 'mapping_check_schema', 'mapping_guard',
+                                 'mapping_add_terms', 'mapping_record_counts'))
     LOOP
         EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', r.sig);
         -- Exporting needs write rights on the target table and nothing more.
         EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %s', r.sig,
-                       CASE WHEN r.proname IN ('export_source_to_concept_map', '_mapping_job', '_mapping_guard')
+                       CASE WHEN r.proname IN ('export_source_to_concept_map', 'mapping_job', 'mapping_guard')
                             THEN 'omop_emb_reader' ELSE 'omop_emb_mapper' END);
     END LOOP;
 END
 $mapping_grants$;
 GRANT SELECT ON omop_emb.mapping_jobs, omop_emb.mapping_queue, omop_emb.mapping_current_decision TO omop_emb_reader;
 
-COMMENT ON FUNCTION omop_emb._mapping_job(text, boolean) IS 'Internal: the mapping job of a name (clear error when unknown or, for_write, when the caller may not change it)';
-COMMENT ON FUNCTION omop_emb._mapping_check_schema(text, text, text) IS 'Internal: checks that a schema holds a table (clear error otherwise)';
-COMMENT ON FUNCTION omop_emb._mapping_guard(omop_emb.mapping_job) IS 'Internal: refuses, to anyone but a job''s creator, vocabulary or CDM relations that could run code (views, row-level security)';
-COMMENT ON FUNCTION omop_emb._mapping_add_terms(bigint, text) IS 'Internal: runs a source query as the caller and adds its rows as terms of a job';
-COMMENT ON FUNCTION omop_emb._mapping_record_counts(bigint) IS 'Internal: computes a job''s record counts per concept once (Achilles results or the clinical tables of its cdm_schema)';
+COMMENT ON FUNCTION omop_emb_internal.mapping_job(text, boolean) IS 'Internal: the mapping job of a name (clear error when unknown or, for_write, when the caller may not change it)';
+COMMENT ON FUNCTION omop_emb_internal.mapping_check_schema(text, text, text) IS 'Internal: checks that a schema holds a table (clear error otherwise)';
+COMMENT ON FUNCTION omop_emb_internal.mapping_guard(omop_emb.mapping_job) IS 'Internal: refuses, to anyone but a job''s creator, vocabulary or CDM relations that could run code (views, row-level security)';
+COMMENT ON FUNCTION omop_emb_internal.mapping_add_terms(bigint, text) IS 'Internal: runs a source query as the caller and adds its rows as terms of a job';
+COMMENT ON FUNCTION omop_emb_internal.mapping_record_counts(bigint) IS 'Internal: computes a job''s record counts per concept once (Achilles results or the clinical tables of its cdm_schema)';

@@ -16,6 +16,9 @@ REVOKE EXECUTE ON ALL ROUTINES IN SCHEMA omop_emb_internal FROM PUBLIC;
 -- administrator's rights where they read the vocabulary (SECURITY INVOKER), so
 -- the administrator reaches their schema and may add rows to the staging tables.
 GRANT USAGE ON SCHEMA omop_emb_internal TO omop_emb_admin;
+-- The mapping functions (SECURITY INVOKER) call their internal helpers as the
+-- reader or mapper who calls them (execute rights: sql/api/80_mapping.sql).
+GRANT USAGE ON SCHEMA omop_emb_internal TO omop_emb_reader;
 GRANT INSERT ON omop_emb_internal.index_stage_run, omop_emb_internal.index_stage_text,
     omop_emb_internal.index_stage_concept TO omop_emb_admin;
 GRANT USAGE ON SCHEMA omop_emb TO omop_emb_reader;

@@ -169,7 +169,7 @@ def search_rows(conn: psycopg.Connection, q: str, *, k: int, domain_ids, vocabul
                   "s": standard_only, "m": model, "mode": mode or None})
 
 
-#: Where a CDM holds each concept's records (the tables mapping jobs count too, see _mapping_record_counts).
+#: Where a CDM holds each concept's records (the tables mapping jobs count too, see omop_emb_internal.mapping_record_counts).
 CDM_CONCEPT_COLUMNS = (
     ("condition_occurrence", "condition_concept_id"), ("drug_exposure", "drug_concept_id"),
     ("procedure_occurrence", "procedure_concept_id"), ("measurement", "measurement_concept_id"),
