@@ -11,6 +11,7 @@ SELECT omop_emb.register_model('fake', 'openai', current_setting('omop_emb_test.
 SELECT name, provider, dimensions, metric, batch_size, read_timeout_s, index_method
 FROM omop_emb.models;
 
+-- Names, English synonyms and mapped source names (GiBleed's 439 concepts have 1,092 texts).
 -- Progress notices carry timings: keep them out of the expected output.
 SET client_min_messages = warning;
 CALL omop_emb.index_concepts(vocabulary_schema => 'gibleed');
