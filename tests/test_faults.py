@@ -244,8 +244,9 @@ def test_429_retry_after_then_success(vocab_db, fake_embedder, fault_model):
 
 
 # ---------------------------------------------------------------- faults during index_concepts
+# Names only (synonyms and mapped names are indexed by default): expected_name_texts() counts them.
 INDEX_SQL = ("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'gibleed', "
-             "batch_size => %s, max_texts => %s)")
+             "include_synonyms => false, include_mapped => false, batch_size => %s, max_texts => %s)")
 
 
 @pytest.mark.parametrize("fault", [dict(mode="status", status=500), dict(mode="wrong_dim"),

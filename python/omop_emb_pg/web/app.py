@@ -439,7 +439,7 @@ def create_app(settings: UiSettings, store: SessionStore | None = None) -> Starl
                     conn, default_vocabulary_schema(conn, settings, p["model"] or None), settings.cdm_schema,
                     [r["concept_id"] for r in rows])
         return render(request, "search.html", s, p=p, rows=rows, error=error, models=model_list,
-                      has_confidence=bool(rows) and "confidence" in rows[0], context=context,
+                      has_confidence=any(r.get("confidence") is not None for r in rows), context=context,
                       context_error=context_error, cdm_schema=settings.cdm_schema)
 
     def concept(request: Request, s: Session) -> Response:
