@@ -315,6 +315,26 @@ def register_fake_model(dsn: str, server, name: str = "fake", dims: int | None =
         )
 
 
+def load_synthetic_vocabulary(dsn: str, rows, schema: str = "vocab") -> None:
+    """A CONCEPT table in ``schema`` (CDM 5.4 columns) holding ``rows``: tuples of
+    (concept_id, concept_name, domain_id, vocabulary_id, concept_class_id,
+    standard_concept, concept_code, invalid_reason)."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("""CREATE TABLE {}.concept (concept_id int PRIMARY KEY, concept_name text,
+            domain_id text, vocabulary_id text, concept_class_id text, standard_concept text,
+            concept_code text, valid_start_date date, valid_end_date date, invalid_reason text)""")
+                     .format(sql.Identifier(schema)))
+        with conn.cursor().copy(sql.SQL(
+                "COPY {}.concept (concept_id, concept_name, domain_id, vocabulary_id, concept_class_id, "
+                "standard_concept, concept_code, invalid_reason) FROM STDIN").format(sql.Identifier(schema))) as cp:
+            for row in rows:
+                cp.write_row(row)
+
+
 E5_MODEL = "e5-small"
 SAMPLE_DOMAINS = ["Condition"]
 

@@ -10,7 +10,7 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import register_fake_model
+from conftest import load_synthetic_vocabulary, register_fake_model
 from omop_emb_pg import cli
 
 import pyarrow.parquet as pq  # the test extra has pyarrow: a missing one fails, never skips
@@ -21,15 +21,8 @@ def connect(dsn):
 
 
 def load_vocab(dsn, n=400):
-    with connect(dsn) as conn:
-        conn.execute("CREATE SCHEMA vocab")
-        conn.execute("""CREATE TABLE vocab.concept (concept_id int PRIMARY KEY, concept_name text,
-            domain_id text, vocabulary_id text, concept_class_id text, standard_concept text,
-            concept_code text, valid_start_date date, valid_end_date date, invalid_reason text)""")
-        with conn.cursor().copy("COPY vocab.concept (concept_id, concept_name, domain_id, vocabulary_id, "
-                                "concept_class_id, standard_concept, concept_code) FROM STDIN") as cp:
-            for i in range(1, n + 1):
-                cp.write_row((i, f"concept {i} kind {i % 9}", ["Condition", "Drug"][i % 2], "V", "C", "S", f"C{i}"))
+    load_synthetic_vocabulary(dsn, ((i, f"concept {i} kind {i % 9}", ["Condition", "Drug"][i % 2], "V", "C", "S",
+                                     f"C{i}", None) for i in range(1, n + 1)))
 
 
 def nearest_by_vector(dsn, vectors):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from conftest import register_fake_model
+from conftest import load_synthetic_vocabulary, register_fake_model
 
 DOMAINS = ["Condition", "Drug", "Procedure"]
 
@@ -17,17 +17,8 @@ def connect(dsn):
 
 
 def load_vocab(dsn, n=300):
-    with connect(dsn) as conn:
-        conn.execute("CREATE SCHEMA vocab")
-        conn.execute("""CREATE TABLE vocab.concept (concept_id int PRIMARY KEY, concept_name text,
-            domain_id text, vocabulary_id text, concept_class_id text, standard_concept text,
-            concept_code text, valid_start_date date, valid_end_date date, invalid_reason text)""")
-        with conn.cursor().copy("COPY vocab.concept (concept_id, concept_name, domain_id, vocabulary_id, "
-                                "concept_class_id, standard_concept, concept_code, invalid_reason) "
-                                "FROM STDIN") as cp:
-            for i in range(1, n + 1):
-                cp.write_row((i, f"concept number {i} of kind {i % 7}", DOMAINS[i % 3], "V", "C", "S",
-                              f"C{i}", None))
+    load_synthetic_vocabulary(dsn, ((i, f"concept number {i} of kind {i % 7}", DOMAINS[i % 3], "V", "C", "S",
+                                     f"C{i}", None) for i in range(1, n + 1)))
 
 
 def column_type(conn, model):
