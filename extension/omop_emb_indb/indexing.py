@@ -207,10 +207,7 @@ class IndexingMixin:
         function does (argument, setting, the only model): for the invoker steps,
         which cannot read omop_emb.model."""
         model = self.model(plpy, model_name)
-        schema = self.plan(plpy, "model_vocabulary",
-                           "SELECT vocabulary_schema FROM omop_emb.model WHERE model_id = $1",
-                           ["int4"]).execute([model["model_id"]])[0]["vocabulary_schema"]
-        return [(model["model_id"], model["name"], schema)]
+        return [(model["model_id"], model["name"], model["vocabulary_schema"])]
 
     def _vocabulary_has(self, plpy, vocab_schema, table):
         return plpy.execute(plpy.prepare(

@@ -28,7 +28,8 @@ BATCH_CHUNK = 256
 MODEL_COLUMNS = ("model_id, name, provider, endpoint, remote_model, dimensions, metric, "
                  "document_prefix, query_prefix, api_key_ref, batch_size, max_input_chars, "
                  "connect_timeout_s, read_timeout_s, max_retries, storage, index_method, "
-                 "generation, identity_version, vectors_stale, ranking::text AS ranking")
+                 "generation, identity_version, vectors_stale, ranking::text AS ranking, "
+                 "vocabulary_schema, vocabulary_version")
 
 SETTINGS_SQL = """SELECT current_setting('omop_emb.model', true) AS model,
        current_setting('omop_emb.document_embedding_prefix', true) AS document,
@@ -918,18 +919,15 @@ class Runtime(RegistryMixin, IndexingMixin):
 
     def warn_drift_once(self, plpy, model):
         """A WARNING when the vocabulary's release moved since the model was indexed;
-        checked at most once per session per model (two small queries)."""
+        checked at most once per session per model (one small query)."""
         key = ("drift", model["model_id"])
         if key in self.warned:
             return
         self.warned.add(key)
-        rec = self.plan(plpy, "model_vocabulary",
-                        "SELECT vocabulary_schema, vocabulary_version FROM omop_emb.model "
-                        "WHERE model_id = $1", ["int4"]).execute([model["model_id"]])
-        if not rec or not rec[0]["vocabulary_schema"] or rec[0]["vocabulary_version"] is None:
+        if not model["vocabulary_schema"] or model["vocabulary_version"] is None:
             return
-        now = self.vocabulary_version_now(plpy, rec[0]["vocabulary_schema"])
-        found = drift.changes(rec[0]["vocabulary_version"], now, 0)
+        now = self.vocabulary_version_now(plpy, model["vocabulary_schema"])
+        found = drift.changes(model["vocabulary_version"], now, 0)
         if found:
             plpy.warning("omop_emb: model %s may be stale: %s since it was indexed"
                          % (model["name"], "; ".join(found)),
@@ -977,8 +975,8 @@ class Runtime(RegistryMixin, IndexingMixin):
     def status(self, plpy):
         st = self.settings(plpy)
         out = []
-        for m in plpy.execute("SELECT %s, index_params::text AS params, vocabulary_schema, "
-                              "vocabulary_version, indexed_at FROM omop_emb.model ORDER BY name"
+        for m in plpy.execute("SELECT %s, index_params::text AS params, indexed_at "
+                              "FROM omop_emb.model ORDER BY name"
                               % MODEL_COLUMNS):
             m = dict(m)
             t = sqlgen.table(m["model_id"])
