@@ -172,7 +172,7 @@ def module_rows():
 # Numbers the SQL states (function SET clauses, comments) that the in-database
 # Python defines: @NAME@ in sql/ becomes the value of NAME in that module, so
 # that each is written once.
-SQL_CONSTANTS = {"MAX_K": "checks", "DEFAULT_K": "checks", "DEFAULT_EF_SEARCH": "runtime", "TS_CONFIG": "lexical",
+SQL_CONSTANTS = {"MAX_K": "checks", "MAX_BATCH_ROWS": "checks", "DEFAULT_K": "checks", "DEFAULT_EF_SEARCH": "runtime", "TS_CONFIG": "lexical",
                  "TRIGRAM_THRESHOLD": "ranking", "DEFAULT_TOP_N": "rerank"}
 
 

@@ -181,6 +181,29 @@ def test_record_counts_come_from_achilles_results_when_present(map_db, job):
     assert counts[truth] == 1234 and all(v is None for k, v in counts.items() if k != truth)
 
 
+def test_a_large_batch_of_terms_with_many_candidates_is_split_not_refused(map_db, job):
+    """batch_size 10,000 x 900 candidates per term would ask nearest_batch for more rows than it
+    allows in one call (queries x k): the batch takes fewer terms and every term still gets its
+    candidates."""
+    source = """SELECT 'W' || lpad(g::text, 3, '0') AS source_code, lower(c.concept_name) AS source_name
+                FROM generate_series(1, 230) g
+                JOIN (SELECT concept_name, row_number() OVER (ORDER BY concept_id) - 1 AS i, count(*) OVER () AS n
+                      FROM cdm.concept WHERE domain_id = 'Condition' AND standard_concept = 'S') c
+                  ON c.i = g % c.n"""
+    with connect(map_db["a"]) as conn:
+        conn.execute("SELECT omop_emb.create_mapping_job('wide_job', %s, domain_ids => ARRAY['Condition'], "
+                     "candidates_per_term => 900)", (source,))
+        conn.execute("CALL omop_emb.suggest_mappings('wide_job', batch_size => 10000, context => false)")
+        terms, suggested = conn.execute("SELECT terms, suggested FROM omop_emb.mapping_jobs "
+                                        "WHERE name = 'wide_job'").fetchone()
+        per_term = conn.execute("""SELECT min(n), max(n) FROM (SELECT t.term_id, count(c.term_id) AS n
+            FROM omop_emb.mapping_term t JOIN omop_emb.mapping_job j USING (job_id)
+            LEFT JOIN omop_emb.mapping_candidate c USING (term_id)
+            WHERE j.name = 'wide_job' GROUP BY t.term_id) x""").fetchone()
+    assert (terms, suggested) == (230, 230)
+    assert per_term[0] > 10 and per_term[0] == per_term[1]
+
+
 def test_decisions_are_recorded_with_history(map_db, job):
     with connect(map_db["a"]) as conn:
         ids = term_ids(conn)

@@ -504,7 +504,9 @@ BEGIN
     FROM (SELECT t.term_id, t.source_name FROM omop_emb.mapping_term t
           WHERE t.job_id = j.job_id
             AND (t.suggested_at IS NULL OR t.suggested_at < j.suggest_requested_at)
-          ORDER BY t.term_id LIMIT batch_size
+          -- nearest_batch refuses more than @MAX_BATCH_ROWS@ rows (queries x k) per call:
+          -- with many candidates per term a batch takes fewer terms instead of failing.
+          ORDER BY t.term_id LIMIT least(batch_size, greatest(1, @MAX_BATCH_ROWS@ / j.candidates_per_term))
           FOR UPDATE SKIP LOCKED) s;
     IF ids IS NULL THEN
         RETURN 0;
@@ -567,7 +569,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION omop_emb.suggest_mappings_batch(text, integer, boolean) IS
-'One batch of suggest_mappings(): candidates for up to batch_size pending terms of the job through nearest_batch(), replacing their previous candidates; context => false leaves parents, descendant_count and record_count empty. Returns the terms done (0: none pending). Sessions running it at once share the work.';
+'One batch of suggest_mappings(): candidates for up to batch_size pending terms of the job (fewer when batch_size x candidates_per_term would pass nearest_batch''s @MAX_BATCH_ROWS@ rows) through nearest_batch(), replacing their previous candidates; context => false leaves parents, descendant_count and record_count empty. Returns the terms done (0: none pending). Sessions running it at once share the work.';
 
 -- A procedure so that each batch commits: an interrupted run keeps what it did
 -- and a re-run resumes. Procedures that commit cannot pin search_path, so this
