@@ -280,8 +280,11 @@ def test_resuggest_after_renaming_a_concept_keeps_every_decision(map_db, job):
         conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'cdm', domain_ids => ARRAY['Condition'])")
     with connect(map_db["a"]) as conn:
         conn.execute("CALL omop_emb.suggest_mappings(%s, resuggest => true)", (job,))
-        names = [r[0] for r in conn.execute("SELECT concept_name FROM omop_emb.mapping_candidate "
-                                            "WHERE concept_id = %s", (target,)).fetchall()]
+        # (Candidates of other jobs keep the old name until those jobs are suggested again.)
+        names = [r[0] for r in conn.execute("SELECT c.concept_name FROM omop_emb.mapping_candidate c "
+                                            "JOIN omop_emb.mapping_term t USING (term_id) "
+                                            "JOIN omop_emb.mapping_job j USING (job_id) "
+                                            "WHERE c.concept_id = %s AND j.name = %s", (target, job)).fetchall()]
         assert names and all(n.endswith(" (renamed)") for n in names)
         assert conn.execute("SELECT suggested FROM omop_emb.mapping_jobs WHERE name = %s", (job,)).fetchone()[0] == 50
         assert conn.execute("SELECT * FROM omop_emb.mapping_decision ORDER BY decision_id").fetchall() == decisions
@@ -325,6 +328,45 @@ def test_export_to_source_to_concept_map_is_idempotent_and_end_dates(map_db, job
     # The reader may not write the target table: an error, nothing changed.
     with connect(map_db["r"]) as conn, pytest.raises(errors.InsufficientPrivilege):
         conn.execute("SELECT * FROM omop_emb.export_source_to_concept_map(%s, %s)", (job, STCM))
+
+
+def test_withdrawing_twice_in_a_day_keeps_the_cdm_primary_key_unique(map_db, job):
+    """Approve, export, withdraw, export, approve again, export, withdraw again, export, all on one
+    day, into a table with the CDM 5.4 primary key: no duplicate key, one row for the pair."""
+    target = "stcm_out.stcm_pk"
+    with connect(map_db["dsn"]) as conn:
+        conn.execute(f"CREATE TABLE {target} (LIKE cdm.source_to_concept_map, PRIMARY KEY "
+                     "(source_vocabulary_id, target_concept_id, source_code, valid_end_date))")
+        conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE ON {} TO {}").format(
+            sql.SQL(target), sql.Identifier(map_db["roles"]["a"])))
+    source = "SELECT code AS source_code, label AS source_name FROM public.local_terms WHERE code = 'DX007'"
+    with connect(map_db["a"]) as conn:
+        conn.execute("SELECT omop_emb.create_mapping_job('pk_job', %s, domain_ids => ARRAY['Condition'], "
+                     "source_vocabulary_id => 'LOCAL_PK')", (source,))
+        conn.execute("CALL omop_emb.suggest_mappings('pk_job', context => false)")
+        term, concept = conn.execute("""SELECT t.term_id, c.concept_id FROM omop_emb.mapping_term t
+            JOIN omop_emb.mapping_job j USING (job_id) JOIN omop_emb.mapping_candidate c USING (term_id)
+            WHERE j.name = 'pk_job' AND c.rank = 1""").fetchone()
+
+        def export():
+            return conn.execute("SELECT * FROM omop_emb.export_source_to_concept_map('pk_job', %s)",
+                                (target,)).fetchone()
+
+        def rows():
+            return conn.execute(f"SELECT target_concept_id, valid_end_date, invalid_reason FROM {target} "
+                                "ORDER BY valid_end_date").fetchall()
+
+        conn.execute("SELECT omop_emb.record_decision(%s, 'approved', ARRAY[%s])", (term, concept))
+        assert export() == (1, 0, 0)
+        conn.execute("SELECT omop_emb.record_decision(%s, 'unmapped')", (term,))
+        assert export() == (0, 1, 0)
+        assert rows() == [(concept, datetime.date.today(), "D")]
+        conn.execute("SELECT omop_emb.record_decision(%s, 'approved', ARRAY[%s])", (term, concept))
+        assert export() == (1, 0, 0)
+        assert rows() == [(concept, datetime.date(2099, 12, 31), None)]
+        conn.execute("SELECT omop_emb.record_decision(%s, 'unmapped')", (term,))
+        assert export() == (0, 1, 0)
+        assert rows() == [(concept, datetime.date.today(), "D")]
 
 
 def test_usagi_csv_written_by_the_export_reads_back_identically(map_db, job, tmp_path):

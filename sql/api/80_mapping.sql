@@ -789,6 +789,19 @@ BEGIN
               AND NOT EXISTS (SELECT 1 FROM want w WHERE w.source_code = s.source_code
                               AND w.concept_id = s.target_concept_id)
             RETURNING 1
+        ), reopened AS (
+            -- A mapping end-dated today and approved again the same day is re-opened,
+            -- not inserted anew: a second row would repeat the CDM's primary key
+            -- (source_vocabulary_id, target_concept_id, source_code, valid_end_date)
+            -- as soon as it was withdrawn again that day.
+            UPDATE %2$s s SET valid_end_date = DATE '2099-12-31', invalid_reason = NULL
+            FROM want w
+            WHERE s.source_vocabulary_id = $2 AND s.source_code = w.source_code
+              AND s.target_concept_id = w.concept_id AND s.invalid_reason IS NOT NULL
+              AND s.valid_end_date = greatest(current_date, s.valid_start_date)
+              AND NOT EXISTS (SELECT 1 FROM live l WHERE l.source_code = w.source_code
+                              AND l.target_concept_id = w.concept_id)
+            RETURNING s.source_code, s.target_concept_id
         ), ins AS (
             INSERT INTO %2$s (source_code, source_concept_id, source_vocabulary_id, source_code_description,
                               target_concept_id, target_vocabulary_id, valid_start_date, valid_end_date, invalid_reason)
@@ -796,15 +809,17 @@ BEGIN
                    DATE '2099-12-31', NULL
             FROM want w
             WHERE NOT EXISTS (SELECT 1 FROM live l WHERE l.source_code = w.source_code AND l.target_concept_id = w.concept_id)
+              AND NOT EXISTS (SELECT 1 FROM reopened r WHERE r.source_code = w.source_code
+                              AND r.target_concept_id = w.concept_id)
             RETURNING 1
         )
-        SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM ended),
-               (SELECT count(*) FROM want) - (SELECT count(*) FROM ins)$sql$, j.vocabulary_schema, target)
+        SELECT (SELECT count(*) FROM ins) + (SELECT count(*) FROM reopened), (SELECT count(*) FROM ended),
+               (SELECT count(*) FROM want) - (SELECT count(*) FROM ins) - (SELECT count(*) FROM reopened)$sql$, j.vocabulary_schema, target)
     USING j.job_id, j.source_vocabulary_id;
 END
 $$;
 COMMENT ON FUNCTION omop_emb.export_source_to_concept_map(text, text) IS
-'Write a job''s approved decisions (one row per target concept) into a CDM 5.4 SOURCE_TO_CONCEPT_MAP table (''schema.table''), as the caller (needs SELECT, INSERT, UPDATE on it). Idempotent: rows already there stay; a decision withdrawn since the last export is end-dated (valid_end_date today, invalid_reason ''U'' when the code maps elsewhere now, ''D'' otherwise), never deleted. source_concept_id 0, valid_start_date the decision''s date, valid_end_date 2099-12-31. Returns (inserted, end_dated, unchanged).';
+'Write a job''s approved decisions (one row per target concept) into a CDM 5.4 SOURCE_TO_CONCEPT_MAP table (''schema.table''), as the caller (needs SELECT, INSERT, UPDATE on it). Idempotent: rows already there stay; a decision withdrawn since the last export is end-dated (valid_end_date today, invalid_reason ''U'' when the code maps elsewhere now, ''D'' otherwise), never deleted; one end-dated today and approved again is re-opened (counted as inserted), so the CDM primary key never repeats. source_concept_id 0, valid_start_date the decision''s date, valid_end_date 2099-12-31. Returns (inserted, end_dated, unchanged).';
 
 CREATE OR REPLACE FUNCTION omop_emb.check_mappings(job text)
 RETURNS TABLE (term_id bigint, source_code text, concept_id integer, problem text, suggested_concept_id integer)
