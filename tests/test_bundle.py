@@ -135,11 +135,130 @@ def test_a_bundle_of_another_model_is_refused(two_dbs, fresh_db, fake_embedder, 
     with connect(c) as conn:
         ident = cli_identity(path)
         with pytest.raises(psycopg.Error) as e:
-            conn.execute("SELECT * FROM omop_emb.import_embeddings('fake', %s::jsonb, '{}', '{}', '{}', '{}', '{}', "
-                         "'{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}')", (psycopg.types.json.Jsonb(ident),))
+            conn.execute("SELECT omop_emb.import_begin('fake', %s::jsonb)", (psycopg.types.json.Jsonb(ident),))
         assert "does not match registered model" in e.value.diag.message_primary
         assert detail.replace("bundle 384", "bundle '384'").replace("model 8", "model '8'") in e.value.diag.message_detail
         assert conn.execute("SELECT count(*) FROM omop_emb.embedding_1").fetchone()[0] == 0
+
+
+def index_definitions(dsn):
+    with connect(dsn) as conn:
+        return conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'omop_emb' "
+                            "AND tablename = 'embedding_1' ORDER BY 1").fetchall()
+
+
+def test_into_an_empty_model_with_an_hnsw_index(two_dbs, fake_embedder, tmp_path, capsys):
+    """Bulk mode: the indexes of the empty table are built once at the end, the HNSW index
+    again after commit (with the model's parameters); searches give the same results."""
+    a, b, vecs = two_dbs
+    path = tmp_path / "fake.parquet"
+    assert cli.main(["export", "--dsn", a, str(path)]) == 0
+    with connect(b) as conn:
+        conn.execute("SELECT omop_emb.create_index('fake', m => 8, ef_construction => 32)")
+    before = index_definitions(b)
+    assert any("hnsw" in d for _, d in before) and len(before) == 10
+    capsys.readouterr()
+    fake_embedder.reset()
+    assert cli.main(["import", "--dsn", b, str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "imported 400 embeddings into model 'fake', skipped 0" in out
+    assert "the model was empty: 8 indexes built after the rows" in out and "HNSW index rebuilt" in out, out
+    assert index_definitions(b) == before
+    with connect(b) as conn:
+        method, params = conn.execute("SELECT index_method, index_params FROM omop_emb.model").fetchone()
+        assert method == "hnsw" and params == {"m": 8, "ef_construction": 32}
+    assert fake_embedder.stats()["texts"] == 0
+    assert nearest_by_vector(b, vecs) == nearest_by_vector(a, vecs)
+
+
+def test_into_a_model_holding_some_texts(two_dbs, fake_embedder, tmp_path, capsys):
+    """Merge mode: texts present with the same hash are skipped, the others stored and taken
+    off the queue; a row whose hash differs is queued; the indexes stay in place."""
+    import pyarrow as pa
+
+    a, b, vecs = two_dbs
+    path = tmp_path / "fake.parquet"
+    assert cli.main(["export", "--dsn", a, str(path)]) == 0
+    t = pq.read_table(path)
+    hashes = t.column("text_hash").to_pylist()
+    texts = t.column("text").to_pylist()
+    with connect(b) as conn:
+        # some texts embedded here already (max_texts: whole batches); the rest stays queued
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab', max_texts => 60)")
+        present = {r[0] for r in conn.execute("SELECT text FROM omop_emb.embedding_1")}
+        assert 60 <= len(present) < 400
+        pending = conn.execute("SELECT count(*) FROM omop_emb.index_queue").fetchone()[0]
+    bad = next(i for i, x in enumerate(texts) if x not in present)
+    hashes[bad] = bytes(32)
+    pq.write_table(t.set_column(t.schema.get_field_index("text_hash"), t.schema.field("text_hash"),
+                                pa.array(hashes, pa.binary(32))), path)
+    before = index_definitions(b)
+    capsys.readouterr()
+    assert cli.main(["import", "--dsn", b, str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"imported {399 - len(present)} embeddings into model 'fake', skipped {len(present)} already present " \
+           "with the same hash, queued 1 for re-embedding" in out and "the model was empty" not in out
+    assert index_definitions(b) == before
+    with connect(b) as conn:
+        assert conn.execute("SELECT count(*) FROM omop_emb.embedding_1").fetchone()[0] == 399
+        # the queue held what index_concepts had not embedded yet: only the queued row is left
+        assert pending > 0
+        assert conn.execute("SELECT text FROM omop_emb.index_queue").fetchall() == [(texts[bad],)]
+    fake_embedder.reset()
+    with connect(b) as conn:
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
+    assert list(fake_embedder.received_texts) == ["passage: " + texts[bad]]
+    assert nearest_by_vector(b, vecs) == nearest_by_vector(a, vecs)
+
+
+def admin_role(dsn):
+    role = f"importer_{uuid.uuid4().hex[:8]}"
+    with connect(dsn) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'x' IN ROLE omop_emb_admin")
+    return role, psycopg.conninfo.make_conninfo(dsn, user=role, password="x")
+
+
+def test_an_administrator_imports_through_the_staging_tables_only(two_dbs, tmp_path):
+    """A non-superuser administrator: the import works (COPY into the staging tables the
+    import made), but those tables are not theirs: no reading, changing or replacing them,
+    and look-alikes of their own are never read by the import."""
+    from omop_emb_pg.bundle import import_bundle, read_identity
+
+    a, b, vecs = two_dbs
+    path = tmp_path / "fake.parquet"
+    assert cli.main(["export", "--dsn", a, str(path)]) == 0
+    ident = psycopg.types.json.Jsonb(read_identity(path))
+    role, dsn = admin_role(b)
+    try:
+        with connect(dsn) as conn:
+            # look-alikes made first: import_begin refuses to start
+            conn.execute("CREATE TEMP TABLE omop_emb_import_row (x int)")
+            with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+                conn.execute("SELECT omop_emb.import_begin('fake', %s)", (ident,))
+            conn.execute("DROP TABLE pg_temp.omop_emb_import_row")
+            # the caller's own tables of those names are never read by import_chunk
+            with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="no import under way"):
+                with conn.transaction():
+                    for t in ("omop_emb_import_state", "omop_emb_import_row", "omop_emb_import_vector"):
+                        conn.execute(f"CREATE TEMP TABLE {t} (ord int)")
+                    conn.execute("SELECT * FROM omop_emb.import_chunk('fake')")
+            with conn.transaction():
+                assert conn.execute("SELECT omop_emb.import_begin('fake', %s)", (ident,)).fetchone()[0] == "bulk"
+                for sql in ("SELECT * FROM pg_temp.omop_emb_import_row", "DELETE FROM pg_temp.omop_emb_import_vector",
+                            "SELECT * FROM pg_temp.omop_emb_import_state", "DROP TABLE pg_temp.omop_emb_import_row",
+                            "CREATE TRIGGER t BEFORE INSERT ON pg_temp.omop_emb_import_row "
+                            "FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()"):
+                    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                        with conn.transaction():
+                            conn.execute(sql)
+                conn.execute("SELECT * FROM omop_emb.import_end('fake')")
+        r = import_bundle(dsn, path)
+        assert (r.mode, r.imported, r.skipped, r.queued) == ("bulk", 400, 0, 0)
+        assert nearest_by_vector(b, vecs) == nearest_by_vector(a, vecs)
+    finally:
+        with connect(b) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
 
 
 def test_analysts_cannot_import_or_export(two_dbs):
@@ -151,8 +270,8 @@ def test_analysts_cannot_import_or_export(two_dbs):
         dsn = psycopg.conninfo.make_conninfo(a, user=role, password="x")
         with connect(dsn) as conn:
             for sql in ("SELECT * FROM omop_emb.export_embeddings('fake')",
-                        "SELECT * FROM omop_emb.import_embeddings('fake', '{}', '{}', '{}', '{}', '{}', '{}', "
-                        "'{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}')"):
+                        "SELECT omop_emb.import_begin('fake', '{}')", "SELECT * FROM omop_emb.import_chunk('fake')",
+                        "SELECT * FROM omop_emb.import_end('fake')"):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     conn.execute(sql)
     finally:

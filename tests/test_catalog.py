@@ -90,7 +90,8 @@ NOT_IN_CLIENT = {
     "lexical_score": "SQL helper for expressions",
     "search_request_results": "row function of the view omop_emb.search_result",
     "export_embeddings": "chunks of a bundle: omop_emb_pg.bundle.export_bundle drives it",
-    "import_embeddings": "chunks of a bundle: omop_emb_pg.bundle.import_bundle drives it",
+    **{fn: "steps of a bundle import: omop_emb_pg.bundle.import_bundle drives them (COPY in between)"
+       for fn in ("import_begin", "import_chunk", "import_end")},
     # Mapping jobs (issue 14): wrapped by omop_emb_pg.mapping and `omop-emb-pg map`, not OmopEmb.
     **{fn: "mapping jobs: omop_emb_pg.mapping" for fn in (
         "create_mapping_job", "add_mapping_terms", "assign_mapping_terms", "suggest_mappings",

@@ -462,6 +462,22 @@ def _plant_traps(c, schema, log):
     return planted, refused
 
 
+def _import_sql(f, middle):
+    """An import of 3 exported rows back into the model, as omop-emb-pg import runs it (one
+    transaction: the multi-statement string), with INSERT ... SELECT in place of the COPY."""
+    cols = ("x.concept_id, x.text_kind, x.text, x.text_hash, x.source_concept_id, x.source_code, x.concept_name, "
+            "x.domain_id, x.vocabulary_id, x.concept_class_id, x.standard_concept, x.invalid_reason")
+    rows = f"FROM omop_emb.export_embeddings('{f}', max_rows => 3) x"
+    return (f"SELECT omop_emb.import_begin('{f}', (SELECT pg_catalog.to_jsonb(m) FROM omop_emb.models m "
+            f"WHERE m.name OPERATOR(pg_catalog.=) '{f}')); "
+            f"INSERT INTO pg_temp.omop_emb_import_row SELECT (pg_catalog.row_number() OVER ())::pg_catalog.int4, "
+            f"{cols} {rows}; "
+            f"INSERT INTO pg_temp.omop_emb_import_vector SELECT (pg_catalog.row_number() OVER ())::pg_catalog.int4, "
+            f"x.embedding {rows}; "
+            f"SELECT pg_catalog.count(*) FROM omop_emb.import_chunk('{f}'); {middle}"
+            f"SELECT pg_catalog.count(*) FROM omop_emb.import_end('{f}')")
+
+
 def _calls(url, vec_sql):
     """(signature, who may call it, SQL) for every routine of the extension.
     who: reader (analyst, admin, superuser), admin (admin, superuser), superuser."""
@@ -559,17 +575,12 @@ def _calls(url, vec_sql):
         # embedding bundles (export, then the same rows imported back)
         ("omop_emb.export_embeddings(text,integer,text,text,integer)", "admin",
          f"SELECT pg_catalog.count(*) FROM omop_emb.export_embeddings('{f}', max_rows => 5)"),
-        ("omop_emb.import_embeddings(text,jsonb,integer[],text[],text[],bytea[],integer[],text[],text[],text[],"
-         "text[],text[],text[],text[],vector[])", "admin",
-         f"WITH x AS (SELECT * FROM omop_emb.export_embeddings('{f}', max_rows => 3)) "
-         f"SELECT * FROM omop_emb.import_embeddings('{f}', (SELECT pg_catalog.to_jsonb(m) FROM omop_emb.models m "
-         f"WHERE m.name OPERATOR(pg_catalog.=) '{f}'), ARRAY(SELECT x.concept_id FROM x), "
-         "ARRAY(SELECT x.text_kind FROM x), ARRAY(SELECT x.text FROM x), ARRAY(SELECT x.text_hash FROM x), "
-         "ARRAY(SELECT x.source_concept_id FROM x), ARRAY(SELECT x.source_code FROM x), "
-         "ARRAY(SELECT x.concept_name FROM x), ARRAY(SELECT x.domain_id FROM x), "
-         "ARRAY(SELECT x.vocabulary_id FROM x), ARRAY(SELECT x.concept_class_id FROM x), "
-         "ARRAY(SELECT x.standard_concept FROM x), ARRAY(SELECT x.invalid_reason FROM x), "
-         "ARRAY(SELECT x.embedding FROM x))"),
+        *[(sig, "admin", _import_sql(f, middle)) for sig, middle in (
+            ("omop_emb.import_begin(text,jsonb)", ""),
+            ("omop_emb.import_chunk(text)", ""),
+            ("omop_emb_internal.import_state(text)",
+             f"SELECT pg_catalog.count(*) FROM omop_emb_internal.import_state('{f}'); "),
+            ("omop_emb.import_end(text)", ""))],
         # source-term mapping (SECURITY INVOKER, search_path pinned); @JOB@: a job per caller and round
         ("omop_emb.create_mapping_job(text,text,text,text[],text[],text[],text,text,text,integer)", "admin",
          "SELECT omop_emb.create_mapping_job('@JOB@', $q$SELECT 'X1'::text AS source_code, 'concept 3'::text "

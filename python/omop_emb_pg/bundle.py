@@ -6,8 +6,9 @@ The file holds one row per concept text (concept id, text kind, text, the SHA-25
 of the exact text sent to the model, the concept's attributes, the vector as
 float32) and, in the schema's metadata under ``omop_emb.bundle``, the model's
 identity: provider, remote model, dimensions, metric, prefixes, storage. The
-database reads and writes it only through ``omop_emb.export_embeddings`` and
-``omop_emb.import_embeddings`` (administrator functions taking arrays).
+database reads and writes it only through ``omop_emb.export_embeddings`` (pages)
+and ``omop_emb.import_begin`` / ``import_chunk`` / ``import_end``, whose staging
+tables the client fills with binary COPY (administrator functions).
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ IDENTITY = ("provider", "remote_model", "dimensions", "metric", "document_prefix
 ROW_COLUMNS = ("concept_id", "text_kind", "text", "text_hash", "source_concept_id", "source_code",
                "concept_name", "domain_id", "vocabulary_id", "concept_class_id", "standard_concept",
                "invalid_reason")
-# Rows per database call: big enough that a call's fixed cost vanishes, small
-# enough that one call's arrays stay a few tens of megabytes.
+# Rows per export page: big enough that a call's fixed cost vanishes, small
+# enough that one page stays a few tens of megabytes.
 CHUNK_ROWS = 10_000
+# Rows per import chunk (COPY into the staging tables, then import_chunk): the
+# client reads and encodes the next chunk while the database stores this one.
+IMPORT_CHUNK_ROWS = 25_000
 
 
 def _pa():
@@ -55,49 +59,114 @@ def _schema(pa, dims: int, identity: dict[str, Any]):
     return pa.schema(fields, metadata={META_KEY: json.dumps(identity).encode()})
 
 
-class _VectorArray:
-    """A ``vector[]`` parameter already in PostgreSQL's binary array format."""
-
-    __slots__ = ("payload",)
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
+# The staging tables of an import (sql/api/46_bundle.sql, import_begin), in the
+# column order of the binary COPY the client writes.
+STAGE_ROW_COLUMNS = ("ord",) + ROW_COLUMNS
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+COPY_TRAILER = struct.pack(">h", -1)
 
 
-def _register_vector_array(conn: psycopg.Connection) -> int:
-    """Teach ``conn`` to send a _VectorArray as binary ``vector[]``; returns vector's oid."""
-    from psycopg.adapt import Dumper
-    from psycopg.pq import Format
-    from psycopg.types import TypeInfo
-
-    info = TypeInfo.fetch(conn, "vector")
-    if info is None:
-        raise InvalidArgument("the pgvector extension (type vector) is not in this database")
-
-    class VectorArrayDumper(Dumper):
-        format = Format.BINARY
-        oid = info.array_oid
-
-        def dump(self, obj: _VectorArray) -> bytes:
-            return obj.payload
-
-    conn.adapters.register_dumper(_VectorArray, VectorArrayDumper)
-    return info.oid
-
-
-def _vector_array(mat, vector_oid: int) -> _VectorArray:
-    """Rows of a float32 matrix as one binary ``vector[]`` (array header, then per element
-    its length and pgvector's binary form: int16 dimensions, int16 unused, big-endian float4s),
-    built by numpy in one pass instead of one Python object per vector."""
+def _be32(out, pos, values) -> None:
+    """Write big-endian int32 ``values`` at byte offsets ``pos`` of ``out`` (uint8)."""
     import numpy as np
 
-    n, d = mat.shape
-    rows = np.empty(n, dtype=np.dtype([("len", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("v", ">f4", (d,))]))
-    rows["len"] = 4 + 4 * d
-    rows["dim"] = d
+    b = np.asarray(values).astype(">i4").view(np.uint8).reshape(-1, 4)
+    for k in range(4):
+        out[pos + k] = b[:, k]
+
+
+def _copy_rows(batch, first_ord: int):
+    """The rows of a bundle batch (without vectors) as one binary COPY body for
+    pg_temp.omop_emb_import_row: per row the field count, then per field its length
+    (-1 for NULL) and bytes. Built column by column with numpy (a row costs no
+    Python call): fixed-width values are scattered with one fancy-index assignment,
+    strings by their Arrow offsets."""
+    import numpy as np
+
+    pa, _ = _pa()
+    n = len(batch)
+    fields = []  # (kind, data, lengths, valid)
+    for name in STAGE_ROW_COLUMNS:
+        if name == "ord":
+            fields.append(("fixed", np.arange(first_ord, first_ord + n, dtype=">i4").view(np.uint8).reshape(n, 4),
+                           np.full(n, 4, np.int64), None))
+            continue
+        arr = batch.column(name)
+        want = pa.int32() if name in ("concept_id", "source_concept_id") else \
+            pa.binary(32) if name == "text_hash" else pa.string()
+        if arr.type != want:
+            try:
+                arr = arr.cast(want)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise InvalidArgument(f"bundle column {name} has type {arr.type}, not {want}") from e
+        valid = np.asarray(arr.is_valid()) if arr.null_count else None
+        if want == pa.int32():
+            data = np.asarray(arr.fill_null(0)).astype(">i4").view(np.uint8).reshape(n, 4)
+            fields.append(("fixed", data, np.full(n, 4, np.int64), valid))
+        elif want == pa.binary(32):
+            data = np.frombuffer(arr.buffers()[1], np.uint8)[arr.offset * 32:(arr.offset + n) * 32].reshape(n, 32)
+            fields.append(("fixed", data, np.full(n, 32, np.int64), valid))
+        else:
+            bufs = arr.buffers()
+            offsets = np.frombuffer(bufs[1], np.int32)[arr.offset:arr.offset + n + 1].astype(np.int64)
+            data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+            fields.append(("var", (offsets, data), np.diff(offsets), valid))
+    sizes = np.empty((n, len(fields)), np.int64)
+    for j, (_, _, lengths, valid) in enumerate(fields):
+        sizes[:, j] = 4 + (lengths if valid is None else np.where(valid, lengths, 0))
+    row_len = 2 + sizes.sum(axis=1)
+    pos = np.concatenate(([0], np.cumsum(row_len)[:-1]))
+    out = np.empty(int(row_len.sum()), np.uint8)
+    out[pos] = 0
+    out[pos + 1] = len(fields)
+    pos = pos + 2
+    for j, (kind, data, lengths, valid) in enumerate(fields):
+        _be32(out, pos, lengths if valid is None else np.where(valid, lengths, -1))
+        at = pos + 4
+        if kind == "fixed":
+            if valid is not None:
+                data, at = data[valid], at[valid]
+            out[at[:, None] + np.arange(data.shape[1])] = data
+        else:
+            offsets, chars = data
+            lens = lengths if valid is None else np.where(valid, lengths, 0)
+            total = int(lens.sum())
+            if total:
+                dest = np.repeat(at - offsets[:-1], lens) + np.arange(offsets[0], offsets[0] + total)
+                out[dest] = chars[offsets[0]:offsets[0] + total]
+        pos = pos + sizes[:, j]
+    return out
+
+
+def _copy_vectors(batch, first_ord: int, dims: int):
+    """The vectors of a bundle batch as one binary COPY body for
+    pg_temp.omop_emb_import_vector (ord, embedding): every row has the same size,
+    so it is one numpy record array (pgvector's binary form: int16 dimensions,
+    int16 unused, big-endian float4s)."""
+    import numpy as np
+
+    pa, _ = _pa()
+    n = len(batch)
+    emb = batch.column("embedding")
+    want = pa.list_(pa.float32(), dims)
+    if emb.type != want:
+        try:
+            emb = emb.cast(want)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise InvalidArgument(f"bundle column embedding has type {emb.type}, not {want}") from e
+    if emb.null_count:
+        raise InvalidArgument(f"the bundle has {emb.null_count} rows without a vector near row {first_ord}")
+    mat = emb.flatten().to_numpy(zero_copy_only=False).reshape(n, dims)
+    rows = np.empty(n, dtype=np.dtype([("fields", ">i2"), ("ord_len", ">i4"), ("ord", ">i4"), ("vec_len", ">i4"),
+                                       ("dim", ">i2"), ("unused", ">i2"), ("v", ">f4", (dims,))]))
+    rows["fields"] = 2
+    rows["ord_len"] = 4
+    rows["ord"] = np.arange(first_ord, first_ord + n)
+    rows["vec_len"] = 4 + 4 * dims
+    rows["dim"] = dims
     rows["unused"] = 0
     rows["v"] = mat
-    return _VectorArray(struct.pack(">iiIii", 1, 0, vector_oid, n, 1) + rows.tobytes())
+    return rows
 
 
 def _model_row(conn: psycopg.Connection, model: str | None) -> dict[str, Any]:
@@ -138,11 +207,22 @@ class ImportReport:
     imported: int
     skipped: int
     queued: int
-    seconds: float
+    seconds: float  # the whole import: read, store, indexes, commit (and the HNSW rebuild, if any)
+    mode: str = "merge"  # 'bulk': the model was empty (indexes built once at the end), else 'merge'
+    landed_seconds: float = 0.0  # until the last row was stored (before import_end)
+    index_seconds: float = 0.0  # import_end: the secondary indexes built again (bulk mode) and ANALYZE
+    indexes_built: int = 0
+    hnsw_params: dict | None = None  # the HNSW index dropped by a bulk import (m, ef_construction, metric)
+    hnsw_seconds: float | None = None  # create_index after commit, when it rebuilt that index
+    hnsw_error: str | None = None  # why that rebuild failed (the rows are imported; searches are exact)
 
     @property
     def per_s(self) -> float:
         return self.rows / self.seconds if self.seconds else float("inf")
+
+    @property
+    def landed_per_s(self) -> float:
+        return self.rows / self.landed_seconds if self.landed_seconds else float("inf")
 
 
 def export_bundle(dsn: str, path: str | Path, model: str | None = None, chunk_rows: int = CHUNK_ROWS) -> ExportReport:
@@ -201,25 +281,72 @@ def read_identity(path: str | Path) -> dict[str, Any]:
     return identity
 
 
+def _encoded_chunks(path: str | Path, dims: int, chunk_rows: int):
+    """(rows payload, vectors payload, row count) per chunk of the bundle, read and
+    encoded in a thread one chunk ahead of the caller (pyarrow and numpy release the
+    GIL: the next chunk is read while the database stores this one)."""
+    import queue
+    import threading
+
+    _, pq = _pa()
+    done = object()
+    q: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def work():
+        try:
+            ord_ = 0
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+                item = (_copy_rows(batch, ord_), _copy_vectors(batch, ord_, dims), len(batch))
+                ord_ += len(batch)
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the caller
+            q.put(e)
+
+    t = threading.Thread(target=work, name="omop-emb-bundle-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join()
+
+
 def import_bundle(dsn: str, path: str | Path, model: str | None = None,
-                  chunk_rows: int = CHUNK_ROWS) -> ImportReport:
+                  chunk_rows: int = IMPORT_CHUNK_ROWS, rebuild_hnsw: bool = True) -> ImportReport:
     """Load a bundle into ``model`` (default: the registered model of the bundle's name).
 
     Refused before anything is written when the bundle's identity differs from the
     registered model's. Texts present with the same hash are skipped; rows whose hash
-    is not that of the model's document prefix + text are queued for re-embedding."""
-    import numpy as np
-
-    pa, pq = _pa()
+    is not that of the model's document prefix + text are queued for re-embedding.
+    One transaction: a failure leaves the model as it was. Into an empty model the
+    database works in bulk mode (sql/api/46_bundle.sql): the table is locked until
+    commit and its indexes are built once at the end; an HNSW index it had is
+    rebuilt after commit with create_index (``rebuild_hnsw=False`` leaves that to
+    the caller: searches are exact meanwhile)."""
+    _pa()
     identity = read_identity(path)
     dims = int(identity["dimensions"])
     t0 = time.perf_counter()
     totals = [0, 0, 0]
     n = 0
     with psycopg.connect(dsn, autocommit=True) as conn:
-        vector_oid = _register_vector_array(conn)
         m = _model_row(conn, model or identity.get("name"))
-        # The same check import_embeddings makes, before the file is read.
+        # The same check import_begin makes, before the file is read.
         diffs = [f"{k}: bundle {identity.get(k)!r}, model {m[k]!r}" for k in IDENTITY if identity.get(k) != m[k]]
         if diffs:
             raise InvalidArgument(
@@ -228,18 +355,34 @@ def import_bundle(dsn: str, path: str | Path, model: str | None = None,
                 hint="Import it into a model registered with the bundle's identity, or export the bundle "
                      "from a model like this one.")
         bundle_json = json.dumps({k: identity.get(k) for k in ("name", *IDENTITY)})
-        sql = ("SELECT * FROM omop_emb.import_embeddings(%s, %s::jsonb, %b::int4[], %b::text[], %b::text[], "
-               "%b::bytea[], %b::int4[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], "
-               "%b::text[], %b)")
-        pf = pq.ParquetFile(path)
+        copy_rows = "COPY pg_temp.omop_emb_import_row (%s) FROM STDIN (FORMAT BINARY)" % ", ".join(STAGE_ROW_COLUMNS)
+        copy_vectors = "COPY pg_temp.omop_emb_import_vector (ord, embedding) FROM STDIN (FORMAT BINARY)"
         with conn.transaction():
-            for batch in pf.iter_batches(batch_size=chunk_rows):
-                cols = [batch.column(c).to_pylist() for c in ROW_COLUMNS]
-                emb = batch.column("embedding")
-                mat = emb.values.to_numpy(zero_copy_only=False).reshape(len(batch), dims)
-                vecs = _vector_array(mat.astype(np.float32, copy=False), vector_oid)
-                row = conn.execute(sql, (m["name"], bundle_json, *cols, vecs)).fetchone()
+            mode = conn.execute("SELECT omop_emb.import_begin(%s, %s::jsonb)", (m["name"], bundle_json)).fetchone()[0]
+            cur = conn.cursor()
+            for rows, vectors, k in _encoded_chunks(path, dims, chunk_rows):
+                for sql, payload in ((copy_rows, rows), (copy_vectors, vectors)):
+                    with cur.copy(sql) as cp:
+                        cp.write(COPY_HEADER)
+                        cp.write(memoryview(payload).cast("B"))
+                        cp.write(COPY_TRAILER)
+                row = conn.execute("SELECT * FROM omop_emb.import_chunk(%s)", (m["name"],)).fetchone()
                 for i in range(3):
                     totals[i] += int(row[i])
-                n += len(batch)
-    return ImportReport(str(path), m["name"], n, *totals, time.perf_counter() - t0)
+                n += k
+            t1 = time.perf_counter()
+            mode, built, hnsw = conn.execute("SELECT * FROM omop_emb.import_end(%s)", (m["name"],)).fetchone()
+        t2 = time.perf_counter()
+        report = ImportReport(str(path), m["name"], n, *totals, seconds=0.0, mode=mode, landed_seconds=t1 - t0,
+                              index_seconds=t2 - t1, indexes_built=built, hnsw_params=hnsw)
+        if hnsw is not None and rebuild_hnsw:
+            # Committed already: searches run (exactly) while the index is built beside.
+            try:
+                conn.execute("SELECT omop_emb.create_index(%s, 'hnsw', %s, %s, %s)",
+                             (m["name"], int(hnsw.get("m", 16)), int(hnsw.get("ef_construction", 128)),
+                              hnsw.get("metric")))
+                report.hnsw_seconds = time.perf_counter() - t2
+            except psycopg.Error as e:
+                report.hnsw_error = str(e).strip()
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -760,7 +760,15 @@ def add_import_parser(sub: argparse._SubParsersAction) -> None:
                                    "bundle did not hold.")
     _add_conn_args(p)
     p.add_argument("path", help="the Parquet bundle")
+    p.add_argument("--no-hnsw", action="store_true",
+                   help="into an empty model whose HNSW index the import dropped: leave the rebuild "
+                        "(create_index) to you; searches are exact meanwhile")
     p.set_defaults(func=cmd_import)
+
+
+def _fmt_hnsw(params: dict) -> str:
+    return (f"'hnsw', m => {params.get('m', 16)}, ef_construction => {params.get('ef_construction', 128)}, "
+            f"metric => {params.get('metric')!r}")
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -770,10 +778,23 @@ def cmd_import(args: argparse.Namespace) -> int:
     print(f"bundle {args.path}: model {ident.get('name')!r} ({ident.get('provider')} {ident.get('remote_model')}, "
           f"{ident.get('dimensions')} dimensions, {ident.get('metric')}, document prefix "
           f"{_fmt_prefix(ident.get('document_prefix'))}, query prefix {_fmt_prefix(ident.get('query_prefix'))})")
-    r = import_bundle(_dsn(args), args.path, model=args.model)
+    r = import_bundle(_dsn(args), args.path, model=args.model, rebuild_hnsw=not args.no_hnsw)
     print(f"imported {r.imported} embeddings into model {r.model!r}, skipped {r.skipped} already present with "
           f"the same hash, queued {r.queued} for re-embedding; {r.rows} rows in {r.seconds:.1f} s "
           f"({r.per_s:,.0f} vectors/s)")
+    if r.mode == "bulk":
+        print(f"the model was empty: {r.indexes_built} indexes built after the rows ({r.rows} rows stored in "
+              f"{r.landed_seconds:.1f} s, {r.landed_per_s:,.0f} vectors/s; indexes {r.index_seconds:.1f} s)")
+    if r.hnsw_seconds is not None:
+        print(f"HNSW index rebuilt in {r.hnsw_seconds:.1f} s (create_index {_fmt_hnsw(r.hnsw_params)})")
+    elif r.hnsw_params is not None:
+        print(f"the HNSW index of the empty model was dropped for the import: searches are exact until it is "
+              f"rebuilt: SELECT omop_emb.create_index({r.model!r}, {_fmt_hnsw(r.hnsw_params)})"
+              + (f" (the rebuild failed: {r.hnsw_error})" if r.hnsw_error else ""), file=sys.stderr)
+        return 1 if r.hnsw_error else EXIT_OK
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- map
 def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="registered model (default: the omop_emb.model setting, else the only model)")
