@@ -38,8 +38,10 @@ FROM generate_series(1, {n}) AS i;
 ANALYZE {s}.concept;
 """
 
-# A replica of IndexingMixin.index_batch with a timer around each phase, run inside the
-# backend on the extension's own runtime (GD), plus cProfile of the real index_batch.
+# A replica of IndexingMixin.index_batch (binary COPY path) with a timer around each phase,
+# run inside the backend on the extension's own runtime (GD), plus cProfile of the real
+# index_batch. The "(alt)" phases time the path before (JSON float answer, arrays cut out
+# as pgvector text, pgvector parsing that text) on the same texts, outside the totals.
 PROFILE_FN = r"""
 CREATE OR REPLACE FUNCTION public.bench_profile_batches(model_name text, size int, reps int, real_reps int)
 RETURNS text LANGUAGE plpython3u AS $f$
@@ -48,51 +50,56 @@ if "omop_emb" not in GD:
     plpy.execute("SELECT omop_emb_internal._bootstrap()")
 rt = GD["omop_emb"]
 import omop_emb_indb.sqlgen as sqlgen, omop_emb_indb.vectors as vectors, omop_emb_indb.providers as providers
+import omop_emb_indb.copy_binary as copy_binary, omop_emb_indb.indexing as indexing
 pc = time.perf_counter
 T = {}
 def add(k, dt):
     T[k] = T.get(k, 0.0) + dt
 n_total = 0
+parse_alt = plpy.prepare("SELECT count(v::%s) AS n FROM unnest($1::text[]) AS v" % sqlgen.vector_type(
+    rt.model(plpy, model_name)), ["text[]"])
 for _ in range(reps):
     t0 = pc()
     st = rt.settings(plpy); model = rt.model(plpy, model_name, st); mid = model["model_id"]
     t1 = pc(); add("settings+model lookup", t1 - t0)
-    emb = sqlgen.table(mid)
     claim = rt.plan(plpy, ("claim", mid), sqlgen.claim(mid), ["int4", "int4"])
     rows = claim.execute([mid, size]); n = rows.nrows()
     t2 = pc(); add("claim query (DELETE ... SKIP LOCKED RETURNING)", t2 - t1)
     if n == 0:
         break
+    ok = rt.plan(plpy, "copy_binary_ok", indexing.COPY_BINARY_OK_SQL).execute([])[0]["ok"]
     doc_prefix, _ = rt.prefix(plpy, model, "document", st)
     texts = [doc_prefix + r["text"] for r in rows]
-    body = json.dumps(providers.request_body(model["provider"], model["remote_model"], texts, floats=True))
+    body = json.dumps(providers.request_body(model["provider"], model["remote_model"], texts))
     url = providers.embeddings_url(model["provider"], model["endpoint"])
-    t3 = pc(); add("prefix + request body (json.dumps)", t3 - t2)
+    t3 = pc(); add("binary check + prefix + request body (json.dumps)", t3 - t2)
     resp = rt.http.session(int(model["max_retries"])).post(
         url, data=body, headers={"Content-Type": "application/json"}, timeout=(5, 60))
     raw = resp.content
-    t4 = pc(); add("HTTP round trip (requests)", t4 - t3)
-    vs = vectors.json_arrays(raw, n, model["dimensions"])
-    t5 = pc(); add("response: JSON float arrays cut out as pgvector text (vectors.json_arrays)", t5 - t4)
-    # The path before (same texts, same run): base64 answer, decoded, checked and formatted.
+    t4 = pc(); add("HTTP round trip (requests), base64 answer", t4 - t3)
+    vs = vectors.base64_vectors(raw, n, model["dimensions"])
+    t5 = pc(); add("base64 answer cut out as pgvector binary (vectors.base64_vectors)", t5 - t4)
+    # The path before (same texts, same run): JSON floats cut out as text, parsed by pgvector.
     a0 = pc()
-    old_body = json.dumps(providers.request_body(model["provider"], model["remote_model"], texts))
+    old_body = json.dumps(providers.request_body(model["provider"], model["remote_model"], texts, floats=True))
     old_raw = rt.http.session(int(model["max_retries"])).post(
         url, data=old_body, headers={"Content-Type": "application/json"}, timeout=(5, 60)).content
-    a1 = pc(); add("(alt) HTTP round trip, base64 answer (the path before)", a1 - a0)
-    old = providers.validate_vectors(providers.parse_response(model["provider"], json.loads(old_raw), n),
-                                     model["dimensions"])
-    old_vs = [vectors.to_sql(v) for v in old]
-    a2 = pc(); add("(alt) json.loads + base64 decode + validate + to_sql (the path before)", a2 - a1)
-    t5 += a2 - a0  # not counted in this batch's phases
-    t6 = t5
-    sql, types = sqlgen.upsert(model)
+    a1 = pc(); add("(alt) HTTP round trip, JSON float answer (the path before)", a1 - a0)
+    old_vs = vectors.json_arrays(old_raw, n, model["dimensions"])
+    a2 = pc(); add("(alt) JSON float arrays cut out as text (the path before)", a2 - a1)
+    parse_alt.execute([old_vs])
+    a3 = pc(); add("(alt) pgvector parsing the vectors' text (the path before)", a3 - a2)
+    t6 = t5 + (a3 - a0)  # not counted in this batch's phases
     cols = [[r[c] for r in rows] for c in sqlgen.ROW_COLUMNS]
-    cols[3] = [vectors.text_hash(t) for t in texts]
+    cols[3] = [vectors.identity_hash(t, model["identity_version"]) for t in texts]
     t7 = pc(); add("row columns + sha256", t7 - t6)
-    t8 = t7
-    rt.plan(plpy, ("upsert", mid), sql, types).execute(cols + [vs])
-    t9 = pc(); add("upsert (INSERT .. unnest .. ON CONFLICT; pgvector parse)", t9 - t8)
+    data = copy_binary.encode(cols + [vs], sqlgen.COPY_KINDS)
+    path = copy_binary.spool_path()
+    copy_binary.write_spool(path, data)
+    t8 = pc(); add("COPY data encoded and written (copy_binary)", t8 - t7)
+    plpy.execute(sqlgen.copy_from(mid, plpy.quote_literal(path)))
+    copy_binary.remove_spool(path)
+    t9 = pc(); add("COPY into the embedding table (binary; its indexes)", t9 - t8)
     rt.plan(plpy, "progress", "UPDATE omop_emb.index_progress SET done = done + $2, "
             "updated_at = clock_timestamp() WHERE model_id = $1 AND pid = pg_backend_pid()",
             ["int4", "int8"]).execute([mid, n])

@@ -191,3 +191,70 @@ def test_length_is_checked_on_what_is_sent_and_batches_are_bounded():
     with pytest.raises(InvalidArgument) as e:
         checks.check_batch_size(2000, 1000)
     assert "chunks of 200" in e.value.hint
+
+
+def _b64_body(vecs, reverse=False):
+    import json
+
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(struct.pack("<%df" % len(v), *v)).decode()}
+            for i, v in enumerate(vecs)]
+    if reverse:
+        data.reverse()
+    return json.dumps({"object": "list", "data": data, "model": "m"}).encode()
+
+
+def test_base64_answers_become_pgvector_binary_in_input_order():
+    vecs = [[0.25, -1.5e-3, 3.0], [1.0, 2.0, -0.5]]
+    got = vectors.base64_vectors(_b64_body(vecs), 2, 3)
+    # int16 dimensions, int16 unused, big-endian float32 values (pgvector's vector_recv)
+    assert got[0][:4] == b"\x00\x03\x00\x00"
+    assert got[0][4:8] == struct.pack(">f", 0.25)
+    assert [vectors.from_binary(b) for b in got] == [list(struct.unpack("<3f", struct.pack("<3f", *v)))
+                                                     for v in vecs]
+    assert got == [vectors.to_binary(v) for v in vecs]
+
+
+@pytest.mark.parametrize("change", ["count", "dims", "nan", "inf", "floats", "order", "garbage"])
+def test_base64_vectors_leave_anything_unusual_to_the_full_parse(change):
+    import json
+
+    vecs = [[0.25, -1.5e-3, 3.0], [1.0, 2.0, -0.5]]
+    count, dims = 2, 3
+    body = _b64_body(vecs)
+    if change == "count":
+        count = 3
+    elif change == "dims":
+        dims = 4
+    elif change in ("nan", "inf"):
+        body = _b64_body([vecs[0], [1.0, float(change), 2.0]])
+    elif change == "floats":
+        body = json.dumps({"data": [{"index": i, "embedding": v} for i, v in enumerate(vecs)]}).encode()
+    elif change == "order":
+        body = _b64_body(vecs, reverse=True)
+    elif change == "garbage":
+        body = body.replace(b'"embedding": "', b'"embedding": "A', 1)
+    assert vectors.base64_vectors(body, count, dims) is None
+
+
+def test_binary_copy_rows_follow_postgresql_format():
+    from omop_emb_indb import copy_binary
+
+    data = copy_binary.encode([[7, None], ["naïve", "x"], [b"\x01\x02", b""]],
+                              ("int4", "text", "bytes"))
+    assert data.startswith(b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8) and data.endswith(b"\xff\xff")
+    rows = data[19:-2]
+    first = (b"\x00\x03" + struct.pack(">ii", 4, 7) + struct.pack(">i", 6) + "naïve".encode()
+             + struct.pack(">i", 2) + b"\x01\x02")
+    second = b"\x00\x03" + b"\xff\xff\xff\xff" + struct.pack(">i", 1) + b"x" + struct.pack(">i", 0)
+    assert rows == first + second
+    with pytest.raises(ValueError):
+        copy_binary.encode([[1]], ("float8",))
+
+
+def test_binary_copy_columns_match_the_embedding_table():
+    assert len(sqlgen.COPY_COLUMNS) == len(sqlgen.COPY_KINDS)
+    kinds = dict(zip(sqlgen.COPY_COLUMNS, sqlgen.COPY_KINDS))
+    assert kinds["concept_id"] == kinds["source_concept_id"] == "int4"
+    assert kinds["text_hash"] == kinds["embedding"] == "bytes"
+    assert all(kinds[c] == "text" for c in ("text_kind", "text", "source_code") + sqlgen.ATTR_COLUMNS)

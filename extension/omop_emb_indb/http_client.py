@@ -16,6 +16,7 @@ model, the status and a hint, never the key.
 import json
 import os
 import socket
+import struct
 import threading
 import time
 
@@ -190,13 +191,13 @@ class EmbeddingHTTP:
             self._sessions[max_retries] = s
         return s
 
-    def embed(self, model, texts, api_key=None, sql_text=False):
+    def embed(self, model, texts, api_key=None, sql_text=False, binary=False):
         """Embed one chunk on one of the model's servers (``providers.split_endpoints``):
         the next in turn, skipping those that failed lately; a server that cannot be
         reached or fails is left for the next one. Returns as ``post_embeddings``."""
         servers = providers.split_endpoints(model["endpoint"])
         if len(servers) == 1:
-            return self.post_embeddings(model, texts, api_key, sql_text)
+            return self.post_embeddings(model, texts, api_key, sql_text, binary)
         self._turn += 1
         now = time.monotonic()
         order = [servers[(self._turn + i) % len(servers)] for i in range(len(servers))]
@@ -204,7 +205,8 @@ class EmbeddingHTTP:
         failures = []
         for server in order:
             try:
-                return self.post_embeddings(dict(model, endpoint=server), texts, api_key, sql_text)
+                return self.post_embeddings(dict(model, endpoint=server), texts, api_key, sql_text,
+                                            binary)
             except EmbeddingServiceError as e:
                 self._down[server] = time.monotonic() + SERVER_DOWN_S
                 failures.append(e)
@@ -213,9 +215,10 @@ class EmbeddingHTTP:
             detail="; ".join(e.message for e in failures[:-1]) or None,
             hint=failures[-1].hint)
 
-    def post_embeddings(self, model, texts, api_key=None, sql_text=False):
+    def post_embeddings(self, model, texts, api_key=None, sql_text=False, binary=False):
         """POST one chunk of ``texts``; return validated vectors in order
-        (with ``sql_text``: as pgvector's text form, ready for a parameter).
+        (with ``sql_text``: as pgvector's text form, ready for a parameter; with
+        ``binary``: as pgvector's binary form, for a binary COPY).
 
         ``model`` is a mapping with name, provider, endpoint, remote_model,
         dimensions, connect_timeout_s, read_timeout_s, max_retries.
@@ -226,14 +229,21 @@ class EmbeddingHTTP:
                                       floats=sql_text)
         where = "embedding server %s (model %s, provider %s)" % (url, model["name"], provider)
         resp = self.post_checked(model, url, body, where, api_key)
-        if sql_text and provider == "openai" and model.get("dimensions"):
-            fast = vectors.json_arrays(resp.content, len(texts), int(model["dimensions"]))
+        if provider == "openai" and model.get("dimensions"):
+            if binary:
+                fast = vectors.base64_vectors(resp.content, len(texts), int(model["dimensions"]))
+            elif sql_text:
+                fast = vectors.json_arrays(resp.content, len(texts), int(model["dimensions"]))
+            else:
+                fast = None
             if fast is not None:
                 return fast
         payload = _json_of(resp, where, api_key, provider)
         try:
             vecs = providers.parse_response(provider, payload, len(texts))
             vecs = providers.validate_vectors(vecs, model.get("dimensions"))
+            if binary:
+                return [_binary(i, v) for i, v in enumerate(vecs)]
             return [vectors.to_sql(v) for v in vecs] if sql_text else vecs
         except InvalidEmbeddingResponse as e:
             raise InvalidEmbeddingResponse(
@@ -322,6 +332,13 @@ class EmbeddingHTTP:
                 detail=_short(resp.text, api_key),
                 hint=_status_hint(resp.status_code))
         return resp
+
+
+def _binary(i, vec):
+    try:
+        return vectors.to_binary(vec)
+    except (OverflowError, struct.error):
+        raise InvalidEmbeddingResponse("vector %d holds a value out of the range of float32" % i)
 
 
 def _json_of(resp, where, api_key, provider):

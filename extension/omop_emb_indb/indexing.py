@@ -15,7 +15,7 @@
 
 import json
 
-from . import lexical, sqlgen, vectors
+from . import copy_binary, lexical, sqlgen, vectors
 from .checks import check_filters
 from .errors import InvalidArgument, UnsafeRelation
 
@@ -32,6 +32,15 @@ def _model_columns():
     from .runtime import MODEL_COLUMNS
     return MODEL_COLUMNS
 
+
+# Whether a batch may be stored with a binary COPY from a file (copy_binary): the
+# extension's owner may read server files (a superuser, or pg_read_server_files),
+# and text needs no conversion (binary COPY reads text in the client encoding).
+# Otherwise the batch goes through INSERT ... ON CONFLICT with vectors as text.
+COPY_BINARY_OK_SQL = (
+    "SELECT pg_catalog.pg_has_role(current_user, 'pg_read_server_files', 'USAGE') "
+    "AND pg_catalog.pg_client_encoding() OPERATOR(pg_catalog.=) 'UTF8' "
+    "AND pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.=) 'UTF8' AS ok")
 
 SWAP_LOCK_TIMEOUT_MS = 200
 SWAP_TRIES = 20
@@ -389,7 +398,7 @@ class IndexingMixin:
         claim = self.plan(plpy, ("claim", mid), sqlgen.claim(mid), ["int4", "int4"])
         while True:
             claimed = claim.execute([mid, size])
-            rows = [r for r in claimed if not r["embedded"]]
+            rows = [r for r in claimed if r["stored_hash"] != r["text_hash"]]
             if rows or claimed.nrows() == 0:
                 break
             # Only texts embedded meanwhile (a session that prepared while this one
@@ -403,24 +412,48 @@ class IndexingMixin:
             return -1 if left else 0
         doc_prefix, _ = self.prefix(plpy, model, "document", st)
         texts = [r["text"] for r in rows]
+        # halfvec's binary form holds float16: those models keep the text path.
+        binary = model["storage"] == "vector" and \
+            self.plan(plpy, "copy_binary_ok", COPY_BINARY_OK_SQL).execute([])[0]["ok"]
         vecs = []
         key = self.api_key(plpy, model)
         chunk = max(1, int(model["batch_size"]))
         for j in range(0, len(texts), chunk):
             vecs.extend(self.http.embed(
-                model, [doc_prefix + t for t in texts[j:j + chunk]], key, sql_text=True))
-        sql, types = sqlgen.upsert(model)
+                model, [doc_prefix + t for t in texts[j:j + chunk]], key, sql_text=not binary,
+                binary=binary))
         cols = [[r[c] for r in rows] for c in sqlgen.ROW_COLUMNS]
         # What was really sent, by the model as this batch read it: when alter_model()
         # commits meanwhile, these rows keep the old identity and are re-embedded.
         cols[3] = [vectors.identity_hash(doc_prefix + t, model["identity_version"]) for t in texts]
-        self.plan(plpy, ("upsert", mid), sql, types).execute(
-            cols + [vecs])
+        if binary:
+            self._copy_rows(plpy, mid, rows, cols + [vecs])
+        else:
+            sql, types = sqlgen.upsert(model)
+            self.plan(plpy, ("upsert", mid), sql, types).execute(cols + [vecs])
         self.plan(plpy, "progress",
                   "UPDATE omop_emb.index_progress SET done = done + $2, "
                   "updated_at = clock_timestamp() WHERE model_id = $1 AND pid = pg_backend_pid()",
                   ["int4", "int8"]).execute([mid, n])
         return n
+
+    def _copy_rows(self, plpy, mid, rows, columns):
+        """Store a batch with a binary COPY (vectors in pgvector's binary form,
+        neither formatted nor parsed as text), after deleting the rows it replaces.
+        A row of the same key inserted meanwhile by someone else makes the COPY fail
+        with unique_violation; index_concepts then retries the batch."""
+        replaced = [r for r in rows if r["stored_hash"] is not None]
+        if replaced:
+            self.plan(plpy, ("delete_keys", mid), sqlgen.delete_keys(mid),
+                      ["int4[]", "text[]", "text[]"]).execute(
+                [[r["concept_id"] for r in replaced], [r["text_kind"] for r in replaced],
+                 [r["text"] for r in replaced]])
+        path = copy_binary.spool_path()
+        copy_binary.write_spool(path, copy_binary.encode(columns, sqlgen.COPY_KINDS))
+        try:
+            plpy.execute(sqlgen.copy_from(mid, plpy.quote_literal(path)))
+        finally:
+            copy_binary.remove_spool(path)
 
     def create_index(self, plpy, model_name, method, m, ef_construction, metric):
         from .registry import check_metric

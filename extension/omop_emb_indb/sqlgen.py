@@ -277,15 +277,38 @@ def fused_abbreviation(model, shape):
 
 def claim(model_id):
     """Take up to $2 queued texts of model $1 off the queue (rows locked by other
-    sessions are skipped) and return them, each with ``embedded``: whether its exact
-    text is embedded already (another session queued it again meanwhile; the hash
-    is salted with the model's identity version, vectors.identity_hash)."""
+    sessions are skipped) and return them, each with ``stored_hash``: the text hash
+    of the row of that key in the embedding table, NULL when there is none. A
+    queued text whose exact text is embedded already (another session queued it
+    again meanwhile; the hash is salted with the model's identity version,
+    vectors.identity_hash) has its own hash there. One index probe per text (a
+    scalar subquery: a join may be planned as a scan of the whole table)."""
     return ("WITH claimed AS (DELETE FROM omop_emb.index_queue q WHERE q.ctid = ANY(ARRAY("
             "SELECT ctid FROM omop_emb.index_queue WHERE model_id = $1 "
             "ORDER BY concept_id, text_kind, text LIMIT $2 FOR UPDATE SKIP LOCKED)) "
-            "RETURNING q.*) SELECT c.*, EXISTS (SELECT 1 FROM %s e "
-            "WHERE e.concept_id = c.concept_id AND e.text_kind = c.text_kind AND e.text = c.text "
-            "AND e.text_hash = c.text_hash) AS embedded FROM claimed c" % table(model_id))
+            "RETURNING q.*) SELECT c.*, (SELECT e.text_hash FROM %s e "
+            "WHERE e.concept_id = c.concept_id AND e.text_kind = c.text_kind AND e.text = c.text) "
+            "AS stored_hash FROM claimed c" % table(model_id))
+
+
+def delete_keys(model_id):
+    """Delete the rows of keys ($1 concept ids, $2 kinds, $3 texts): those a
+    batch replaces before copying the new rows in."""
+    return ("DELETE FROM %s e USING unnest($1::int4[], $2::text[], $3::text[]) AS k(c, kind, t) "
+            "WHERE e.concept_id = k.c AND e.text_kind = k.kind AND e.text = k.t" % table(model_id))
+
+
+# The columns a batch copies in, and how copy_binary writes each (the last is the
+# vector in pgvector's binary form).
+COPY_COLUMNS = ROW_COLUMNS + ("embedding",)
+COPY_KINDS = ("int4", "text", "text", "bytes", "int4") + ("text",) * (1 + len(ATTR_COLUMNS)) \
+    + ("bytes",)
+
+
+def copy_from(model_id, path_literal):
+    """COPY of a batch's rows (copy_binary) from a file into the embedding table."""
+    return ("COPY %s (%s) FROM %s WITH (FORMAT binary)"
+            % (table(model_id), ", ".join(COPY_COLUMNS), path_literal))
 
 
 def upsert(model):

@@ -114,9 +114,12 @@ BEGIN
         EXIT WHEN max_texts IS NOT NULL AND done OPERATOR(pg_catalog.>=) max_texts;
         BEGIN
             n := omop_emb_internal.index_batch(prep.model_name, batch_size);
-        EXCEPTION WHEN deadlock_detected OR serialization_failure OR lock_not_available THEN
+        EXCEPTION WHEN deadlock_detected OR serialization_failure OR lock_not_available
+                       OR unique_violation THEN
             -- Only this batch rolled back (its texts are back in the queue), so a
-            -- lock conflict with another indexing session costs a retry, not the run.
+            -- lock conflict with another indexing session, or a row of the same
+            -- text stored by someone else after this batch claimed it (the batch
+            -- copies its rows in), costs a retry, not the run.
             retries := retries OPERATOR(pg_catalog.+) 1;
             IF retries OPERATOR(pg_catalog.>) 5 THEN
                 RAISE;
