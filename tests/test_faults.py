@@ -184,6 +184,7 @@ FAULTS = [
     ("wrong_dim", dict(mode="wrong_dim"), "OE002", ["invalid answer"], 2.0, 1),
     ("nan", dict(mode="nan"), "OE002", ["invalid answer"], 2.0, 1),
     ("inf", dict(mode="inf"), "OE002", ["invalid answer"], 2.0, 1),
+    ("zero_vector", dict(mode="zero"), "OE002", ["invalid answer", "all zeros"], 2.0, 1),
     ("die_mid_batch", dict(mode="die_mid_batch"), "OE001", ["cannot reach"], 5.0, 4),
 ]
 

@@ -78,6 +78,19 @@ def test_vectors_are_validated(vecs):
         providers.validate_vectors(vecs, 2)
 
 
+def test_a_zero_vector_is_refused_unless_the_metric_is_l2():
+    for metric in ("cosine", "ip", None):
+        with pytest.raises(InvalidEmbeddingResponse, match="all zeros"):
+            providers.validate_vectors([[0.5, 0.5], [0.0, -0.0]], 2, metric)
+    assert providers.validate_vectors([[0.0, 0.0]], 2, "l2") == [[0.0, 0.0]]
+    # The fast paths leave an all-zero vector to the full parse, which knows the metric.
+    assert vectors.json_arrays(b'{"data": [{"index": 0, "embedding": [0.0, -0e0]}]}', 1, 2) is None
+    zero = base64.b64encode(struct.pack("<2f", 0.0, 0.0))
+    assert vectors.base64_vectors(b'{"data": [{"index": 0, "embedding": "' + zero + b'"}]}', 1, 2) is None
+    one = base64.b64encode(struct.pack("<2f", 0.0, 1.0))
+    assert vectors.base64_vectors(b'{"data": [{"index": 0, "embedding": "' + one + b'"}]}', 1, 2) is not None
+
+
 def test_vector_text_round_trip_and_hash():
     v = [0.1, -2.5, 3e-8]
     assert vectors.from_sql(vectors.to_sql(v)) == pytest.approx(v, rel=1e-8)

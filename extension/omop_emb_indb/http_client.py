@@ -241,7 +241,7 @@ class EmbeddingHTTP:
         payload = _json_of(resp, where, api_key, provider)
         try:
             vecs = providers.parse_response(provider, payload, len(texts))
-            vecs = providers.validate_vectors(vecs, model.get("dimensions"))
+            vecs = providers.validate_vectors(vecs, model.get("dimensions"), model.get("metric"))
             if binary:
                 return [_binary(i, v) for i, v in enumerate(vecs)]
             return [vectors.to_sql(v) for v in vecs] if sql_text else vecs

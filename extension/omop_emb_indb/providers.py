@@ -110,8 +110,10 @@ def parse_response(provider, body, expected_count):
     return vecs
 
 
-def validate_vectors(vecs, dimensions):
-    """Every vector is a list of ``dimensions`` finite numbers."""
+def validate_vectors(vecs, dimensions, metric=None):
+    """Every vector is a list of ``dimensions`` finite numbers, not all zero unless
+    the model's metric is L2 (a zero vector has no direction: its cosine similarity
+    to anything is NaN and its inner product 0, so it would rank nothing)."""
     for i, v in enumerate(vecs):
         if not isinstance(v, (list, tuple)) or not v:
             raise InvalidEmbeddingResponse("vector %d is not a list of numbers" % i)
@@ -125,4 +127,8 @@ def validate_vectors(vecs, dimensions):
                     raise InvalidEmbeddingResponse("vector %d holds a non-number %r" % (i, x))
             if not math.isfinite(x):
                 raise InvalidEmbeddingResponse("vector %d holds %r" % (i, x))
+        if metric != "l2" and not any(v):
+            raise InvalidEmbeddingResponse(
+                "vector %d is all zeros: its %s similarity to any text is undefined"
+                % (i, "inner-product" if metric == "ip" else "cosine"))
     return vecs

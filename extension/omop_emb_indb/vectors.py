@@ -26,6 +26,7 @@ _INDEX_KEY = re.compile(rb'"index"\s*:\s*(\d+)')
 # What a JSON array of finite numbers is made of. NaN, Infinity, null, strings
 # or nested arrays are not, and take the slow path, which names the fault.
 _NUMBER_CHARS = b"0123456789.,-+eE \t\r\n[]"
+_ZERO_CHARS = b"0.,-+eE \t\r\n[]"  # all a JSON array of zeros can hold
 
 
 def json_arrays(body, count, dimensions):
@@ -47,8 +48,8 @@ def json_arrays(body, count, dimensions):
             return None
         arr = body[start:end + 1]
         if arr.count(b",") != dimensions - 1 or arr.translate(None, _NUMBER_CHARS) \
-                or arr.count(b"[") != 1:
-            return None
+                or arr.count(b"[") != 1 or not arr.translate(None, _ZERO_CHARS):
+            return None  # (no digit but 0: all zeros, which the full parse judges)
         out.append(arr)
     if len(out) != count:
         return None
@@ -87,8 +88,8 @@ def base64_vectors(body, count, dimensions):
             a.byteswap()  # the wire is little-endian; now native, which is big-endian
         # NaN or an infinity makes the sum non-finite (finite float32 cannot overflow
         # a double sum); pgvector would refuse the vector with a vaguer error.
-        if not math.isfinite(sum(a)):
-            return None
+        if not math.isfinite(sum(a)) or not any(a):
+            return None  # (all zeros: the full parse decides by the model's metric)
         if _LITTLE_ENDIAN:
             a.byteswap()  # pgvector's binary form is big-endian (network order)
         out.append(head + a.tobytes())

@@ -75,7 +75,7 @@ __all__ = ["DeterministicEmbeddingServer", "deterministic_vector", "rerank_score
            "main"]
 
 FAULT_MODES = ("refuse", "hang", "slow", "status", "not_json", "wrong_count", "wrong_dim",
-               "nan", "inf", "die_mid_batch", "drip")
+               "nan", "inf", "zero", "die_mid_batch", "drip")
 MODEL_ID = "deterministic"
 _VEC_RE = re.compile(r"vec:\s*([-+0-9.eE,\s]*)$")
 
@@ -233,6 +233,8 @@ class _Handler(JSONRequestHandler):
         elif mode in ("nan", "inf"):
             bad = float("nan") if mode == "nan" else float("inf")
             vecs = [[bad, *v[1:]] for v in vecs]
+        elif mode == "zero":
+            vecs = [[0.0] * len(v) for v in vecs]
         model = req.get("model") or MODEL_ID
 
         if path in ("/v1/embeddings", "/embeddings"):
