@@ -230,6 +230,8 @@ DECLARE
     vschema text;
     n_rows bigint;
     n_vectors bigint;
+    n_imported bigint;
+    n_queued bigint;
 BEGIN
     SELECT * INTO st FROM omop_emb_internal.import_state(import_chunk.model);
     SELECT pg_catalog.count(*) INTO n_rows FROM pg_temp.omop_emb_import_row;
@@ -248,45 +250,45 @@ BEGIN
     -- (Data-modifying WITH queries run to completion whether read or not.)
     IF st.mode OPERATOR(pg_catalog.=) 'bulk' THEN
         -- The table held nothing when import_begin locked it: each row is
-        -- inserted as it is (a text twice in the bundle is a duplicate key error).
-        RETURN QUERY EXECUTE pg_catalog.format($sql$
-            WITH b AS MATERIALIZED (
-                SELECT r.*, pg_catalog.sha256(pg_catalog.convert_to($1 OPERATOR(pg_catalog.||) r.text, 'UTF8')) AS expected
-                FROM pg_temp.omop_emb_import_row r
-            ), ins AS (
-                INSERT INTO omop_emb.embedding_%1$s AS e (concept_id, text_kind, text, text_hash,
-                    source_concept_id, source_code, concept_name, domain_id, vocabulary_id,
-                    concept_class_id, standard_concept, invalid_reason, embedding)
-                SELECT b.concept_id, b.text_kind, b.text,
-                       CASE WHEN $2 OPERATOR(pg_catalog.=) '' THEN b.expected
-                            ELSE pg_catalog.sha256(pg_catalog.convert_to($2 OPERATOR(pg_catalog.||) $1 OPERATOR(pg_catalog.||) b.text, 'UTF8')) END,
-                       b.source_concept_id, b.source_code, b.concept_name, b.domain_id, b.vocabulary_id,
-                       b.concept_class_id, b.standard_concept, b.invalid_reason, v.embedding::%2$I.%3$s(%4$s)
-                FROM b JOIN pg_temp.omop_emb_import_vector v ON v.ord OPERATOR(pg_catalog.=) b.ord
-                WHERE b.text_hash OPERATOR(pg_catalog.=) b.expected
-                RETURNING e.concept_id, e.text_kind, e.text
-            ), dequeued AS (
-                DELETE FROM omop_emb.index_queue q USING ins
-                WHERE q.model_id OPERATOR(pg_catalog.=) %1$s AND q.concept_id OPERATOR(pg_catalog.=) ins.concept_id
-                  AND q.text_kind OPERATOR(pg_catalog.=) ins.text_kind AND q.text OPERATOR(pg_catalog.=) ins.text
-                RETURNING 1
-            ), requeued AS (
-                INSERT INTO omop_emb.index_queue (model_id, concept_id, text_kind, text, text_hash,
-                    source_concept_id, source_code, concept_name, domain_id, vocabulary_id,
-                    concept_class_id, standard_concept, invalid_reason)
-                SELECT %1$s, b.concept_id, b.text_kind, b.text,
-                       CASE WHEN $2 OPERATOR(pg_catalog.=) '' THEN b.expected
-                            ELSE pg_catalog.sha256(pg_catalog.convert_to($2 OPERATOR(pg_catalog.||) $1 OPERATOR(pg_catalog.||) b.text, 'UTF8')) END,
-                       b.source_concept_id, b.source_code, b.concept_name, b.domain_id, b.vocabulary_id,
-                       b.concept_class_id, b.standard_concept, b.invalid_reason
-                FROM b WHERE b.text_hash IS DISTINCT FROM b.expected
-                ON CONFLICT (model_id, concept_id, text_kind, text) DO UPDATE SET text_hash = EXCLUDED.text_hash
-                RETURNING 1
-            )
-            -- (dequeued runs to completion unread: every data-modifying WITH does)
-            SELECT (SELECT pg_catalog.count(*) FROM ins), 0::pg_catalog.int8, (SELECT pg_catalog.count(*) FROM requeued)
+        -- inserted as it is (a text twice in the bundle is a duplicate key
+        -- error), by plain statements (no row is carried from one to the next).
+        EXECUTE pg_catalog.format($sql$
+            INSERT INTO omop_emb.embedding_%1$s (concept_id, text_kind, text, text_hash,
+                source_concept_id, source_code, concept_name, domain_id, vocabulary_id,
+                concept_class_id, standard_concept, invalid_reason, embedding)
+            SELECT r.concept_id, r.text_kind, r.text,
+                   CASE WHEN $2 OPERATOR(pg_catalog.=) '' THEN r.text_hash
+                        ELSE pg_catalog.sha256(pg_catalog.convert_to($2 OPERATOR(pg_catalog.||) $1 OPERATOR(pg_catalog.||) r.text, 'UTF8')) END,
+                   r.source_concept_id, r.source_code, r.concept_name, r.domain_id, r.vocabulary_id,
+                   r.concept_class_id, r.standard_concept, r.invalid_reason, v.embedding::%2$I.%3$s(%4$s)
+            FROM pg_temp.omop_emb_import_row r
+            JOIN pg_temp.omop_emb_import_vector v ON v.ord OPERATOR(pg_catalog.=) r.ord
+            WHERE r.text_hash OPERATOR(pg_catalog.=) pg_catalog.sha256(pg_catalog.convert_to($1 OPERATOR(pg_catalog.||) r.text, 'UTF8'))
             $sql$, st.model_id, vschema, st.storage, st.dimensions)
             USING st.document_prefix, st.salt;
+        GET DIAGNOSTICS n_imported = ROW_COUNT;
+        IF EXISTS (SELECT FROM omop_emb.index_queue q WHERE q.model_id OPERATOR(pg_catalog.=) st.model_id) THEN
+            EXECUTE $sql$
+                DELETE FROM omop_emb.index_queue q USING pg_temp.omop_emb_import_row r
+                WHERE q.model_id OPERATOR(pg_catalog.=) $3 AND q.concept_id OPERATOR(pg_catalog.=) r.concept_id
+                  AND q.text_kind OPERATOR(pg_catalog.=) r.text_kind AND q.text OPERATOR(pg_catalog.=) r.text
+                  AND r.text_hash OPERATOR(pg_catalog.=) pg_catalog.sha256(pg_catalog.convert_to($1 OPERATOR(pg_catalog.||) r.text, 'UTF8'))
+                $sql$ USING st.document_prefix, st.salt, st.model_id;
+        END IF;
+        EXECUTE $sql$
+            INSERT INTO omop_emb.index_queue (model_id, concept_id, text_kind, text, text_hash,
+                source_concept_id, source_code, concept_name, domain_id, vocabulary_id,
+                concept_class_id, standard_concept, invalid_reason)
+            SELECT $3, r.concept_id, r.text_kind, r.text,
+                   pg_catalog.sha256(pg_catalog.convert_to($2 OPERATOR(pg_catalog.||) $1 OPERATOR(pg_catalog.||) r.text, 'UTF8')),
+                   r.source_concept_id, r.source_code, r.concept_name, r.domain_id, r.vocabulary_id,
+                   r.concept_class_id, r.standard_concept, r.invalid_reason
+            FROM pg_temp.omop_emb_import_row r
+            WHERE r.text_hash IS DISTINCT FROM pg_catalog.sha256(pg_catalog.convert_to($1 OPERATOR(pg_catalog.||) r.text, 'UTF8'))
+            ON CONFLICT (model_id, concept_id, text_kind, text) DO UPDATE SET text_hash = EXCLUDED.text_hash
+            $sql$ USING st.document_prefix, st.salt, st.model_id;
+        GET DIAGNOSTICS n_queued = ROW_COUNT;
+        RETURN QUERY SELECT n_imported, 0::pg_catalog.int8, n_queued;
     ELSE
         RETURN QUERY EXECUTE pg_catalog.format($sql$
             WITH b AS MATERIALIZED (
