@@ -192,7 +192,8 @@ def run(db, n: int, before_src: str | None = None) -> dict:
             r["before"]["src"] = str(before_src)
             if s0 is not None:
                 r["before"]["server_cpu_s"] = server.now() - s0
-                r["before"]["vectors_per_cpu_s"] = n / (r["before"]["client_cpu_s"] + r["before"]["server_cpu_s"])
+                cpu = r["before"]["client_cpu_s"] + r["before"]["server_cpu_s"]
+                r["before"]["vectors_per_cpu_s"] = n / cpu if cpu > 0 else None
         dst = _dst(db, "bench_bundle_dst")
         log(f"bundle: import into an empty model ({e.per_s:,.0f} vectors/s exported)")
         r["import"] = _import(dst, path, server)
@@ -216,7 +217,9 @@ def _cpu_cell(x: dict, server_key: str = "server_cpu_s", client_key: str = "clie
     if srv is None:
         return ""
     client = x.get(client_key, 0.0)
-    return f"{n / (client + srv):,.0f} ({client:.1f} + {srv:.1f} s)" if n else ""
+    if client + srv <= 0:  # below the clock tick
+        return f"({client:.1f} + {srv:.1f} s)"
+    return f"{n / (client + srv):,.0f} ({client:.1f} + {srv:.1f} s)"
 
 
 def markdown(r: dict) -> str:
