@@ -171,9 +171,11 @@ def test_into_an_empty_model_with_an_hnsw_index(two_dbs, fake_embedder, tmp_path
     assert nearest_by_vector(b, vecs) == nearest_by_vector(a, vecs)
 
 
-def test_into_a_model_holding_some_texts(two_dbs, fake_embedder, tmp_path, capsys):
-    """Merge mode: texts present with the same hash are skipped, the others stored and taken
-    off the queue; a row whose hash differs is queued; the indexes stay in place."""
+@pytest.mark.parametrize("max_texts,batch_size,mode", [(60, 64, "merge"), (16, 8, "rebuild")])
+def test_into_a_model_holding_some_texts(two_dbs, fake_embedder, tmp_path, capsys, max_texts, batch_size, mode):
+    """Texts present with the same hash are skipped, the others stored and taken off the queue;
+    a row whose hash differs is queued. Merge mode (the model holds more than a tenth of the
+    bundle's rows) maintains the indexes; rebuild mode builds them again after the rows."""
     import pyarrow as pa
 
     a, b, vecs = two_dbs
@@ -184,9 +186,10 @@ def test_into_a_model_holding_some_texts(two_dbs, fake_embedder, tmp_path, capsy
     texts = t.column("text").to_pylist()
     with connect(b) as conn:
         # some texts embedded here already (max_texts: whole batches); the rest stays queued
-        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab', max_texts => 60)")
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab', max_texts => %s, batch_size => %s)",
+                     (max_texts, batch_size))
         present = {r[0] for r in conn.execute("SELECT text FROM omop_emb.embedding_1")}
-        assert 60 <= len(present) < 400
+        assert max_texts <= len(present) < 400 and (len(present) <= 40) == (mode == "rebuild")
         pending = conn.execute("SELECT count(*) FROM omop_emb.index_queue").fetchone()[0]
     bad = next(i for i, x in enumerate(texts) if x not in present)
     hashes[bad] = bytes(32)
@@ -197,7 +200,9 @@ def test_into_a_model_holding_some_texts(two_dbs, fake_embedder, tmp_path, capsy
     assert cli.main(["import", "--dsn", b, str(path)]) == 0
     out = capsys.readouterr().out
     assert f"imported {399 - len(present)} embeddings into model 'fake', skipped {len(present)} already present " \
-           "with the same hash, queued 1 for re-embedding" in out and "the model was empty" not in out
+           "with the same hash, queued 1 for re-embedding" in out
+    assert ("the model held at most a tenth as many texts as the bundle: 8 indexes built" in out) == \
+        (mode == "rebuild"), out
     assert index_definitions(b) == before
     with connect(b) as conn:
         assert conn.execute("SELECT count(*) FROM omop_emb.embedding_1").fetchone()[0] == 399

@@ -208,7 +208,9 @@ class ImportReport:
     skipped: int
     queued: int
     seconds: float  # the whole import: read, store, indexes, commit (and the HNSW rebuild, if any)
-    mode: str = "merge"  # 'bulk': the model was empty (indexes built once at the end), else 'merge'
+    # 'bulk': the model was empty, 'rebuild': it held at most a tenth as many rows as the bundle (both:
+    # indexes built once at the end), 'merge': indexes maintained row by row
+    mode: str = "merge"
     landed_seconds: float = 0.0  # until the last row was stored (before import_end)
     index_seconds: float = 0.0  # import_end: the secondary indexes built again (bulk mode) and ANALYZE
     indexes_built: int = 0
@@ -333,12 +335,13 @@ def import_bundle(dsn: str, path: str | Path, model: str | None = None,
     Refused before anything is written when the bundle's identity differs from the
     registered model's. Texts present with the same hash are skipped; rows whose hash
     is not that of the model's document prefix + text are queued for re-embedding.
-    One transaction: a failure leaves the model as it was. Into an empty model the
-    database works in bulk mode (sql/api/46_bundle.sql): the table is locked until
-    commit and its indexes are built once at the end; an HNSW index it had is
-    rebuilt after commit with create_index (``rebuild_hnsw=False`` leaves that to
-    the caller: searches are exact meanwhile)."""
-    _pa()
+    One transaction: a failure leaves the model as it was. Into an empty model, or
+    one holding at most a tenth as many rows as the bundle, the database works in
+    bulk or rebuild mode (sql/api/46_bundle.sql): the table is locked until commit
+    and its indexes are built once at the end; an HNSW index it had is rebuilt
+    after commit with create_index (``rebuild_hnsw=False`` leaves that to the
+    caller: searches are exact meanwhile)."""
+    _, pq = _pa()
     identity = read_identity(path)
     dims = int(identity["dimensions"])
     t0 = time.perf_counter()
@@ -354,7 +357,9 @@ def import_bundle(dsn: str, path: str | Path, model: str | None = None,
                 detail="; ".join(diffs),
                 hint="Import it into a model registered with the bundle's identity, or export the bundle "
                      "from a model like this one.")
-        bundle_json = json.dumps({k: identity.get(k) for k in ("name", *IDENTITY)})
+        # rows: import_begin rebuilds the indexes when the model holds at most a tenth of that
+        bundle_json = json.dumps({**{k: identity.get(k) for k in ("name", *IDENTITY)},
+                                  "rows": pq.ParquetFile(path).metadata.num_rows})
         copy_rows = "COPY pg_temp.omop_emb_import_row (%s) FROM STDIN (FORMAT BINARY)" % ", ".join(STAGE_ROW_COLUMNS)
         copy_vectors = "COPY pg_temp.omop_emb_import_vector (ord, embedding) FROM STDIN (FORMAT BINARY)"
         with conn.transaction():

@@ -782,8 +782,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     print(f"imported {r.imported} embeddings into model {r.model!r}, skipped {r.skipped} already present with "
           f"the same hash, queued {r.queued} for re-embedding; {r.rows} rows in {r.seconds:.1f} s "
           f"({r.per_s:,.0f} vectors/s)")
-    if r.mode == "bulk":
-        print(f"the model was empty: {r.indexes_built} indexes built after the rows ({r.rows} rows stored in "
+    if r.mode in ("bulk", "rebuild"):
+        held = "was empty" if r.mode == "bulk" else "held at most a tenth as many texts as the bundle"
+        print(f"the model {held}: {r.indexes_built} indexes built after the rows ({r.rows} rows stored in "
               f"{r.landed_seconds:.1f} s, {r.landed_per_s:,.0f} vectors/s; indexes {r.index_seconds:.1f} s)")
     if r.hnsw_seconds is not None:
         print(f"HNSW index rebuilt in {r.hnsw_seconds:.1f} s (create_index {_fmt_hnsw(r.hnsw_params)})")

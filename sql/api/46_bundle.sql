@@ -77,6 +77,9 @@ COMMENT ON FUNCTION omop_emb.export_embeddings(text, integer, text, text, intege
 -- empty table is dropped too and the model's index method becomes 'none' (exact
 -- search); import_end returns its parameters so that the caller rebuilds it after
 -- commit with create_index (which keeps searches running meanwhile).
+-- Rebuild mode: the same when the table holds at most a tenth as many rows as
+-- the bundle (the caller passes its row count as bundle->'rows'), but rows are
+-- merged as in merge mode (present texts skipped or updated).
 
 CREATE OR REPLACE FUNCTION omop_emb.import_begin(model text, bundle jsonb)
 RETURNS text
@@ -89,6 +92,9 @@ DECLARE
     field text;
     tbl text;
     bulk boolean;
+    mode text := 'merge';
+    small bigint;
+    held bigint;
     ddl text[] := '{}';
     names text[] := '{}';
     hnsw jsonb;
@@ -138,11 +144,21 @@ BEGIN
     GRANT INSERT ON pg_temp.omop_emb_import_row, pg_temp.omop_emb_import_vector TO omop_emb_admin;
 
     tbl := pg_catalog.format('omop_emb.embedding_%s', m.model_id);
-    EXECUTE pg_catalog.format('SELECT NOT EXISTS (SELECT FROM %s)', tbl) INTO bulk;
-    IF bulk THEN
-        EXECUTE pg_catalog.format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', tbl);
-        EXECUTE pg_catalog.format('SELECT NOT EXISTS (SELECT FROM %s)', tbl) INTO bulk;
-    END IF;
+    -- "Few rows": at most a tenth of the bundle's (counted up to that bound only).
+    small := CASE WHEN pg_catalog.jsonb_typeof(bundle OPERATOR(pg_catalog.->) 'rows') OPERATOR(pg_catalog.=) 'number'
+                  THEN GREATEST(0, LEAST((bundle OPERATOR(pg_catalog.->>) 'rows')::pg_catalog.numeric, 1e15)::pg_catalog.int8
+                                   OPERATOR(pg_catalog./) 10) ELSE 0 END;
+    FOR pass IN 1..2 LOOP
+        EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM (SELECT FROM %s LIMIT $1) x', tbl)
+            INTO held USING small OPERATOR(pg_catalog.+) 1;
+        EXIT WHEN held OPERATOR(pg_catalog.>) small;
+        IF pass OPERATOR(pg_catalog.=) 1 THEN
+            EXECUTE pg_catalog.format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', tbl);
+        ELSE
+            mode := CASE WHEN held OPERATOR(pg_catalog.=) 0 THEN 'bulk' ELSE 'rebuild' END;
+        END IF;
+    END LOOP;
+    bulk := mode OPERATOR(pg_catalog.<>) 'merge';
     IF bulk THEN
         FOR r IN SELECT c.relname::pg_catalog.text AS name, pg_catalog.pg_get_indexdef(i.indexrelid) AS def,
                         a.amname::pg_catalog.text AS am
@@ -168,15 +184,12 @@ BEGIN
             WHERE x.model_id OPERATOR(pg_catalog.=) m.model_id;
         END IF;
     END IF;
-    INSERT INTO pg_temp.omop_emb_import_state VALUES
-        (m.model_id, CASE WHEN bulk THEN 'bulk' ELSE 'merge' END, ddl, hnsw);
-    -- (bulk: nothing is stored, so each row is inserted as it is, without looking
-    -- for the same text first; a text twice in the bundle is a duplicate key error.)
-    RETURN CASE WHEN bulk THEN 'bulk' ELSE 'merge' END;
+    INSERT INTO pg_temp.omop_emb_import_state VALUES (m.model_id, mode, ddl, hnsw);
+    RETURN mode;
 END
 $$;
 COMMENT ON FUNCTION omop_emb.import_begin(text, jsonb) IS
-'Start loading an embedding bundle into a model (omop-emb-pg import drives it, in one transaction): refuses a bundle whose identity (provider, remote_model, dimensions, metric, document_prefix, query_prefix) differs from the model''s, naming each field; creates the session''s staging tables pg_temp.omop_emb_import_row and pg_temp.omop_emb_import_vector (the caller COPYs into them; dropped at commit). Returns ''bulk'' when the model''s table was empty (then it is locked until commit, its secondary indexes are dropped and rebuilt by import_end, and an HNSW index is dropped for the caller to rebuild after commit) or ''merge''.';
+'Start loading an embedding bundle into a model (omop-emb-pg import drives it, in one transaction): refuses a bundle whose identity (provider, remote_model, dimensions, metric, document_prefix, query_prefix) differs from the model''s, naming each field; creates the session''s staging tables pg_temp.omop_emb_import_row and pg_temp.omop_emb_import_vector (the caller COPYs into them; dropped at commit). Returns ''bulk'' when the model''s table was empty (then it is locked until commit, its secondary indexes are dropped and rebuilt by import_end, and an HNSW index is dropped for the caller to rebuild after commit), ''rebuild'' when it held at most a tenth of bundle->''rows'' rows (the same, rows merged) or ''merge''.';
 
 -- The session's import state, after checking that the staging tables are the
 -- ones import_begin made (owned by this function's owner, plain tables).
@@ -355,7 +368,7 @@ BEGIN
         RAISE EXCEPTION 'omop_emb: rows are staged but not imported' USING ERRCODE = '55000',
             HINT = 'Call omop_emb.import_chunk() first.';
     END IF;
-    IF st.mode OPERATOR(pg_catalog.=) 'bulk' THEN
+    IF st.mode OPERATOR(pg_catalog.<>) 'merge' THEN
         -- The definitions were read from the catalog by import_begin in this
         -- transaction; the state table is the owner's (import_state checked it).
         FOREACH ddl IN ARRAY st.index_ddl LOOP
@@ -375,4 +388,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION omop_emb.import_end(text) IS
-'Finish the import under way (import_begin): in bulk mode build the secondary indexes dropped by import_begin again and ANALYZE the table; drop the staging tables. Returns the mode, the number of indexes built and, when an HNSW index was dropped, its parameters (m, ef_construction, metric) for omop_emb.create_index after commit.';
+'Finish the import under way (import_begin): in bulk and rebuild mode build the secondary indexes dropped by import_begin again and ANALYZE the table; drop the staging tables. Returns the mode, the number of indexes built and, when an HNSW index was dropped, its parameters (m, ef_construction, metric) for omop_emb.create_index after commit.';
