@@ -15,7 +15,7 @@
 
 import json
 
-from . import copy_binary, lexical, sqlgen, vectors
+from . import copy_binary, sqlgen, vectors
 from .checks import check_filters
 from .errors import InvalidArgument, UnsafeRelation
 
@@ -69,6 +69,49 @@ def _with_short_locks(plpy, statements):
     finally:
         plpy.execute(plpy.prepare("SELECT pg_catalog.set_config('lock_timeout', $1, true)",
                                   ["text"]), [before])
+
+
+# A first indexing (into an empty table) of at least this many texts loads the
+# table without its secondary indexes (sqlgen.secondary_indexes: folded text,
+# code, filters, full text, trigrams, initials) and builds them at its end: one
+# build over all rows costs less than keeping them up to date row by row (the
+# GIN indexes above all). Searches meanwhile find what is stored, unindexed.
+DEFER_INDEXES_MIN_TEXTS = 10000
+
+# Whether another session is running index_concepts() of model $1 right now (its
+# progress row unfinished, its backend active): the last one builds the indexes.
+OTHERS_INDEXING_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM omop_emb.index_progress p "
+    "JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) p.pid "
+    "WHERE p.model_id OPERATOR(pg_catalog.=) $1 "
+    "AND p.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() "
+    "AND p.finished_at IS NULL AND a.state OPERATOR(pg_catalog.=) 'active') AS busy")
+
+
+def _present_indexes(plpy, names):
+    rows = plpy.execute(plpy.prepare(
+        "SELECT c.relname::text AS name FROM pg_catalog.pg_class c "
+        "WHERE c.relnamespace OPERATOR(pg_catalog.=) 'omop_emb'::pg_catalog.regnamespace "
+        "AND c.relkind OPERATOR(pg_catalog.=) 'i' AND c.relname OPERATOR(pg_catalog.=) ANY($1::text[])",
+        ["text[]"]), [names])
+    present = {r["name"] for r in rows}
+    return [n for n in names if n in present]
+
+
+def ensure_secondary_indexes(plpy, model_id):
+    """Build the secondary indexes of a model's table that are missing (left out
+    by a first indexing, or made before they existed). Checked first rather than
+    relying on IF NOT EXISTS: CREATE INDEX takes a SHARE lock on the table even
+    when the index exists, and two sessions that each hold it and then ANALYZE
+    deadlock. Returns how many were built."""
+    wanted = sqlgen.secondary_indexes(model_id)
+    present = set(_present_indexes(plpy, [n for n, _ in wanted]))
+    built = 0
+    for name, ddl in wanted:
+        if name not in present:
+            plpy.execute(ddl)
+            built += 1
+    return built
 
 
 def _lock_model(plpy, model_id):
@@ -386,6 +429,12 @@ class IndexingMixin:
         pending = plpy.execute(plpy.prepare(
             "SELECT count(*) AS n FROM omop_emb.index_queue WHERE model_id = $1", ["int4"]),
             [mid])[0]["n"]
+        if pending >= DEFER_INDEXES_MIN_TEXTS and not plpy.execute(
+                "SELECT EXISTS (SELECT 1 FROM %s) AS any" % emb)[0]["any"]:
+            # A first indexing: loaded without the secondary indexes, which
+            # index_finish builds once over all rows.
+            present = _present_indexes(plpy, [n for n, _ in sqlgen.secondary_indexes(mid)])
+            _with_short_locks(plpy, ["DROP INDEX omop_emb.%s" % n for n in present])
         return [(model["name"], total, queued, pending, deleted)]
 
     def index_batch(self, plpy, model_name, batch_size):
@@ -478,7 +527,7 @@ class IndexingMixin:
         mid = model["model_id"]
         _lock_model(plpy, mid)
         name = sqlgen.hnsw_index_name(mid)
-        lexical.ensure_index(plpy, mid)
+        ensure_secondary_indexes(plpy, mid)
         params = {}
         if method == "hnsw":
             # Built beside the old index, under another name: CREATE INDEX takes a
@@ -511,7 +560,11 @@ class IndexingMixin:
         """Refresh planner statistics so that searches plan on the real row count."""
         model = self.model(plpy, model_name)
         _lock_model(plpy, model["model_id"])
-        lexical.ensure_index(plpy, model["model_id"])
+        if not plpy.execute(plpy.prepare(OTHERS_INDEXING_SQL, ["int4"]),
+                            [model["model_id"]])[0]["busy"]:
+            # The last session of a first indexing builds what index_prepare left out
+            # (a session that failed left them to the next run).
+            ensure_secondary_indexes(plpy, model["model_id"])
         plpy.execute("ANALYZE %s" % sqlgen.table(model["model_id"]))
         if model["vectors_stale"]:
             # Searchable again once no row made before the change is left.

@@ -106,8 +106,6 @@ def vector_type(model):
 
 
 def create_table(model):
-    from . import lexical  # loaded after this module (build.py MODULES)
-
     t = table(model["model_id"])
     mid = int(model["model_id"])
     return [
@@ -128,18 +126,39 @@ def create_table(model):
     embedded_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (concept_id, text_kind, text)
 )""" % (t, vector_type(model)),
-        # Exact-match lookups (case and whitespace folded) and code lookups.
-        "CREATE INDEX embedding_%d_fold ON %s (omop_emb.fold_text(text))" % (mid, t),
-        "CREATE INDEX embedding_%d_code ON %s (lower(source_code))" % (mid, t),
-        # Selective filters fall back to an exact scan driven by these.
-        "CREATE INDEX embedding_%d_vocabulary ON %s (vocabulary_id)" % (mid, t),
-        "CREATE INDEX embedding_%d_domain ON %s (domain_id)" % (mid, t),
-        "CREATE INDEX embedding_%d_class ON %s (concept_class_id)" % (mid, t),
-        # Lexical side of hybrid search (omop_emb_indb.lexical).
-        lexical.index_statements(mid, if_not_exists=False)[0],
-    ] + ranking_index_statements(mid) + [
+    ] + [ddl for _, ddl in secondary_indexes(mid)] + [
         "COMMENT ON TABLE %s IS 'omop_emb: embeddings of model %d (one row per concept text)'"
         % (t, mid),
+    ]
+
+
+def secondary_indexes(model_id):
+    """(name, DDL) of the indexes of an embedding table besides its primary key and
+    its vector index. A first indexing of many texts builds them once at its end
+    (IndexingMixin.index_prepare / index_finish)."""
+    from . import lexical  # loaded after this module (build.py MODULES)
+
+    mid = int(model_id)
+    t = table(mid)
+    trgm_ddl, initials_ddl = ranking_index_statements(mid)
+    return [
+        # Exact-match lookups (case and whitespace folded) and code lookups.
+        ("embedding_%d_fold" % mid,
+         "CREATE INDEX embedding_%d_fold ON %s (omop_emb.fold_text(text))" % (mid, t)),
+        ("embedding_%d_code" % mid,
+         "CREATE INDEX embedding_%d_code ON %s (lower(source_code))" % (mid, t)),
+        # Selective filters fall back to an exact scan driven by these.
+        ("embedding_%d_vocabulary" % mid,
+         "CREATE INDEX embedding_%d_vocabulary ON %s (vocabulary_id)" % (mid, t)),
+        ("embedding_%d_domain" % mid,
+         "CREATE INDEX embedding_%d_domain ON %s (domain_id)" % (mid, t)),
+        ("embedding_%d_class" % mid,
+         "CREATE INDEX embedding_%d_class ON %s (concept_class_id)" % (mid, t)),
+        # Lexical side of hybrid search (omop_emb_indb.lexical).
+        ("embedding_%d_fts" % mid, lexical.index_statements(mid, if_not_exists=False)[0]),
+        # Candidate sources of the fused ranking.
+        ("embedding_%d_trgm" % mid, trgm_ddl),
+        ("embedding_%d_initials" % mid, initials_ddl),
     ]
 
 
