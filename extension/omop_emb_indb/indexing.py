@@ -71,6 +71,13 @@ def _with_short_locks(plpy, statements):
                                   ["text"]), [before])
 
 
+# Texts index_concepts() claims, embeds and commits at a time when its batch_size
+# is not given: this many requests of the model's batch_size. Each transaction
+# costs a claim, a COPY, a progress update and a commit whatever its size; four
+# requests per transaction measured 13% more concepts/s than one (100,000
+# concepts, instant server), and a failure rolls back at most these texts.
+REQUESTS_PER_BATCH = 4
+
 # A first indexing (into an empty table) of at least this many texts loads the
 # table without its secondary indexes (sqlgen.secondary_indexes: folded text,
 # code, filters, full text, trigrams, initials) and builds them at its end: one
@@ -441,7 +448,7 @@ class IndexingMixin:
         st = self.settings(plpy)
         model = self.model(plpy, model_name, st)
         mid = model["model_id"]
-        size = int(batch_size or model["batch_size"])
+        size = int(batch_size or REQUESTS_PER_BATCH * model["batch_size"])
         if not 1 <= size <= 100000:
             raise InvalidArgument("batch_size = %d is outside 1..100000" % size)
         claim = self.plan(plpy, ("claim", mid), sqlgen.claim(mid), ["int4", "int4"])
