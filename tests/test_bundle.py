@@ -141,6 +141,33 @@ def test_a_bundle_of_another_model_is_refused(two_dbs, fresh_db, fake_embedder, 
         assert conn.execute("SELECT count(*) FROM omop_emb.embedding_1").fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("present", [0, 100])
+def test_a_bundle_holding_a_text_twice_is_refused(two_dbs, tmp_path, capsys, present):
+    """Into an empty model (bulk) and one holding texts (merge): a clear error naming the text,
+    and nothing imported."""
+    a, b, _ = two_dbs
+    path = tmp_path / "fake.parquet"
+    assert cli.main(["export", "--dsn", a, str(path)]) == 0
+    t = pq.read_table(path)
+    if present:
+        pq.write_table(t.slice(0, present), tmp_path / "part.parquet")
+        assert cli.main(["import", "--dsn", b, str(tmp_path / "part.parquet")]) == 0
+    import pyarrow as pa
+
+    pq.write_table(pa.concat_tables([t.slice(0, 300), t.slice(250, 1), t.slice(300)]), path)
+    before = index_definitions(b)
+    capsys.readouterr()
+    assert cli.main(["import", "--dsn", b, str(path)]) == 1
+    err = capsys.readouterr().err
+    text = t.column("text")[250].as_py()
+    assert f"holds the text (251, 'name', {text!r}) (concept_id, text_kind, text) twice (rows 251 and 301); " \
+           "nothing was imported" in err, err
+    assert "one row per concept text" in err
+    with connect(b) as conn:
+        assert conn.execute("SELECT count(*) FROM omop_emb.embedding_1").fetchone()[0] == present
+    assert index_definitions(b) == before
+
+
 def index_definitions(dsn):
     with connect(dsn) as conn:
         return conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'omop_emb' "

@@ -284,7 +284,7 @@ def read_identity(path: str | Path) -> dict[str, Any]:
 
 
 def _encoded_chunks(path: str | Path, dims: int, chunk_rows: int):
-    """(rows payload, vectors payload, row count) per chunk of the bundle, read and
+    """(rows payload, vectors payload, row count, the batch) per chunk of the bundle, read and
     encoded in a thread one chunk ahead of the caller (pyarrow and numpy release the
     GIL: the next chunk is read while the database stores this one)."""
     import queue
@@ -299,7 +299,7 @@ def _encoded_chunks(path: str | Path, dims: int, chunk_rows: int):
         try:
             ord_ = 0
             for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
-                item = (_copy_rows(batch, ord_), _copy_vectors(batch, ord_, dims), len(batch))
+                item = (_copy_rows(batch, ord_), _copy_vectors(batch, ord_, dims), len(batch), batch)
                 ord_ += len(batch)
                 while not stop.is_set():
                     try:
@@ -326,6 +326,25 @@ def _encoded_chunks(path: str | Path, dims: int, chunk_rows: int):
     finally:
         stop.set()
         t.join()
+
+
+def _duplicate_error(path, batch, first_row: int, e: psycopg.Error) -> InvalidArgument:
+    """The import stopped on a text that the bundle holds twice: name it (the chunk's own
+    duplicate, else the one the database names, stored by an earlier chunk)."""
+    seen: dict = {}
+    keys = zip(*(batch.column(c).to_pylist() for c in ("concept_id", "text_kind", "text")))
+    for i, key in enumerate(keys):
+        if key in seen:
+            where = f"rows {first_row + seen[key] + 1:,} and {first_row + i + 1:,}"
+            break
+        seen[key] = i
+    else:
+        key, where = None, "an earlier row and this chunk"
+    return InvalidArgument(
+        f"{path} holds the text {key!r} (concept_id, text_kind, text) twice ({where}); nothing was imported"
+        if key else f"{path} holds a text twice; nothing was imported",
+        detail=e.diag.message_detail or e.diag.message_primary,
+        hint="A bundle has one row per concept text, as omop-emb-pg export writes it; drop the duplicates.")
 
 
 def import_bundle(dsn: str, path: str | Path, model: str | None = None,
@@ -365,13 +384,16 @@ def import_bundle(dsn: str, path: str | Path, model: str | None = None,
         with conn.transaction():
             mode = conn.execute("SELECT omop_emb.import_begin(%s, %s::jsonb)", (m["name"], bundle_json)).fetchone()[0]
             cur = conn.cursor()
-            for rows, vectors, k in _encoded_chunks(path, dims, chunk_rows):
+            for rows, vectors, k, batch in _encoded_chunks(path, dims, chunk_rows):
                 for sql, payload in ((copy_rows, rows), (copy_vectors, vectors)):
                     with cur.copy(sql) as cp:
                         cp.write(COPY_HEADER)
                         cp.write(memoryview(payload).cast("B"))
                         cp.write(COPY_TRAILER)
-                row = conn.execute("SELECT * FROM omop_emb.import_chunk(%s)", (m["name"],)).fetchone()
+                try:
+                    row = conn.execute("SELECT * FROM omop_emb.import_chunk(%s)", (m["name"],)).fetchone()
+                except (psycopg.errors.UniqueViolation, psycopg.errors.CardinalityViolation) as e:
+                    raise _duplicate_error(path, batch, n, e) from e
                 for i in range(3):
                     totals[i] += int(row[i])
                 n += k
