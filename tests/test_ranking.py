@@ -346,3 +346,22 @@ def test_confidence_never_rises_and_weights_are_checked():
         rerank.parse_response("tei", [{"index": 0, "score": 1}, {"index": 0, "score": 1}], 2)
     assert rerank.rerank_url("cohere", "https://api.jina.ai/v1") == "https://api.jina.ai/v1/rerank"
     assert rerank.rerank_url("tei", "http://h:8080/") == "http://h:8080/rerank"
+
+
+def test_fused_rows_hold_the_semantic_first_k_unless_a_lexical_find_is_confident():
+    from omop_emb_pg import ranking_fit
+
+    # rank() output: (concept_id, score, row, features), best score first
+    ranked = [(7, 3.0, None, None), (1, 2.0, None, None), (8, -1.0, None, None),
+              (2, -2.5, None, None), (9, -2.6, None, None), (3, -4.0, None, None)]
+    semantic = [1, 2, 3, 4]
+    # 7 and 8 (outside the semantic first 3) score >= ADMIT_SCORE: they displace
+    # the lowest-scored semantic concepts; 9 does not; score order is kept
+    assert [t[0] for t in ranking.keep_semantic(ranked, semantic, 3)] == [7, 1, 8]
+    assert [t[0] for t in ranking.keep_semantic(ranked, semantic, 4)] == [7, 1, 8, 2]
+    # nothing confident outside: the semantic first k, reordered by score
+    assert [t[0] for t in ranking.keep_semantic(ranked, [3, 2, 1], 3, admit_score=5)] == [1, 2, 3]
+    # fewer semantic concepts than k: filled with the best of the rest
+    assert [t[0] for t in ranking.keep_semantic(ranked, [3], 3, admit_score=5)] == [7, 1, 3]
+    # the offline fit applies the same rule with the same threshold
+    assert ranking_fit.ADMIT_SCORE == ranking.ADMIT_SCORE

@@ -12,7 +12,12 @@ Every candidate text gets the features of ``FEATURES``; a logistic model (one
 weight per feature and an intercept, fitted offline on labelled pairs:
 bench/fit_ranking.py, ``omop-emb-pg fit-ranking``) scores it, a concept takes
 the score of its best text, and concepts are ordered by score (exact matches
-first, as in every mode). ``confidence`` is Platt scaling of the score and of
+first, as in every mode). The first k rows always hold the first k concepts of
+the semantic ranking (reordered), except that a concept from outside them
+whose score reaches ``ADMIT_SCORE`` takes the place of the lowest-scored one
+(``keep_semantic``): the fused ranking reorders what semantic search finds and
+adds only confident lexical finds, so its Recall@k stays that of semantic
+search (it never lost Recall@10 on the labelled sets' fitting halves). ``confidence`` is Platt scaling of the score and of
 its margin over the runner-up (fitted on queries the logistic model did not
 see): the estimated probability that the row is the right concept.
 
@@ -39,6 +44,8 @@ FEATURES = (
     "kind_mapped",       # the text is the name of a source concept that 'Maps to' it
     "length_ratio",      # |log((chars of text + 1) / (chars of query + 1))|
     "classification",    # the concept is a classification concept ('C'), not standard ('S')
+    "concept_similarity_gap",  # the best similarity of the text's concept (over all its
+                               # candidate texts) - the best similarity overall (<= 0)
 )
 
 # Words that carry no meaning of their own in concept names. Must agree with
@@ -61,6 +68,10 @@ ABBREVIATION_DEPTH = 30
 # The HNSW window of the semantic source, in texts: one scan at the default
 # ef_search 200 yields this many rows anyway, and a concept has several texts.
 SEMANTIC_FETCH = 200
+# The score (log-odds) from which a concept outside the semantic ranking's first
+# k may displace one of them from the first k rows (keep_semantic). Chosen by
+# two-fold cross-validation on the fitting halves (-3..0 tried).
+ADMIT_SCORE = -2.0
 # pg_trgm's similarity threshold for the % operator that finds trigram candidates.
 TRIGRAM_THRESHOLD = 0.4
 
@@ -102,10 +113,21 @@ class Query:
         self.length = len(text.strip())
 
 
-def text_features(q, row, best_similarity, best_trigram):
+def concept_similarities(rows):
+    """{concept_id: its best similarity over the candidate text rows}."""
+    out = {}
+    for r in rows:
+        s = r["similarity"] if r["similarity"] is not None else 0.0
+        if s > out.get(r["concept_id"], -2.0):
+            out[r["concept_id"]] = s
+    return out
+
+
+def text_features(q, row, best_similarity, best_trigram, concept_similarity=None):
     """The feature vector (in FEATURES order) of one candidate text ``row``
     (concept_name, text, text_kind, standard_concept, similarity, trigram, and
-    exact: whether the exact-match lookup found it)."""
+    exact: whether the exact-match lookup found it); ``concept_similarity``:
+    the best similarity of its concept (concept_similarities)."""
     text = row["text"]
     ws = words(text)
     stems = {w[:STEM_CHARS] for w in ws}
@@ -128,6 +150,7 @@ def text_features(q, row, best_similarity, best_trigram):
         1.0 if row["text_kind"] == "mapped" else 0.0,
         abs(math.log((len(text) + 1.0) / (q.length + 1.0))),
         1.0 if row["standard_concept"] == "C" else 0.0,
+        (sim if concept_similarity is None else concept_similarity) - best_similarity,
     ]
 
 
@@ -213,10 +236,11 @@ def rank(q, rows, scorer):
     best_sim = max((r["similarity"] for r in rows if r["similarity"] is not None),
                    default=0.0)
     best_trg = max((r["trigram"] or 0.0 for r in rows), default=0.0)
+    csim = concept_similarities(rows)
     best = {}
     order = []
     for r in rows:
-        x = text_features(q, r, best_sim, best_trg)
+        x = text_features(q, r, best_sim, best_trg, csim[r["concept_id"]])
         s = scorer.score(x)
         cid = r["concept_id"]
         if cid not in best:
@@ -227,3 +251,17 @@ def rank(q, rows, scorer):
     pos = {cid: i for i, cid in enumerate(order)}
     ranked = sorted(order, key=lambda cid: (-best[cid][0], pos[cid]))
     return [(cid, best[cid][0], best[cid][1], best[cid][2]) for cid in ranked]
+
+
+def keep_semantic(ranked, semantic_ids, k, admit_score=ADMIT_SCORE):
+    """The first k of ``ranked`` (rank()'s output, in score order) that hold the
+    first k concepts of ``semantic_ids`` (the semantic ranking, exact matches
+    first), except where a concept outside them scores >= ``admit_score``: it
+    displaces the lowest-scored of them. Rows stay in score order (so the
+    confidence still never rises down the ranking)."""
+    must = set(semantic_ids[:k])
+    picked = [i for i, t in enumerate(ranked) if t[0] in must or t[1] >= admit_score][:k]
+    if len(picked) < k:  # fewer than k semantic concepts: the best of the rest
+        taken = set(picked)
+        picked += [i for i in range(len(ranked)) if i not in taken][:k - len(picked)]
+    return [ranked[i] for i in sorted(picked)]

@@ -693,12 +693,14 @@ class Runtime(RegistryMixin, IndexingMixin):
             best_sim = max((r["similarity"] for r in cands if r["similarity"] is not None),
                            default=0.0)
             best_trg = max((r["trigram"] or 0.0 for r in cands), default=0.0)
+            csim = ranking.concept_similarities(cands)
             query = ranking.Query(q)
             exact_ids = {r["concept_id"] for r in exact}
             for r in cands:
                 out.append((i, r["concept_id"], r["text"], r["text_kind"],
                             r["concept_id"] in exact_ids,
-                            ranking.text_features(query, r, best_sim, best_trg),
+                            ranking.text_features(query, r, best_sim, best_trg,
+                                                  csim[r["concept_id"]]),
                             names))
         return out
 
@@ -741,17 +743,21 @@ class Runtime(RegistryMixin, IndexingMixin):
             sc = self.scorers[key] = ranking.Scorer(weights)
         return sc
 
-    def fused_candidates(self, plpy, model, st, vec, k, shape, args, query_text, exact_texts):
+    def fused_candidates(self, plpy, model, st, vec, k, shape, args, query_text, exact_texts,
+                         semantic_ids=None):
         """Candidate text rows of the fused ranking, each with similarity and
-        trigram (see omop_emb_indb.ranking for the sources)."""
+        trigram (see omop_emb_indb.ranking for the sources); the concepts of the
+        semantic source, nearest first, are appended to ``semantic_ids``."""
         mid = model["model_id"]
         metric = model["metric"]
         rows = list(exact_texts)
         exact_keys = {(r["concept_id"], r["text_kind"], r["text"]) for r in exact_texts}
         # Semantic source: at least k concepts whenever k pass the filters.
         sem_rows = []
-        self._semantic_ranking(plpy, model, st, vec, max(k, ranking.SEMANTIC_DEPTH), shape, args,
-                               fused_text=query_text, all_rows=sem_rows)
+        sem = self._semantic_ranking(plpy, model, st, vec, max(k, ranking.SEMANTIC_DEPTH), shape,
+                                     args, fused_text=query_text, all_rows=sem_rows)
+        if semantic_ids is not None:
+            semantic_ids.extend(sem)
         rows += sem_rows
         sql, types, _ = sqlgen.fused_trigram(model, shape)
         rows += self.plan(plpy, ("fused_trgm", mid, shape), sql, types).execute(
@@ -778,15 +784,18 @@ class Runtime(RegistryMixin, IndexingMixin):
 
     def _fused(self, plpy, model, st, vec, k, shape, args, filters, query_text, exact_rows,
                exact_texts, notice):
+        sem_ids = []
         cands = self.fused_candidates(plpy, model, st, vec, k, shape, args, query_text,
-                                      exact_texts)
+                                      exact_texts, sem_ids)
         scorer = self.scorer(model)
         q = ranking.Query(query_text)
         ranked = ranking.rank(q, cands, scorer)
-        # Exact matches first (every mode), then by score.
+        # Exact matches first (every mode), then by score; the semantic ranking's
+        # first k concepts (exact matches first, as in mode semantic) stay.
         ranked = [t for t in ranked if t[0] in exact_rows] + \
             [t for t in ranked if t[0] not in exact_rows]
-        ranked = ranked[:k]
+        semantic = list(exact_rows) + [cid for cid in sem_ids if cid not in exact_rows]
+        ranked = ranking.keep_semantic(ranked, semantic, k)
         if not ranked:
             self._explain_empty(plpy, model, shape, filters, notice)
             return []

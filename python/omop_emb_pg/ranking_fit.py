@@ -25,6 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 K = 10
+# A concept outside the semantic ranking's first k enters the first k rows from
+# this score on (the same rule and value as omop_emb_indb.ranking.ADMIT_SCORE and
+# keep_semantic in the database; a test checks that they agree).
+ADMIT_SCORE = -2.0
 # Platt scaling needs scores of queries the regression did not see.
 FOLDS = 2
 
@@ -85,7 +89,8 @@ def _logistic(X, y, c_reg: float = 1.0):
 
 def rankings(c: Candidates, coef, intercept, queries: set[int] | None = None, k: int = K):
     """Per query: [(concept, score, right)] in the fused order (exact matches
-    first, then by the concept's best text score), top k."""
+    first, then by the concept's best text score), top k, holding the semantic
+    ranking's first k but for concepts scored >= ADMIT_SCORE (keep_semantic)."""
     import numpy as np
 
     scores = np.asarray(c.features, dtype=float) @ np.asarray(coef, dtype=float) + intercept
@@ -101,10 +106,26 @@ def rankings(c: Candidates, coef, intercept, queries: set[int] | None = None, k:
         else:
             cur[0] = max(cur[0], s)
             cur[1] = cur[1] or c.exact[i]
+    # The semantic ranking (exact matches first, then the concept's best similarity).
+    sim_col = c.feature_names.index("similarity") if "similarity" in c.feature_names else None
+    best_sim: dict[int, dict[int, float]] = {}
+    if sim_col is not None:
+        for i, q in enumerate(c.query):
+            if q in per:
+                d = best_sim.setdefault(q, {})
+                d[c.concept[i]] = max(d.get(c.concept[i], -2.0), c.features[i][sim_col])
     out = {}
     for q, d in per.items():
-        order = sorted(d.items(), key=lambda t: (not t[1][1], -t[1][0], t[1][3]))[:k]
-        out[q] = [(cid, v[0], v[2]) for cid, v in order]
+        order = sorted(d.items(), key=lambda t: (not t[1][1], -t[1][0], t[1][3]))
+        if sim_col is not None:
+            sem = sorted(d, key=lambda cid: (not d[cid][1], -best_sim[q][cid]))[:k]
+            must = set(sem)
+            keep = [t for t in order if t[0] in must or t[1][0] >= ADMIT_SCORE][:k]
+            if len(keep) < k:
+                keep += [t for t in order if t not in keep][:k - len(keep)]
+                keep.sort(key=lambda t: order.index(t))
+            order = keep
+        out[q] = [(cid, v[0], v[2]) for cid, v in order[:k]]
     return out
 
 
