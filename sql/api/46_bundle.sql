@@ -374,7 +374,9 @@ BEGIN
         FOREACH ddl IN ARRAY st.index_ddl LOOP
             EXECUTE ddl;
         END LOOP;
-        EXECUTE pg_catalog.format('ANALYZE omop_emb.embedding_%s', st.model_id);
+        -- index_concepts' last step: builds the secondary indexes the table still
+        -- lacks (a first indexing that stopped midway leaves them out), ANALYZE.
+        PERFORM omop_emb_internal.index_finish(import_end.model);
         IF st.hnsw IS NOT NULL THEN
             RAISE NOTICE 'omop_emb: the HNSW index of model % was dropped for the import: searches are exact until omop_emb.create_index(%, ''hnsw'', %, %, %) rebuilds it',
                 pg_catalog.quote_literal(import_end.model), pg_catalog.quote_literal(import_end.model),
@@ -384,8 +386,16 @@ BEGIN
         END IF;
     END IF;
     DROP TABLE pg_temp.omop_emb_import_row, pg_temp.omop_emb_import_vector, pg_temp.omop_emb_import_state;
-    RETURN QUERY SELECT st.mode, pg_catalog.cardinality(st.index_ddl), st.hnsw;
+    -- (bulk and rebuild: every secondary index there now was built by this step)
+    RETURN QUERY SELECT st.mode,
+        CASE WHEN st.mode OPERATOR(pg_catalog.=) 'merge' THEN 0 ELSE
+            (SELECT pg_catalog.count(*)::pg_catalog.int4 FROM pg_catalog.pg_index i
+             JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.indexrelid
+             JOIN pg_catalog.pg_am a ON a.oid OPERATOR(pg_catalog.=) c.relam
+             WHERE i.indrelid OPERATOR(pg_catalog.=) pg_catalog.format('omop_emb.embedding_%s', st.model_id)::pg_catalog.regclass
+               AND NOT i.indisprimary AND a.amname OPERATOR(pg_catalog.<>) 'hnsw') END,
+        st.hnsw;
 END
 $$;
 COMMENT ON FUNCTION omop_emb.import_end(text) IS
-'Finish the import under way (import_begin): in bulk and rebuild mode build the secondary indexes dropped by import_begin again and ANALYZE the table; drop the staging tables. Returns the mode, the number of indexes built and, when an HNSW index was dropped, its parameters (m, ef_construction, metric) for omop_emb.create_index after commit.';
+'Finish the import under way (import_begin): in bulk and rebuild mode build the secondary indexes dropped by import_begin again, and any other the table lacks, and ANALYZE it (omop_emb_internal.index_finish); drop the staging tables. Returns the mode, the number of indexes built and, when an HNSW index was dropped, its parameters (m, ef_construction, metric) for omop_emb.create_index after commit.';
