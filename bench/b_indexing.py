@@ -99,7 +99,7 @@ for _ in range(reps):
     t8 = pc(); add("COPY data encoded and written (copy_binary)", t8 - t7)
     plpy.execute(sqlgen.copy_from(mid, plpy.quote_literal(path)))
     copy_binary.remove_spool(path)
-    t9 = pc(); add("COPY into the embedding table (binary; its indexes)", t9 - t8)
+    t9 = pc(); add("COPY into the embedding table (binary; its primary key)", t9 - t8)
     rt.plan(plpy, "progress", "UPDATE omop_emb.index_progress SET done = done + $2, "
             "updated_at = clock_timestamp() WHERE model_id = $1 AND pid = pg_backend_pid()",
             ["int4", "int8"]).execute([mid, n])
