@@ -363,5 +363,12 @@ def test_fused_rows_hold_the_semantic_first_k_unless_a_lexical_find_is_confident
     assert [t[0] for t in ranking.keep_semantic(ranked, [3, 2, 1], 3, admit_score=5)] == [1, 2, 3]
     # fewer semantic concepts than k: filled with the best of the rest
     assert [t[0] for t in ranking.keep_semantic(ranked, [3], 3, admit_score=5)] == [7, 1, 3]
+    # past KEPT_ROWS rows the score decides: the first 10 rows do not depend on k >= 10
+    many = [(i, 5.0 - i if i < 3 else -3.0 - 0.1 * i, None, None) for i in range(30)]
+    sem = list(range(29, -1, -1))  # semantic's first 10: concepts 29..20
+    first10 = [t[0] for t in ranking.fused_rows(many, sem, 10)]
+    assert first10 == [0, 1, 2] + list(range(20, 27))
+    rows25 = [t[0] for t in ranking.fused_rows(many, sem, 25)]
+    assert rows25[:10] == first10 and rows25[10:] == list(range(3, 18))
     # the offline fit applies the same rule with the same threshold
     assert ranking_fit.ADMIT_SCORE == ranking.ADMIT_SCORE

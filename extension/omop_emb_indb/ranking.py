@@ -69,6 +69,11 @@ TRIGRAM_DEPTH = 30
 INITIALS_DEPTH = 30
 ABBREVIATION_DEPTH = 30
 SEMANTIC_FETCH = 40
+# keep_semantic holds the semantic ranking's first min(k, KEPT_ROWS) concepts in the
+# first min(k, KEPT_ROWS) rows; rows after those follow the score. So the first 10
+# rows are the same whatever k >= 10 is asked for (Recall@10 of a k = 50 search is
+# that of a k = 10 search).
+KEPT_ROWS = 10
 # The score (log-odds) from which a concept outside the semantic ranking's first
 # k may displace one of them from the first k rows (keep_semantic). Chosen by
 # two-fold cross-validation on the fitting halves (-3..0 tried).
@@ -268,3 +273,11 @@ def keep_semantic(ranked, semantic_ids, k, admit_score=ADMIT_SCORE):
         taken = set(picked)
         picked += [i for i in range(len(ranked)) if i not in taken][:k - len(picked)]
     return [ranked[i] for i in sorted(picked)]
+
+
+def fused_rows(ranked, semantic_ids, k):
+    """The k rows of the fused ranking: keep_semantic over the first
+    min(k, KEPT_ROWS) rows, then the best-scored of the rest."""
+    head = keep_semantic(ranked, semantic_ids, min(k, KEPT_ROWS))
+    taken = {t[0] for t in head}
+    return head + [t for t in ranked if t[0] not in taken][:k - len(head)]

@@ -791,11 +791,12 @@ class Runtime(RegistryMixin, IndexingMixin):
         q = ranking.Query(query_text)
         ranked = ranking.rank(q, cands, scorer)
         # Exact matches first (every mode), then by score; the semantic ranking's
-        # first k concepts (exact matches first, as in mode semantic) stay.
+        # first k (at most KEPT_ROWS) concepts (exact matches first, as in mode
+        # semantic) stay in the first k rows.
         ranked = [t for t in ranked if t[0] in exact_rows] + \
             [t for t in ranked if t[0] not in exact_rows]
         semantic = list(exact_rows) + [cid for cid in sem_ids if cid not in exact_rows]
-        ranked = ranking.keep_semantic(ranked, semantic, k)
+        ranked = ranking.fused_rows(ranked, semantic, k)
         if not ranked:
             self._explain_empty(plpy, model, shape, filters, notice)
             return []
