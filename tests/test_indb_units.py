@@ -271,3 +271,14 @@ def test_binary_copy_columns_match_the_embedding_table():
     assert kinds["concept_id"] == kinds["source_concept_id"] == "int4"
     assert kinds["text_hash"] == kinds["embedding"] == "bytes"
     assert all(kinds[c] == "text" for c in ("text_kind", "text", "source_code") + sqlgen.ATTR_COLUMNS)
+
+
+def test_ef_search_is_the_setting_else_the_calibrated_index_else_the_default():
+    from omop_emb_indb import indexing, runtime
+
+    assert indexing.choose_ef_search({40: 0.95, 60: 0.981, 80: 0.99}) == 60
+    assert indexing.choose_ef_search({40: 0.9, 60: 0.95}) == 60  # none reaches: the largest measured
+    assert runtime.ef_search({"ef_search": 120}, {"index_ef_search": 60}) == 120
+    assert runtime.ef_search({"ef_search": None}, {"index_ef_search": 60}) == 60
+    assert runtime.ef_search({"ef_search": None}, {"index_ef_search": None}) == runtime.DEFAULT_EF_SEARCH
+    assert runtime.ef_search({"ef_search": None}, {}) == runtime.DEFAULT_EF_SEARCH

@@ -322,6 +322,13 @@ def test_hnsw_recall_against_exact_search(omop_db, fake_embedder):
             exact[str(filt)] = [ids(conn, "SELECT concept_id FROM omop_emb.nearest(%s::vector, 10, domain_ids => %s)",
                                     (q, filt)) for q in queries]
         conn.execute("SELECT omop_emb.create_index('fake')")
+        # create_index measured recall on the model's own vectors and recorded the smallest
+        # ef_search reaching 0.98; nearest() below searches with it (the setting is unset)
+        params = conn.execute("SELECT index_params FROM omop_emb.models WHERE name = 'fake'").fetchone()[0]
+        cal = params["calibration"]
+        assert cal["queries"] == 50 and cal["target_recall_at_10"] == 0.98
+        assert cal["recall_at_10_by_ef_search"][str(params["ef_search"])] >= 0.98, params
+        assert all(r < 0.98 for ef, r in cal["recall_at_10_by_ef_search"].items() if int(ef) < params["ef_search"])
         plan = "\n".join(r[0] for r in conn.execute(
             "SELECT * FROM omop_emb.explain_nearest('vec:' || %s, 10)", (queries[0][1:-1],)).fetchall())
         assert "Index Scan using embedding_1_hnsw" in plan, plan

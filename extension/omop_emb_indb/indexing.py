@@ -45,6 +45,63 @@ COPY_BINARY_OK_SQL = (
 SWAP_LOCK_TIMEOUT_MS = 200
 SWAP_TRIES = 20
 
+# create_index measures recall@10 of the new HNSW index on a sample of the model's own
+# vectors (each stored vector as a query, itself left out, against an exact scan) and
+# records in index_params the smallest of these hnsw.ef_search values that reaches the
+# target; nearest() searches with it while the setting omop_emb.ef_search is unset. Real
+# embeddings cluster, so most models need far less than a uniform-random worst case
+# (bench/b_realistic.py). CALIBRATION_QUERIES exact scans cost about one sequential
+# read of the table each: ~1 s per query at 1,000,000 x 384, against a build of minutes.
+EF_LADDER = (40, 60, 80, 100, 150, 200, 300, 400)
+CALIBRATION_QUERIES = 50
+CALIBRATION_TARGET = 0.98
+
+
+def choose_ef_search(recall_by_ef, target=CALIBRATION_TARGET):
+    """The smallest ef_search whose recall reaches ``target``, else the largest measured."""
+    ok = sorted(ef for ef, r in recall_by_ef.items() if r >= target)
+    return ok[0] if ok else max(recall_by_ef)
+
+
+def _calibrate_ef_search(plpy, model, metric):
+    """{"ef_search": .., "calibration": {..}} for the model's HNSW index, or {} when the
+    table is too small to measure (fewer rows than the sample needs)."""
+    t = sqlgen.table(model["model_id"])
+    dist = "e.embedding %s $1" % sqlgen.op(metric)
+    # text_hash (SHA-256) orders the rows pseudo-randomly and the same way on every run
+    sample = plpy.execute(
+        "SELECT e.ctid::pg_catalog.text AS id, e.embedding::pg_catalog.text AS v FROM %s e "
+        "ORDER BY e.text_hash LIMIT %d" % (t, CALIBRATION_QUERIES))
+    if len(sample) < CALIBRATION_QUERIES:
+        return {}
+    vt = sqlgen.vector_type(model)
+    exact = plpy.prepare("SELECT e.ctid::pg_catalog.text AS id FROM %s e ORDER BY (%s) + 0 LIMIT 11"
+                         % (t, dist), [vt])
+    approx = plpy.prepare("SELECT e.ctid::pg_catalog.text AS id FROM %s e ORDER BY %s LIMIT 11"
+                          % (t, dist), [vt])
+    set_ef = plpy.prepare("SELECT pg_catalog.set_config('hnsw.ef_search', $1, true)", ["text"])
+
+    def top10(plan, row):
+        return [r["id"] for r in plan.execute([row["v"]]) if r["id"] != row["id"]][:10]
+
+    truth = [set(top10(exact, row)) for row in sample]
+    before = plpy.execute("SELECT pg_catalog.current_setting('hnsw.ef_search') AS v")[0]["v"]
+    recall_by_ef = {}
+    try:
+        for ef in EF_LADDER:
+            set_ef.execute([str(ef)])
+            hits = sum(len(truth[i] & set(top10(approx, row))) for i, row in enumerate(sample))
+            recall_by_ef[ef] = hits / (10.0 * len(sample))
+            if recall_by_ef[ef] >= CALIBRATION_TARGET:
+                break
+    finally:
+        set_ef.execute([before])
+    ef = choose_ef_search(recall_by_ef)
+    return {"ef_search": ef,
+            "calibration": {"queries": len(sample), "target_recall_at_10": CALIBRATION_TARGET,
+                            "recall_at_10_by_ef_search": {str(k): round(v, 4) for k, v in
+                                                          recall_by_ef.items()}}}
+
 
 def _with_short_locks(plpy, statements):
     """Run ``statements`` in a subtransaction with a short lock_timeout, tried
@@ -554,6 +611,8 @@ class IndexingMixin:
         swap = (["DROP INDEX omop_emb.%s" % name] if present else []) + \
             (["ALTER INDEX omop_emb.%s_new RENAME TO %s" % (name, name)] if method == "hnsw" else [])
         _with_short_locks(plpy, swap)
+        if method == "hnsw":
+            params.update(_calibrate_ef_search(plpy, model, metric))
         plpy.execute(plpy.prepare(
             "UPDATE omop_emb.model SET index_method = $2, index_params = $3::jsonb, metric = $4, "
             "generation = pg_catalog.nextval('omop_emb.model_generation_seq'), "

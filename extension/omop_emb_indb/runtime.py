@@ -19,7 +19,10 @@ from .registry import RegistryMixin
 
 # Vectors are kept as pgvector text (~8 KB at 384 dimensions): 512 entries ~ 4 MB per backend.
 SESSION_CACHE_SIZE = 512
-# Measured at 1,000,000 x 384 (bench/results/efc128_1m): with ef_construction 128, ef_search
+# hnsw.ef_search when neither the setting omop_emb.ef_search nor the model's index
+# (create_index records the smallest value reaching recall@10 0.98 on the model's own
+# vectors: indexing.EF_LADDER) gives one. Measured at 1,000,000 x 384 uniform-random
+# clusters, the hardest case (bench/results/efc128_1m): with ef_construction 128, ef_search
 # 100 gives recall@10 0.973 unfiltered, 200 gives 0.9975 for +6 ms.
 DEFAULT_EF_SEARCH = 200
 # nearest_batch embeds and searches its queries this many at a time.
@@ -29,7 +32,14 @@ MODEL_COLUMNS = ("model_id, name, provider, endpoint, remote_model, dimensions, 
                  "document_prefix, query_prefix, api_key_ref, batch_size, max_input_chars, "
                  "connect_timeout_s, read_timeout_s, max_retries, storage, index_method, "
                  "generation, identity_version, vectors_stale, ranking::text AS ranking, "
-                 "vocabulary_schema, vocabulary_version")
+                 "vocabulary_schema, vocabulary_version, "
+                 "pg_catalog.jsonb_extract_path_text(index_params, 'ef_search')::pg_catalog.int4 "
+                 "AS index_ef_search")
+
+def ef_search(st, model):
+    """hnsw.ef_search of a search: the setting, else the model's calibrated value, else the default."""
+    return st["ef_search"] or model.get("index_ef_search") or DEFAULT_EF_SEARCH
+
 
 SETTINGS_SQL = """SELECT current_setting('omop_emb.model', true) AS model,
        current_setting('omop_emb.document_embedding_prefix', true) AS document,
@@ -823,7 +833,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         picked = OrderedDict()
         exact = False
         while True:
-            ef = max(fetch, st["ef_search"] or DEFAULT_EF_SEARCH)
+            ef = max(fetch, ef_search(st, model))
             self.plan(plpy, "set_ef", "SELECT set_config('hnsw.ef_search', $1, true)",
                       ["text"]).execute([str(min(ef, 1000))])
             if fused_text is None:
@@ -912,7 +922,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         sql, types, _ = sqlgen.search(model, shape)
         fetch = k if k >= 50 else min(MAX_K, k + max(k, 20))
         self.plan(plpy, "set_ef", "SELECT set_config('hnsw.ef_search', $1, true)",
-                  ["text"]).execute([str(min(max(fetch, st["ef_search"] or DEFAULT_EF_SEARCH), 1000))])
+                  ["text"]).execute([str(min(max(fetch, ef_search(st, model)), 1000))])
         rows = plpy.execute(plpy.prepare("EXPLAIN " + sql, types),
                             [vec, fetch] + [f for f in filters if f is not None])
         return [vectors.abbreviate_literals(r["QUERY PLAN"]) for r in rows]
