@@ -118,25 +118,32 @@ def synth(n: int, seed: int = 42):
     return X, cl, dom_c[cl], voc_c[cl]
 
 
-def load(dsn: str, server_url: str, n: int) -> tuple[int, dict]:
-    """Register the model and COPY n synthetic rows into its table (skipped when already there)."""
+def load(dsn: str, server_url: str, n: int, model: str = MODEL, data=None) -> tuple[int, dict]:
+    """Register the model and COPY n rows into its table (skipped when already there).
+
+    data: (vectors, domain per row, vocabulary per row, text per row); default: synth(n) and names(n).
+    """
     from pgvector.psycopg import register_vector
 
     from b_indexing import register
 
     info: dict = {}
     with psycopg.connect(dsn, autocommit=True) as c:
-        row = c.execute("SELECT model_id, endpoint FROM omop_emb.model WHERE name = %s", (MODEL,)).fetchone()
+        row = c.execute("SELECT model_id, endpoint FROM omop_emb.model WHERE name = %s", (model,)).fetchone()
         if row:
             mid = row[0]
             have = c.execute(f"SELECT count(*) FROM omop_emb.embedding_{mid}").fetchone()[0]
             if have == n:
-                c.execute("SELECT omop_emb.alter_model(%s, endpoint => %s)", (MODEL, server_url))
+                c.execute("SELECT omop_emb.alter_model(%s, endpoint => %s)", (model, server_url))
                 info["reused"] = True
                 return mid, info
-        mid = register(c, MODEL, server_url)
-    X, cl, dom, voc = synth(n)
-    log(f"query: COPY {n:,} synthetic vectors into omop_emb.embedding_{mid}")
+        mid = register(c, model, server_url)
+    if data is None:
+        X, _, dom, voc = synth(n)
+        nm = names(n)
+    else:
+        X, dom, voc, nm = data
+    log(f"query: COPY {n:,} vectors into omop_emb.embedding_{mid}")
     t0 = time.perf_counter()
     with psycopg.connect(dsn) as c:
         register_vector(c)
@@ -153,7 +160,6 @@ def load(dsn: str, server_url: str, n: int) -> tuple[int, dict]:
                 "embedding) FROM STDIN (FORMAT BINARY)") as cp:
             cp.set_types(["int4", "text", "text", "bytea", "int4", "text", "text", "text", "text", "text",
                           "text", "vector"])
-            nm = names(n)
             for i in range(n):
                 cid = i + 1
                 name = nm[i]
@@ -179,10 +185,10 @@ def extension_ef_search() -> int:
     return DEFAULT_EF_SEARCH
 
 
-def build_index(dsn: str, mid: int, m: int = 16, ef_construction: int = 128) -> dict:
+def build_index(dsn: str, mid: int, m: int = 16, ef_construction: int = 128, model: str = MODEL) -> dict:
     with psycopg.connect(dsn, autocommit=True) as c:
         have, params = c.execute("SELECT index_method, index_params FROM omop_emb.model WHERE name = %s",
-                                 (MODEL,)).fetchone()
+                                 (model,)).fetchone()
         if have == "hnsw" and (params.get("m"), params.get("ef_construction")) != (m, ef_construction):
             have = "rebuild"
         notes: list = []
@@ -196,7 +202,7 @@ def build_index(dsn: str, mid: int, m: int = 16, ef_construction: int = 128) -> 
         else:
             log("query: building the HNSW index (create_index)")
             t0 = time.perf_counter()
-            c.execute("SELECT omop_emb.create_index(%s, 'hnsw', %s, %s)", (MODEL, m, ef_construction))
+            c.execute("SELECT omop_emb.create_index(%s, 'hnsw', %s, %s)", (model, m, ef_construction))
             out["build_s"] = time.perf_counter() - t0
         out["notices"] = notes
         out["index_bytes"] = c.execute(f"SELECT pg_relation_size('omop_emb.embedding_{mid}_hnsw')").fetchone()[0]
@@ -323,6 +329,47 @@ def latency(dsn: str, mid: int, server_url: str, n: int) -> dict:
     return out
 
 
+def exact_top10(X: np.ndarray, idx_pool: np.ndarray, Q: np.ndarray) -> list[set]:
+    """Exact cosine top-10 (concept ids = row + 1) of each query among the rows idx_pool of X (unit rows)."""
+    cand = X if len(idx_pool) == len(X) else X[idx_pool]
+    truth = []
+    for j in range(0, len(Q), 64):
+        S = cand @ Q[j:j + 64].T
+        top = np.argpartition(-S, 10, axis=0)[:10].T
+        truth.extend(set((idx_pool[t] + 1).tolist()) for t in top)
+    return truth
+
+
+def by_ef_search(c, sql: str, params: list[dict], truth: list[set], ef_grid=EF_GRID) -> dict:
+    """Recall@10 and latency of ``sql`` (one row per hit, concept_id first) per omop_emb.ef_search."""
+    out = {}
+    for ef in ef_grid:
+        if ef is None:
+            c.execute("RESET omop_emb.ef_search")
+        else:
+            c.execute(f"SET omop_emb.ef_search = {int(ef)}")
+        c.execute(sql, params[0]).fetchall()  # warm
+        recs, lat = [], []
+        for p, t in zip(params, truth):
+            t0 = time.perf_counter()
+            got = [r[0] for r in c.execute(sql, p)]
+            lat.append(time.perf_counter() - t0)
+            recs.append(len(set(got[:10]) & t) / 10.0)
+        out["default" if ef is None else str(ef)] = {
+            "recall_at_10": float(np.mean(recs)), "min_recall": float(np.min(recs)),
+            "p50_ms": pct([x * 1000 for x in lat], 50), "p95_ms": pct([x * 1000 for x in lat], 95)}
+    c.execute("RESET omop_emb.ef_search")
+    return out
+
+
+def check_truth(c, model: str, X: np.ndarray, q: np.ndarray) -> float:
+    """Overlap of the numpy ground truth with an exact scan in SQL for one query (sanity: 1.0)."""
+    mid = c.execute("SELECT model_id FROM omop_emb.model WHERE name = %s", (model,)).fetchone()[0]
+    ex = {r[0] for r in c.execute(f"SELECT concept_id FROM omop_emb.embedding_{mid} "
+                                  f"ORDER BY (embedding <=> %s) + 0 LIMIT 10", (q,))}
+    return len(ex & exact_top10(X, np.arange(len(X)), q[None, :])[0]) / 10.0
+
+
 def recall(dsn: str, mid: int, n: int, n_queries: int, X=None, meta=None) -> dict:
     from pgvector.psycopg import register_vector
 
@@ -346,34 +393,12 @@ def recall(dsn: str, mid: int, n: int, n_queries: int, X=None, meta=None) -> dic
             g = rng.standard_normal((len(picks), DIM)).astype(np.float32) / np.sqrt(DIM)
             Q = X[picks] + QUERY_NOISE * g
             Q /= np.linalg.norm(Q, axis=1, keepdims=True)
-            # exact ground truth (cosine; all vectors are unit length)
-            cand = X if mask is None else X[idx_pool]
-            ids_map = np.arange(n) if mask is None else idx_pool
-            truth = []
-            for j in range(0, len(Q), 64):
-                S = cand @ Q[j:j + 64].T
-                top = np.argpartition(-S, 10, axis=0)[:10].T
-                truth.extend(set((ids_map[t] + 1).tolist()) for t in top)
-            case = {"rows_in_filter": int(len(idx_pool)), "by_ef": {}}
+            truth = exact_top10(X, idx_pool, Q)  # exact ground truth (cosine; all vectors are unit length)
+            case = {"rows_in_filter": int(len(idx_pool))}
             kw = ", ".join(f"{k} => %({k})s" for k in fargs)
             sql = ("SELECT concept_id FROM omop_emb.nearest(%(v)s::vector, 10, model => %(m)s"
                    + (", " + kw if kw else "") + ")")
-            for ef in EF_GRID:
-                if ef is None:
-                    c.execute("RESET omop_emb.ef_search")
-                else:
-                    c.execute(f"SET omop_emb.ef_search = {int(ef)}")
-                c.execute(sql, {"v": Q[0], "m": MODEL, **fargs}).fetchall()  # warm
-                recs, lat = [], []
-                for qi in range(len(Q)):
-                    t0 = time.perf_counter()
-                    got = [r[0] for r in c.execute(sql, {"v": Q[qi], "m": MODEL, **fargs})]
-                    lat.append(time.perf_counter() - t0)
-                    recs.append(len(set(got[:10]) & truth[qi]) / 10.0)
-                case["by_ef"]["default" if ef is None else str(ef)] = {
-                    "recall_at_10": float(np.mean(recs)), "min_recall": float(np.min(recs)),
-                    "p50_ms": pct([x * 1000 for x in lat], 50), "p95_ms": pct([x * 1000 for x in lat], 95)}
-            c.execute("RESET omop_emb.ef_search")
+            case["by_ef"] = by_ef_search(c, sql, [{"v": q, "m": MODEL, **fargs} for q in Q], truth)
             # the plan pgvector picks for the hand-written equivalent (index or not)
             where = "standard_concept = 'S' AND invalid_reason IS NULL"
             if "domain_ids" in fargs:
@@ -384,14 +409,8 @@ def recall(dsn: str, mid: int, n: int, n_queries: int, X=None, meta=None) -> dic
                              f"ORDER BY embedding <=> %(v)s LIMIT 30", {"v": Q[0], **fargs}).fetchall()
             case["plan_handwritten"] = _strip_vectors([r[0] for r in plan])
             out["cases"][fname] = case
-        # sanity: the numpy ground truth agrees with an exact scan in SQL
         q0 = X[5] + QUERY_NOISE * rng.standard_normal(DIM).astype(np.float32) / np.sqrt(DIM)
-        q0 /= np.linalg.norm(q0)
-        ex = {r[0] for r in c.execute(f"SELECT concept_id FROM omop_emb.embedding_{mid} "
-                                      f"ORDER BY (embedding <=> %s) + 0 LIMIT 10", (q0,))}
-        S = X @ q0
-        np_top = set((np.argpartition(-S, 10)[:10] + 1).tolist())
-        out["ground_truth_check_overlap"] = len(ex & np_top) / 10.0
+        out["ground_truth_check_overlap"] = check_truth(c, MODEL, X, q0 / np.linalg.norm(q0))
     return out
 
 

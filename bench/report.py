@@ -263,8 +263,15 @@ def write(r: dict, out: Path) -> None:
     except Exception as e:  # a plot failure must not lose the table
         print("plots failed:", e, file=sys.stderr)
     # the parts of issue 16 bring their own tables (bench/b_halfvec.py, b_bundle.py, b_servers.py)
-    extra = "".join("\n" + r[k]["markdown"] + "\n" for k in ("halfvec", "bundle", "servers")
+    extra = "".join("\n" + r[k]["markdown"] + "\n" for k in ("halfvec", "bundle", "servers", "realistic")
                     if isinstance(r.get(k), dict) and r[k].get("markdown"))
+    if isinstance(r.get("realistic"), dict) and r["realistic"].get("recall"):
+        try:
+            import b_realistic
+
+            made += b_realistic.plots(r["realistic"], out, r.get("recall"))
+        except Exception as e:
+            print("realistic plots failed:", e, file=sys.stderr)
     md = "# omop_emb benchmarks\n\n" + markdown(r) + extra + "".join(
         f"\n![{m}]({m})\n" for m in made)
     (out / "benchmarks.md").write_text(md)

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Database, Proc, log  # noqa: E402
 
-PARTS = ("indexing", "e5", "query", "modes", "recall", "memory", "batch", "halfvec", "bundle", "servers")
+PARTS = ("indexing", "e5", "query", "modes", "recall", "memory", "batch", "halfvec", "bundle", "servers",
+         "realistic")
 
 
 def main(argv=None) -> int:
@@ -147,13 +148,21 @@ def main(argv=None) -> int:
             results["servers"]["markdown"] = b_servers.markdown(results["servers"])
             save()
         e5 = None
-        if not a.no_e5 and ("e5" in parts or "batch" in parts):
+        if not a.no_e5 and ({"e5", "batch", "realistic"} & set(parts)):
             e5 = Proc("e5")
             servers.append(e5)
         if e5 and "e5" in parts:
             import b_indexing
 
             results["e5_indexing"] = b_indexing.bench_e5(db, e5.url, a.e5_domains.split(","), q)
+            save()
+        if e5 and "realistic" in parts:
+            import b_realistic
+
+            # the same scale as the uniform query/recall table, from real e5 embeddings
+            results["realistic"] = b_realistic.run(db, e5.url, a.scale, rec_n, 500 if q else 5000,
+                                                   ef_construction=a.ef_construction)
+            results["realistic"]["markdown"] = b_realistic.markdown(results["realistic"], results.get("recall"))
             save()
         if e5 and "batch" in parts:
             import b_query
