@@ -118,11 +118,13 @@ def synth(n: int, seed: int = 42):
     return X, cl, dom_c[cl], voc_c[cl]
 
 
-def load(dsn: str, server_url: str, n: int, model: str = MODEL, data=None) -> tuple[int, dict]:
+def load(dsn: str, server_url: str, n: int, model: str | None = None, data=None) -> tuple[int, dict]:
     """Register the model and COPY n rows into its table (skipped when already there).
 
     data: (vectors, domain per row, vocabulary per row, text per row); default: synth(n) and names(n).
+    model: default MODEL as it is at call time (b_halfvec sets it).
     """
+    model = model or MODEL
     from pgvector.psycopg import register_vector
 
     from b_indexing import register
@@ -185,7 +187,8 @@ def extension_ef_search() -> int:
     return DEFAULT_EF_SEARCH
 
 
-def build_index(dsn: str, mid: int, m: int = 16, ef_construction: int = 128, model: str = MODEL) -> dict:
+def build_index(dsn: str, mid: int, m: int = 16, ef_construction: int = 128, model: str | None = None) -> dict:
+    model = model or MODEL
     with psycopg.connect(dsn, autocommit=True) as c:
         have, params = c.execute("SELECT index_method, index_params FROM omop_emb.model WHERE name = %s",
                                  (model,)).fetchone()
