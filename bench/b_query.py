@@ -343,8 +343,18 @@ def exact_top10(X: np.ndarray, idx_pool: np.ndarray, Q: np.ndarray) -> list[set]
     return truth
 
 
-def by_ef_search(c, sql: str, params: list[dict], truth: list[set], ef_grid=EF_GRID) -> dict:
-    """Recall@10 and latency of ``sql`` (one row per hit, concept_id first) per omop_emb.ef_search."""
+TIE_EPS = 1e-3  # ann-benchmarks' tolerance: a hit within d10 + 1e-3 (cosine distance) counts
+
+
+def by_ef_search(c, sql: str, params: list[dict], truth: list[set], ef_grid=EF_GRID, X=None, Q=None) -> dict:
+    """Recall@10 and latency of ``sql`` (one row per hit, concept_id first) per omop_emb.ef_search.
+
+    With X and Q (unit vectors, concept id = row + 1): also the tie-tolerant recall of
+    ann-benchmarks, the share of hits whose exact distance is at most the 10th true distance +
+    TIE_EPS (near-duplicates make the strict figure count equally near rows as misses)."""
+    d10 = None
+    if X is not None:
+        d10 = [float(np.max(1.0 - X[np.fromiter(t, int) - 1] @ q)) for t, q in zip(truth, Q)]
     out = {}
     for ef in ef_grid:
         if ef is None:
@@ -352,15 +362,20 @@ def by_ef_search(c, sql: str, params: list[dict], truth: list[set], ef_grid=EF_G
         else:
             c.execute(f"SET omop_emb.ef_search = {int(ef)}")
         c.execute(sql, params[0]).fetchall()  # warm
-        recs, lat = [], []
-        for p, t in zip(params, truth):
+        recs, lat, tol = [], [], []
+        for i, (p, t) in enumerate(zip(params, truth)):
             t0 = time.perf_counter()
             got = [r[0] for r in c.execute(sql, p)]
             lat.append(time.perf_counter() - t0)
             recs.append(len(set(got[:10]) & t) / 10.0)
+            if d10 is not None:
+                dist = 1.0 - X[np.array(got[:10], dtype=int) - 1] @ Q[i] if got else np.array([])
+                tol.append(float(np.sum(dist <= d10[i] + TIE_EPS)) / 10.0)
         out["default" if ef is None else str(ef)] = {
             "recall_at_10": float(np.mean(recs)), "min_recall": float(np.min(recs)),
             "p50_ms": pct([x * 1000 for x in lat], 50), "p95_ms": pct([x * 1000 for x in lat], 95)}
+        if tol:
+            out["default" if ef is None else str(ef)]["recall_at_10_tie_tolerant"] = float(np.mean(tol))
     c.execute("RESET omop_emb.ef_search")
     return out
 

@@ -317,7 +317,7 @@ def measure(dsn: str, data: dict, n_queries: int, ef_grid=b_query.EF_GRID, model
             truth = b_query.exact_top10(X, idx_pool, Q)
             case = {"rows_in_filter": int(len(idx_pool)), "query_examples": texts[:3],
                     "by_ef": b_query.by_ef_search(c, sql, [{"t": t, "m": model, **fargs} for t in texts], truth,
-                                                  ef_grid)}
+                                                  ef_grid, X=X, Q=Q)}
             out["cases"][fname] = case
         if model == MODEL:
             out["ground_truth_check_overlap"] = b_query.check_truth(c, model, X, Q[0])
@@ -343,13 +343,20 @@ def markdown(r: dict, uniform: dict | None = None) -> str:
     for k, v in info["nn_quantiles"].items():
         if k != "q":
             lines.append(f"| {k} | " + " | ".join(f"{x:.3f}" for x in v) + " |")
-    lines += ["", "Recall@10 / p50 of cached nearest(text, 10) by omop_emb.ef_search; uniform-cluster figures "
-              "(nearest(vector), bench/b_query.py) below each row where the same run or results.json has them:", "",
+    cal = (ix.get("index_params") or {})
+    lines += ["", "Recall@10 (in brackets: tie-tolerant, ann-benchmarks' hits within the 10th true distance + 0.001) / "
+              "p50 of cached nearest(text, 10) by omop_emb.ef_search; ef default = "
+              + (f"{cal['ef_search']}, calibrated by create_index (its recall on 50 stored vectors: "
+                 f"{cal['calibration']['recall_at_10_by_ef_search']})" if "ef_search" in cal else
+                 f"{rec['default_ef_search']}")
+              + ". Uniform-cluster figures (nearest(vector), bench/b_query.py) below each row:", "",
               "| Case | rows in filter | " + " | ".join(f"ef {e}" for e in rec["ef_grid"]) + " |",
               "|---|---|" + "---|" * len(rec["ef_grid"])]
     ucases = list((uniform or {}).get("cases", {}).items())
     for i, (name, case) in enumerate(rec["cases"].items()):
-        cells = [f"{x['recall_at_10']:.4f} / {x['p50_ms']:.2f} ms" for x in case["by_ef"].values()]
+        cells = [f"{x['recall_at_10']:.4f}" + (f" ({x['recall_at_10_tie_tolerant']:.3f})"
+                                               if "recall_at_10_tie_tolerant" in x else "")
+                 + f" / {x['p50_ms']:.2f} ms" for x in case["by_ef"].values()]
         lines.append(f"| realistic, {name} | {case['rows_in_filter']:,} | " + " | ".join(cells) + " |")
         if i < len(ucases):
             un, uc = ucases[i]
@@ -470,7 +477,8 @@ def main(argv=None) -> int:
         e5.stop()
         db.cluster.stop()  # the build phase reniced it: the measure phase starts it afresh
     if "build_s" in old.get("index", {}) and "build_s" not in res.get("index", {"build_s": 0}):
-        res["index"] = {**old["index"], "reused_in_later_phase": True}
+        res["index"] = {**old["index"], "reused_in_later_phase": True,
+                        "index_params": res["index"].get("index_params")}
     res = {**old, **res,
            "command": "python bench/b_realistic.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     res_path.write_text(json.dumps(res, indent=1, default=str))
