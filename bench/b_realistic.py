@@ -262,6 +262,7 @@ def load_halfvec(dsn: str, e5_url: str, vector_mid: int, n: int) -> tuple[int, d
     with psycopg.connect(dsn, autocommit=True) as c:
         row = c.execute("SELECT model_id FROM omop_emb.model WHERE name = %s", (HALF_MODEL,)).fetchone()
         if row and c.execute(f"SELECT count(*) FROM omop_emb.embedding_{row[0]}").fetchone()[0] == n:
+            c.execute("SELECT omop_emb.alter_model(%s, endpoint => %s)", (HALF_MODEL, e5_url))  # this run's server
             return row[0], {"reused": True}
         c.execute("SELECT omop_emb.drop_model(%s, if_exists => true)", (HALF_MODEL,))
         mid = c.execute("SELECT omop_emb.register_model(%s, 'openai', %s, dimensions => %s, document_prefix => "
@@ -387,7 +388,8 @@ def plots(r: dict, out: Path, uniform: dict | None = None) -> list[str]:
         ax.hist(v, bins=bins, histtype="step", density=True, lw=1.5 if "real" == k else 1.2,
                 ls="--" if k.startswith("generated_") and k != "generated_same_size" else "-",
                 label={"real": "real e5 sample", "generated_same_size": "generated (same size as real)",
-                       "uniform_clusters_same_size": "uniform clusters, b_query (same size)"}.get(k, f"generated, all {k[10:]}")
+                       "uniform_clusters_same_size": "uniform clusters, b_query (same size)"}.get(
+                    k, "generated, all " + (f"{int(k[10:]):,}" if k[10:].isdigit() else k))
                 + f" (n={len(v):,})")
     ax.set_xlabel("cosine distance to nearest neighbour")
     ax.set_ylabel("density")
@@ -401,17 +403,22 @@ def plots(r: dict, out: Path, uniform: dict | None = None) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for tag, rec, ls in (("realistic", r["recall"], "-"), ("uniform", uniform, ":")):
         for name, case in (rec or {}).get("cases", {}).items():
-            xs = [x["p50_ms"] for x in case["by_ef"].values()]
-            ys = [x["recall_at_10"] for x in case["by_ef"].values()]
-            ax.plot(xs, ys, "o" + ls, label=f"{tag}, {name}")
-            for ef, xx, yy in zip(case["by_ef"], xs, ys):
+            efs = sorted((e for e in case["by_ef"] if e != "default"), key=int)
+            xs = [case["by_ef"][e]["p50_ms"] for e in efs]
+            ys = [case["by_ef"][e]["recall_at_10"] for e in efs]
+            line, = ax.plot(xs, ys, "o" + ls, label=f"{tag}, {name}")
+            for ef, xx, yy in zip(efs, xs, ys):
                 ax.annotate(f"{ef}", (xx, yy), fontsize=6, xytext=(3, -8), textcoords="offset points")
+            if "default" in case["by_ef"]:  # the default (calibrated or 200) as a star of the same colour
+                d = case["by_ef"]["default"]
+                ax.plot([d["p50_ms"]], [d["recall_at_10"]], "*", ms=10, color=line.get_color())
     ax.axhline(TARGET_RECALL, color="grey", ls=":", lw=1)
     ax.axvline(3.0, color="grey", ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("p50 latency (ms, log)")
     ax.set_ylabel("recall@10 vs exact")
-    ax.set_title(f"Recall / latency by ef_search, {r['vectors']:,} x 384: realistic vs uniform")
+    ax.set_title(f"Recall / latency by ef_search (star: default), {r['vectors']:,} x 384: realistic vs uniform",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -423,9 +430,14 @@ def plots(r: dict, out: Path, uniform: dict | None = None) -> list[str]:
 
 def run(db: Database, e5_url: str, n: int, n_queries: int, n_real: int = 5000, work: Path | None = None,
         ef_construction: int = 128, phase: str = "all", datadir: str | None = None,
-        storage: str = "vector") -> dict:
+        storage: str = "vector", renice: bool = True) -> dict:
     """One run (run_all's part ``realistic``): prepare, load, build, measure."""
-    data = prepare(e5_url, n, n_real, work or Path(db.tmp or "/tmp") / "realistic")
+    if work is None:  # beside the cluster (kept with --datadir), else a private temp dir
+        import tempfile
+
+        work = Path(datadir).parent / "realistic" if datadir else \
+            Path(db.tmp) / "realistic" if db.tmp else Path(tempfile.mkdtemp(prefix="omop_emb_realistic_"))
+    data = prepare(e5_url, n, n_real, work)
     dsn = db.create("bench_realistic", fresh=False)
     db.install(dsn)
     res: dict = {"vectors": n, "generator": data["info"], "storage": storage}
@@ -435,7 +447,7 @@ def run(db: Database, e5_url: str, n: int, n_queries: int, n_real: int = 5000, w
         mid, res["load_halfvec"] = load_halfvec(dsn, e5_url, mid, n)
         model = HALF_MODEL
     if phase in ("all", "build"):
-        if datadir:
+        if datadir and renice:
             renice_cluster(datadir)
         res["index"] = b_query.build_index(dsn, mid, ef_construction=ef_construction, model=model)
     if phase in ("all", "measure"):

@@ -1,6 +1,7 @@
 """Run every omop_emb benchmark and write bench/results/{results.json, benchmarks.md, *.png}.
 
-    .venv/bin/python bench/run_all.py                     # full run (1M vectors; ~30-40 min on 2 cores)
+    .venv/bin/python bench/run_all.py                     # full run (1M vectors; ~60 min on 2 cores,
+                                                          # of which ~20 the realistic 1M part)
     .venv/bin/python bench/run_all.py --scale 20000       # development size
     .venv/bin/python bench/run_all.py --scale 2000 --quick --no-e5   # smoke (tests/test_bench_smoke.py)
 
@@ -161,7 +162,8 @@ def main(argv=None) -> int:
 
             # the same scale as the uniform query/recall table, from real e5 embeddings
             results["realistic"] = b_realistic.run(db, e5.url, a.scale, rec_n, 500 if q else 5000,
-                                                   ef_construction=a.ef_construction)
+                                                   ef_construction=a.ef_construction, datadir=a.datadir,
+                                                   renice=False)
             results["realistic"]["markdown"] = b_realistic.markdown(results["realistic"], results.get("recall"))
             save()
         if e5 and "batch" in parts:
