@@ -47,7 +47,7 @@ CONTROL_TEMPLATE = ROOT / "extension" / "omop_emb.control.in"
 PACKAGE_COPY = ROOT / "python" / "omop_emb_pg" / "_extension"
 
 # Load order: a module comes after the modules it imports.
-MODULES = ["errors", "checks", "suggest", "vectors", "copy_binary", "prefixes", "providers", "sqlgen", "lexical",
+MODULES = ["errors", "checks", "suggest", "vectors", "copy_binary", "prefixes", "providers", "sqlgen", "selectivity", "lexical",
            "ranking_weights", "ranking", "rerank", "http_client", "registry", "indexing", "drift",
            "runtime"]
 

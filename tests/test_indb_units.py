@@ -282,3 +282,34 @@ def test_ef_search_is_the_setting_else_the_calibrated_index_else_the_default():
     assert runtime.ef_search({"ef_search": None}, {"index_ef_search": 60}) == 60
     assert runtime.ef_search({"ef_search": None}, {"index_ef_search": None}) == runtime.DEFAULT_EF_SEARCH
     assert runtime.ef_search({"ef_search": None}, {}) == runtime.DEFAULT_EF_SEARCH
+
+
+def _stats_rows(reltuples, cols):
+    return [{"reltuples": reltuples, "col": col, "vals": vals, "freqs": freqs, "n_distinct": nd,
+             "null_frac": 0.0} for col, (vals, freqs, nd) in cols.items()]
+
+
+def test_a_selective_filter_is_scanned_exactly():
+    from omop_emb_indb import selectivity
+
+    # 1M texts: Condition 10%, Drug 60%; vocabulary CVX 1%, SNOMED 50%; 40 vocabularies in all.
+    stats = selectivity.column_stats(_stats_rows(1_000_000, {
+        "domain_id": (["Drug", "Condition"], [0.6, 0.1], 12),
+        "vocabulary_id": (["SNOMED", "RxNorm", "CVX"], [0.5, 0.3, 0.01], 40)}))
+    exact = selectivity.exact_is_better
+    assert not exact(stats, {"domain_id": None, "vocabulary_id": None})       # no filter: the graph
+    assert not exact(stats, {"domain_id": ["Condition"]})                     # 100,000 rows
+    assert exact(stats, {"vocabulary_id": ["CVX"]})                           # 10,000 rows
+    assert not exact(stats, {"vocabulary_id": ["CVX", "SNOMED"]})             # 510,000 rows
+    # A value ANALYZE did not list is rarer than the listed ones: the rest spread over the others.
+    assert selectivity.estimated_rows(stats, {"vocabulary_id": ["ICD10"]}) == pytest.approx(
+        (1 - 0.81) / 37 * 1_000_000)
+    # Two filters multiply (the planner's independence assumption).
+    assert not exact(stats, {"domain_id": ["Condition"], "vocabulary_id": ["RxNorm"]})  # 30,000
+    assert exact(stats, {"domain_id": ["Condition"], "vocabulary_id": ["RxNorm"]}, limit=50_000)
+    assert exact(stats, {"domain_id": ["Condition"], "vocabulary_id": ["CVX"]})         # 1,000
+    # A filtered column never analyzed: nothing is known, the graph as before.
+    assert not exact(stats, {"concept_class_id": ["Vaccine"]})
+    # A negative n_distinct is a fraction of the rows.
+    s2 = selectivity.column_stats(_stats_rows(1000, {"concept_class_id": ([], [], -0.5)}))
+    assert selectivity.estimated_rows(s2, {"concept_class_id": ["x"]}) == pytest.approx(2.0)

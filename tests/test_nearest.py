@@ -340,6 +340,21 @@ def test_hnsw_recall_against_exact_search(omop_db, fake_embedder):
             recall = sum(len(set(g) & set(e)) for g, e in zip(got, exact[str(filt)])) / (10 * len(queries))
             print(f"\nrecall@10 filter={filt}: {recall:.3f}")
             assert recall >= 0.98
+        # The 5% filter (200 texts) is scanned exactly, not through the graph, unless
+        # omop_emb.exact_scan_rows says otherwise; a bad value is a clear error.
+        q = queries[0][1:-1]
+        explain = "SELECT * FROM omop_emb.explain_nearest('vec:' || %s, 10, domain_ids => ARRAY['Rare'])"
+        plan = "\n".join(r[0] for r in conn.execute(explain, (q,)).fetchall())
+        assert "hnsw" not in plan and "Sort" in plan, plan
+        assert "+ '0'::double precision))" in plan, plan  # ordered by (distance + 0): no index can
+        conn.execute("SET omop_emb.exact_scan_rows = 100")
+        plan = "\n".join(r[0] for r in conn.execute(explain, (q,)).fetchall())
+        # index-shaped again (here the planner still prefers the domain index for 200 rows)
+        assert "+ '0'" not in plan, plan
+        conn.execute("SET omop_emb.exact_scan_rows = 'many'")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="exact_scan_rows"):
+            conn.execute(explain, (q,))
+        conn.execute("RESET omop_emb.exact_scan_rows")
 
 
 def test_query_cache_is_shared_and_skipped_when_read_only(omop_db, fake_embedder):

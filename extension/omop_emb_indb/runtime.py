@@ -9,7 +9,8 @@ that this module imports without PostgreSQL.
 import time
 from collections import OrderedDict
 
-from . import drift, lexical, prefixes, ranking, ranking_weights, rerank as rerank_api, sqlgen, suggest, vectors
+from . import (drift, lexical, prefixes, ranking, ranking_weights, rerank as rerank_api, selectivity,
+               sqlgen, suggest, vectors)
 from .checks import (MAX_K, check_batch_size, check_filters, check_input_length, check_k,
                      int_setting, sql_array)
 from .errors import InvalidArgument, ModelNotFound, NotIndexed, OmopEmbError
@@ -46,6 +47,7 @@ SETTINGS_SQL = """SELECT current_setting('omop_emb.model', true) AS model,
        current_setting('omop_emb.query_embedding_prefix', true) AS query,
        current_setting('omop_emb.strict_prefixes', true) AS strict,
        current_setting('omop_emb.ef_search', true) AS ef_search,
+       current_setting('omop_emb.exact_scan_rows', true) AS exact_scan_rows,
        current_setting('omop_emb.search_mode', true) AS search_mode,
        current_setting('omop_emb.reranker', true) AS reranker,
        current_setting('omop_emb.rerank', true) AS rerank,
@@ -63,6 +65,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         self.warned = set()
         self.session_cache = OrderedDict()
         self.word_stats = {}  # model_id -> (read at, {lexeme: texts holding it})
+        self.filter_stats = {}  # model_id -> (read at, selectivity.column_stats)
         self.known_values = {}  # (model_id, column) -> values the embedding table holds
         self._error_class = None
         self.scorers = {}  # (model_id, ranking json) -> ranking.Scorer
@@ -124,6 +127,8 @@ class Runtime(RegistryMixin, IndexingMixin):
             "strict": (row["strict"] or "").strip().lower() in TRUE_WORDS,
             "read_only": bool(row["read_only"]),
             "ef_search": int_setting(row["ef_search"], "omop_emb.ef_search", 1, MAX_K * 10),
+            "exact_scan_rows": int_setting(row["exact_scan_rows"], "omop_emb.exact_scan_rows", 0,
+                                           2 ** 31 - 1),
             "search_mode": row["search_mode"],
             "reranker": row["reranker"] or None,
             "rerank": (row["rerank"] or "").strip().lower() in TRUE_WORDS,
@@ -182,6 +187,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         for key in [k for k in self.session_cache if k[0] == mid]:
             del self.session_cache[key]
         self.word_stats.pop(mid, None)
+        self.filter_stats.pop(mid, None)
         self.generations.pop(mid, None)
 
     def _model_names(self, plpy):
@@ -831,7 +837,8 @@ class Runtime(RegistryMixin, IndexingMixin):
         if fused_text is not None:
             fetch = max(fetch, ranking.SEMANTIC_FETCH)
         picked = OrderedDict()
-        exact = False
+        # A filter that keeps few rows is scanned exactly from the start (selectivity).
+        exact = self._filter_is_selective(plpy, model, st, shape, args)
         while True:
             ef = max(fetch, ef_search(st, model))
             self.plan(plpy, "set_ef", "SELECT set_config('hnsw.ef_search', $1, true)",
@@ -864,6 +871,28 @@ class Runtime(RegistryMixin, IndexingMixin):
                 continue
             break
         return picked
+
+    def _filter_is_selective(self, plpy, model, st, shape, args):
+        """Whether the filters of a search keep so few rows (planner statistics,
+        read once a minute per session; at most omop_emb.exact_scan_rows, 0: never)
+        that an exact scan beats the graph."""
+        limit = st["exact_scan_rows"]
+        if limit is None:
+            limit = selectivity.EXACT_SCAN_ROWS
+        if not any(shape[0]) or limit == 0:
+            return False
+        mid = model["model_id"]
+        now = time.monotonic()
+        hit = self.filter_stats.get(mid)
+        if hit is None or now - hit[0] > 60:
+            rows = self.plan(plpy, "filter_stats", selectivity.STATS_SQL, ["text"]).execute(
+                [sqlgen.table(mid)])
+            hit = (now, selectivity.column_stats(rows))
+            self.filter_stats[mid] = hit
+        given = iter(args)
+        filters = {col: (next(given) if on else None)
+                   for col, on in zip(selectivity.COLUMNS, shape[0])}
+        return selectivity.exact_is_better(hit[1], filters, limit)
 
     def _lexical_ranking(self, plpy, model, vec, query_text, want, shape, args):
         """{concept_id: best lexical text row} for up to ``want`` concepts, best first."""
@@ -919,12 +948,13 @@ class Runtime(RegistryMixin, IndexingMixin):
         vec = self.embed_texts(plpy, model, "query", [query], st)[0]
         standard_only = True if standard_only is None else bool(standard_only)
         shape = (tuple(f is not None for f in filters), standard_only, bool(include_invalid))
-        sql, types, _ = sqlgen.search(model, shape)
+        args = [f for f in filters if f is not None]
+        sql, types, _ = sqlgen.search(model, shape,
+                                      exact=self._filter_is_selective(plpy, model, st, shape, args))
         fetch = k if k >= 50 else min(MAX_K, k + max(k, 20))
         self.plan(plpy, "set_ef", "SELECT set_config('hnsw.ef_search', $1, true)",
                   ["text"]).execute([str(min(max(fetch, ef_search(st, model)), 1000))])
-        rows = plpy.execute(plpy.prepare("EXPLAIN " + sql, types),
-                            [vec, fetch] + [f for f in filters if f is not None])
+        rows = plpy.execute(plpy.prepare("EXPLAIN " + sql, types), [vec, fetch] + args)
         return [vectors.abbreviate_literals(r["QUERY PLAN"]) for r in rows]
 
     def vocabulary_version_now(self, plpy, schema):
