@@ -156,7 +156,9 @@ def test_index_ctrl_c_cancels_and_resumes(fresh_db, fake_embedder):
                 break
             time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    # The CLI waits up to 30 s for the cancelled session to return (cli.py), then exits: give it
+    # that and some, on a loaded CI machine (the checks below still say whether the CALL stopped).
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "resume" in err and "Traceback" not in err
     t_cancel = time.monotonic()
