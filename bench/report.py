@@ -38,7 +38,7 @@ def rows(r: dict) -> list[tuple]:
     lat = r.get("latency")
     sc = r.get("scale", {})
     nv = sc.get("vectors")
-    if lat:
+    if lat and "baseline_sql" in lat:  # (absent when only the part 'modes' ran)
         b, bb = lat["baseline_sql"], lat["baseline_http_plus_sql"]
         mode = lat.get("default_mode", "")
         for key, label in (("nearest_text_cached_session", "default mode"),
