@@ -193,7 +193,9 @@ def test_into_an_empty_model_with_an_hnsw_index(two_dbs, fake_embedder, tmp_path
     assert index_definitions(b) == before
     with connect(b) as conn:
         method, params = conn.execute("SELECT index_method, index_params FROM omop_emb.model").fetchone()
-        assert method == "hnsw" and params == {"m": 8, "ef_construction": 32}
+        # the same parameters, and create_index's ef_search calibration of the rebuilt graph
+        assert method == "hnsw" and {k: params[k] for k in ("m", "ef_construction")} == {"m": 8, "ef_construction": 32}
+        assert params["calibration"]["queries"] == 50 and params["ef_search"] >= 40, params
     assert fake_embedder.stats()["texts"] == 0
     assert nearest_by_vector(b, vecs) == nearest_by_vector(a, vecs)
 
