@@ -88,12 +88,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         if self.http.interrupt is None:
             check = self.plan(plpy, "interrupt", "SELECT pg_catalog.pg_sleep(0)")
             self.http.interrupt = lambda: check.execute([])
-            rows = plpy.execute(sqlgen.VECTOR_SCHEMA_SQL)
-            if rows:
-                sqlgen.set_vector_schema(rows[0]["nspname"])
-            rows = plpy.execute(sqlgen.TRGM_SCHEMA_SQL)
-            if rows:
-                sqlgen.set_trgm_schema(rows[0]["nspname"])
+            sqlgen.set_extension_schemas(plpy.execute(sqlgen.EXTENSION_SCHEMAS_SQL))
         try:
             return getattr(self, name)(plpy, *args)
         except OmopEmbError as e:

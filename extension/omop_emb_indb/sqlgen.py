@@ -27,36 +27,32 @@ MAX_VECTOR_DIMS = 2000    # pgvector's HNSW limit for vector
 MAX_HALFVEC_DIMS = 4000   # and for halfvec
 
 
-# pgvector's schema, read once per session (Runtime.call). Every type, operator and
-# operator class of pgvector is written qualified with it: a SECURITY DEFINER
-# function runs with search_path = pg_catalog, pg_temp, where pgvector's objects
-# are not found, and where nothing a user created (in public, say) can stand in
-# for them.
+# pgvector's and pg_trgm's schemas, read once per session (Runtime.call). Every
+# type, operator, operator class and function of theirs is written qualified with
+# them: a SECURITY DEFINER function runs with search_path = pg_catalog, pg_temp,
+# where their objects are not found, and where nothing a user created (in public,
+# say) can stand in for them.
 VECTOR_SCHEMA = "public"
-
-
-def set_vector_schema(name):
-    global VECTOR_SCHEMA
-    VECTOR_SCHEMA = name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else \
-        '"%s"' % name.replace('"', '""')
-
-
-VECTOR_SCHEMA_SQL = ("SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n "
-                     "ON n.oid = e.extnamespace WHERE e.extname = 'vector'")
-
-# pg_trgm's schema, likewise (its functions, the % operator and gin_trgm_ops are
-# written qualified with it).
 TRGM_SCHEMA = "public"
 
-
-def set_trgm_schema(name):
-    global TRGM_SCHEMA
-    TRGM_SCHEMA = name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else \
-        '"%s"' % name.replace('"', '""')
+EXTENSION_SCHEMAS_SQL = ("SELECT e.extname, n.nspname FROM pg_catalog.pg_extension e "
+                         "JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace "
+                         "WHERE e.extname IN ('vector', 'pg_trgm')")
 
 
-TRGM_SCHEMA_SQL = ("SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n "
-                   "ON n.oid = e.extnamespace WHERE e.extname = 'pg_trgm'")
+def _quoted_schema(name):
+    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else '"%s"' % name.replace('"', '""')
+
+
+def set_extension_schemas(rows):
+    """Record the schemas of EXTENSION_SCHEMAS_SQL's rows (an extension not installed
+    keeps its default)."""
+    global VECTOR_SCHEMA, TRGM_SCHEMA
+    for r in rows:
+        if r["extname"] == "vector":
+            VECTOR_SCHEMA = _quoted_schema(r["nspname"])
+        else:
+            TRGM_SCHEMA = _quoted_schema(r["nspname"])
 
 
 def trgm(function):
