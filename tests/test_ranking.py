@@ -50,14 +50,19 @@ VOCAB = [
 ]
 
 
+def create_concept_table(conn):
+    """An empty CONCEPT table (CDM 5.4 columns nearest() reads) in a new schema voc."""
+    conn.execute("CREATE SCHEMA voc")
+    conn.execute("CREATE TABLE voc.concept (concept_id int PRIMARY KEY, concept_name text, "
+                 "domain_id text, vocabulary_id text, concept_class_id text, "
+                 "standard_concept text, concept_code text, invalid_reason text)")
+
+
 @pytest.fixture(scope="module")
 def abbrev_db(module_omop_db, e5_server):
     dsn = module_omop_db
     with connect(dsn) as conn:
-        conn.execute("CREATE SCHEMA voc")
-        conn.execute("CREATE TABLE voc.concept (concept_id int PRIMARY KEY, concept_name text, "
-                     "domain_id text, vocabulary_id text, concept_class_id text, "
-                     "standard_concept text, concept_code text, invalid_reason text)")
+        create_concept_table(conn)
         conn.execute("CREATE TABLE voc.concept_synonym (concept_id int, concept_synonym_name text, "
                      "language_concept_id int)")
         for cid, name, syn in VOCAB:
@@ -130,10 +135,7 @@ def test_filters_return_exactly_k_rows_in_every_mode(omop_db, fake_embedder):
     dsn = omop_db
     register_fake_model(dsn, fake_embedder, name="fake")
     with connect(dsn) as conn:
-        conn.execute("CREATE SCHEMA voc")
-        conn.execute("CREATE TABLE voc.concept (concept_id int PRIMARY KEY, concept_name text, "
-                     "domain_id text, vocabulary_id text, concept_class_id text, "
-                     "standard_concept text, concept_code text, invalid_reason text)")
+        create_concept_table(conn)
         conn.execute("INSERT INTO voc.concept SELECT i, 'chronic heart disease number ' || i, "
                      "'Condition', 'SNOMED', CASE WHEN i % 67 = 0 THEN 'Rare' ELSE 'Clinical "
                      "Finding' END, 'S', 'C' || i, NULL FROM generate_series(1, 400) i")
@@ -143,19 +145,23 @@ def test_filters_return_exactly_k_rows_in_every_mode(omop_db, fake_embedder):
         conn.execute("SELECT omop_emb.create_index('fake')")
         n = conn.execute("SELECT count(*) FROM voc.concept WHERE concept_class_id = 'Rare'").fetchone()[0]
         assert n == 5
-        for mode in MODES:
+        # The 5 rare texts are few enough to be scanned exactly (selectivity); with
+        # exact_scan_rows 0 the semantic source goes through the HNSW graph with the filter.
+        for exact_scan_rows, mode in [(None, m) for m in MODES] + [(0, m) for m in MODES if m != "lexical"]:
+            conn.execute("SELECT set_config('omop_emb.exact_scan_rows', %s, false)",
+                         ("" if exact_scan_rows is None else str(exact_scan_rows),))
             for k in (1, 3, n):
                 rows = conn.execute(
                     "SELECT concept_id, concept_class_id FROM omop_emb.nearest("
                     "'chronic heart disease', %s, concept_class_ids => %s, mode => %s)",
                     (k, ["Rare"], mode)).fetchall()
-                assert all(r[1] == "Rare" for r in rows), (mode, rows)
+                assert all(r[1] == "Rare" for r in rows), (mode, exact_scan_rows, rows)
                 assert len({r[0] for r in rows}) == len(rows)
                 if mode == "lexical":
                     # words only: no rare concept shares a word with the query
                     assert rows == []
                 else:
-                    assert len(rows) == k, (mode, k, len(rows))
+                    assert len(rows) == k, (mode, exact_scan_rows, k, len(rows))
             # and unfiltered: k rows, none of the rare class needed
             rows = conn.execute("SELECT count(*) FROM omop_emb.nearest('chronic heart disease', "
                                 "10, mode => %s)", (mode,)).fetchone()
@@ -194,10 +200,7 @@ def rerank_db(omop_db, fake_embedder):
     dsn = omop_db
     register_fake_model(dsn, fake_embedder, name="fake")
     with connect(dsn) as conn:
-        conn.execute("CREATE SCHEMA voc")
-        conn.execute("CREATE TABLE voc.concept (concept_id int PRIMARY KEY, concept_name text, "
-                     "domain_id text, vocabulary_id text, concept_class_id text, "
-                     "standard_concept text, concept_code text, invalid_reason text)")
+        create_concept_table(conn)
         names = ["kidney stone", "stone in the kidney left side", "acute kidney failure",
                  "heart failure", "broken left hip", "left hip pain", "hip fracture",
                  "chronic cough", "dry cough at night", "migraine"]
