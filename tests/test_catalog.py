@@ -72,6 +72,7 @@ CLIENT = {
     "allow_env_key": ("allow_env_key", {}),
     "index_concepts": ("index_concepts", {}),
     "create_index": ("create_index", {}),
+    "calibrate_index": ("calibrate_index", {}),
     "status": ("status", {}),
     "clear_cache": ("clear_cache", {}),
     "version": ("version", {}),
@@ -108,6 +109,7 @@ CLI = {
     "index": ("index_concepts", {}),
     "register-model": ("register_model", {}),
     "create-index": ("create_index", {}),
+    "calibrate-index": ("calibrate_index", {}),
     "status": ("status", {}),
 }
 

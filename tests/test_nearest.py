@@ -327,6 +327,7 @@ def test_hnsw_recall_against_exact_search(omop_db, fake_embedder):
         params = conn.execute("SELECT index_params FROM omop_emb.models WHERE name = 'fake'").fetchone()[0]
         cal = params["calibration"]
         assert cal["queries"] == 50 and cal["target_recall_at_10"] == 0.98
+        assert (cal["cached_queries"], cal["stored_vectors"]) == (0, 50)  # no text searched yet
         assert cal["recall_at_10_by_ef_search"][str(params["ef_search"])] >= 0.98, params
         assert all(r < 0.98 for ef, r in cal["recall_at_10_by_ef_search"].items() if int(ef) < params["ef_search"])
         plan = "\n".join(r[0] for r in conn.execute(
@@ -343,6 +344,17 @@ def test_hnsw_recall_against_exact_search(omop_db, fake_embedder):
             print(f"\nrecall@10 filter={filt}: {recall:.3f}")
             assert recall >= 0.98
         conn.execute("RESET omop_emb.exact_scan_rows")
+        # calibrate_index measures again, first on the real queries cached since the build
+        # (30 text searches; 20 stored vectors make up the sample), and keeps the build's params
+        for q in queries:
+            conn.execute("SELECT count(*) FROM omop_emb.nearest('vec:' || %s, 10)", (q[1:-1],))
+        again = conn.execute("SELECT omop_emb.calibrate_index('fake')").fetchone()[0]
+        cal = again["calibration"]
+        assert (cal["queries"], cal["cached_queries"], cal["stored_vectors"]) == (50, 30, 20), again
+        assert (again["m"], again["ef_construction"]) == (params["m"], params["ef_construction"])
+        by_ef = cal["recall_at_10_by_ef_search"]
+        assert again["ef_search"] == min([int(e) for e, r in by_ef.items() if r >= 0.98] or [max(map(int, by_ef))])
+        assert conn.execute("SELECT index_params FROM omop_emb.models WHERE name = 'fake'").fetchone()[0] == again
         # The 5% filter (200 texts) is scanned exactly, not through the graph, unless
         # omop_emb.exact_scan_rows says otherwise; a bad value is a clear error.
         q = queries[0][1:-1]

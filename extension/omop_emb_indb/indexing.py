@@ -45,16 +45,24 @@ COPY_BINARY_OK_SQL = (
 SWAP_LOCK_TIMEOUT_MS = 200
 SWAP_TRIES = 20
 
-# create_index measures recall@10 of the new HNSW index on a sample of the model's own
-# vectors (each stored vector as a query, itself left out, against an exact scan) and
-# records in index_params the smallest of these hnsw.ef_search values that reaches the
-# target; nearest() searches with it while the setting omop_emb.ef_search is unset. Real
+# create_index measures recall@10 of the new HNSW index on a sample of queries against
+# an exact scan and records in index_params the smallest of these hnsw.ef_search values
+# that reaches the target; nearest() searches with it while the setting
+# omop_emb.ef_search is unset. The sample is the model's most recent real queries (the
+# query-role vectors of omop_emb.query_cache, this identity's only) topped up with the
+# model's own stored vectors (each as a query, itself left out). Real queries come
+# first because stored vectors flatter the index: each lies in a dense part of the
+# graph, while a query-role vector lies farther from every document (realistic 1M:
+# stored vectors chose ef 200, whose recall on real queries was 0.9645).
+# calibrate_index() measures again later, once real queries have been cached. Real
 # embeddings cluster, so most models need far less than a uniform-random worst case
 # (bench/b_realistic.py). CALIBRATION_QUERIES exact scans cost about one sequential
 # read of the table each: ~1 s per query at 1,000,000 x 384, against a build of minutes.
 EF_LADDER = (40, 60, 80, 100, 150, 200, 300, 400)
 CALIBRATION_QUERIES = 50
 CALIBRATION_TARGET = 0.98
+# cached query vectors read to find CALIBRATION_QUERIES of the model's current identity
+CALIBRATION_CACHE_SCAN = 20 * CALIBRATION_QUERIES
 
 
 def choose_ef_search(recall_by_ef, target=CALIBRATION_TARGET):
@@ -63,16 +71,40 @@ def choose_ef_search(recall_by_ef, target=CALIBRATION_TARGET):
     return ok[0] if ok else max(recall_by_ef)
 
 
+def calibration_sample(cached, stored, size=CALIBRATION_QUERIES):
+    """The queries of a calibration: ``cached`` real query vectors first, then
+    ``stored`` vectors up to ``size``. Each is {"id": ctid or None, "v": vector text};
+    a stored vector (id set) is left out of its own answers."""
+    out = [{"id": None, "v": v} for v in cached[:size]]
+    return out + list(stored[:size - len(out)])
+
+
+def _cached_queries(plpy, model):
+    """Text forms of the most recent query vectors cached for the model as it is now
+    (the cache keeps entries of earlier identities, keyed by another hash)."""
+    ident = model["identity_version"]
+    rows = plpy.execute(plpy.prepare(
+        "SELECT c.text, c.text_hash, c.embedding::pg_catalog.text AS v FROM omop_emb.query_cache c "
+        "WHERE c.model_id OPERATOR(pg_catalog.=) $1 AND c.role OPERATOR(pg_catalog.=) 'query' "
+        "ORDER BY c.created_at DESC, c.text_hash LIMIT %d" % CALIBRATION_CACHE_SCAN, ["int4"]),
+        [model["model_id"]])
+    return [r["v"] for r in rows if bytes(r["text_hash"]) == vectors.identity_hash(r["text"], ident)]
+
+
 def _calibrate_ef_search(plpy, model, metric):
-    """{"ef_search": .., "calibration": {..}} for the model's HNSW index, or {} when the
-    table is too small to measure (fewer rows than the sample needs)."""
+    """{"ef_search": .., "calibration": {..}} for the model's HNSW index, or {} when
+    the table holds fewer rows than the sample needs."""
     t = sqlgen.table(model["model_id"])
     dist = "e.embedding %s $1" % sqlgen.op(metric)
+    cached = _cached_queries(plpy, model)
     # text_hash (SHA-256) orders the rows pseudo-randomly and the same way on every run
-    sample = plpy.execute(
+    stored = plpy.execute(
         "SELECT e.ctid::pg_catalog.text AS id, e.embedding::pg_catalog.text AS v FROM %s e "
-        "ORDER BY e.text_hash LIMIT %d" % (t, CALIBRATION_QUERIES))
-    if len(sample) < CALIBRATION_QUERIES:
+        "ORDER BY e.text_hash LIMIT %d" % (t, max(0, CALIBRATION_QUERIES - len(cached))))
+    sample = calibration_sample(cached, [{"id": r["id"], "v": r["v"]} for r in stored])
+    # a table smaller than the sample is searched about exactly at any ef_search
+    if len(sample) < CALIBRATION_QUERIES or \
+            len(plpy.execute("SELECT 1 FROM %s LIMIT %d" % (t, CALIBRATION_QUERIES))) < CALIBRATION_QUERIES:
         return {}
     vt = sqlgen.vector_type(model)
     exact = plpy.prepare("SELECT e.ctid::pg_catalog.text AS id FROM %s e ORDER BY (%s) + 0 LIMIT 11"
@@ -91,14 +123,17 @@ def _calibrate_ef_search(plpy, model, metric):
         for ef in EF_LADDER:
             set_ef.execute([str(ef)])
             hits = sum(len(truth[i] & set(top10(approx, row))) for i, row in enumerate(sample))
-            recall_by_ef[ef] = hits / (10.0 * len(sample))
+            recall_by_ef[ef] = hits / float(sum(len(x) for x in truth))
             if recall_by_ef[ef] >= CALIBRATION_TARGET:
                 break
     finally:
         set_ef.execute([before])
     ef = choose_ef_search(recall_by_ef)
+    n_cached = sum(1 for row in sample if row["id"] is None)
     return {"ef_search": ef,
-            "calibration": {"queries": len(sample), "target_recall_at_10": CALIBRATION_TARGET,
+            "calibration": {"queries": len(sample), "cached_queries": n_cached,
+                            "stored_vectors": len(sample) - n_cached,
+                            "target_recall_at_10": CALIBRATION_TARGET,
                             "recall_at_10_by_ef_search": {str(k): round(v, 4) for k, v in
                                                           recall_by_ef.items()}}}
 
@@ -621,6 +656,34 @@ class IndexingMixin:
         # Plans were prepared for the old metric (other sessions see the generation).
         self.forget_model(mid)
         return method
+
+    def calibrate_index(self, plpy, model_name):
+        """Measure the HNSW index's ef_search again (create_index's calibration) on the
+        real queries cached since; returns the new index_params."""
+        model = self.model(plpy, model_name)
+        if model["index_method"] != "hnsw":
+            raise InvalidArgument(
+                "model %r has no HNSW index to calibrate (index method: %s)"
+                % (model["name"], model["index_method"] or "none"),
+                hint="Build one first: SELECT omop_emb.create_index(%s);" % plpy.quote_literal(model["name"]))
+        mid = model["model_id"]
+        _lock_model(plpy, mid)
+        params = json.loads(plpy.execute(plpy.prepare(
+            "SELECT index_params::pg_catalog.text AS p FROM omop_emb.model WHERE model_id = $1",
+            ["int4"]), [mid])[0]["p"] or "{}")
+        found = _calibrate_ef_search(plpy, model, model["metric"])
+        if not found:
+            plpy.notice("omop_emb: model %r holds fewer than %d vectors, too few to measure recall on: "
+                        "its index_params stay as they are (a table this small is searched about exactly "
+                        "at any ef_search)" % (model["name"], CALIBRATION_QUERIES))
+            return json.dumps(params)
+        params.update(found)
+        plpy.execute(plpy.prepare(
+            "UPDATE omop_emb.model SET index_params = $2::jsonb, "
+            "generation = pg_catalog.nextval('omop_emb.model_generation_seq'), "
+            "updated_at = now() WHERE model_id = $1", ["int4", "text"]), [mid, json.dumps(params)])
+        self.forget_model(mid)
+        return json.dumps(params)
 
     def index_finish(self, plpy, model_name):
         """Refresh planner statistics so that searches plan on the real row count."""

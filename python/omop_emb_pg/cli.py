@@ -638,6 +638,26 @@ def cmd_create_index(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- calibrate-index
+def add_calibrate_index_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate-index", help="measure the HNSW index's ef_search again on cached real "
+                                               "queries (administrator)",
+                       description="omop_emb.calibrate_index(model): recall@10 on the model's most recent "
+                                   "real queries, the smallest ef_search reaching 0.98 is recorded.")
+    _add_conn_args(p)
+    p.set_defaults(func=cmd_calibrate_index)
+
+
+def cmd_calibrate_index(args: argparse.Namespace) -> int:
+    with _client(args) as db:
+        params = db.calibrate_index()
+    cal = params.get("calibration", {})
+    print(f"ef_search: {params.get('ef_search')} (recall@10 by ef_search "
+          f"{cal.get('recall_at_10_by_ef_search')}; {cal.get('cached_queries', 0)} cached real queries, "
+          f"{cal.get('stored_vectors', 0)} stored vectors)")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- status
 def add_status_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="models, prefixes, counts, pending concepts, index, cache hit rate")
@@ -1069,6 +1089,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_register_model_parser,
     add_index_parser,
     add_create_index_parser,
+    add_calibrate_index_parser,
     add_search_parser,
     add_fit_ranking_parser,
     add_status_parser,

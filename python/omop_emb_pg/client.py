@@ -526,6 +526,11 @@ class OmopEmb:
                                 "ef_construction": ef_construction, "metric": metric})
         return self._scalar(f"SELECT omop_emb.create_index({named[2:]})", params)
 
+    def calibrate_index(self, *, model: str | None = None) -> dict:
+        """Measure the HNSW index's ef_search again on the real queries cached since the
+        build (``omop_emb.calibrate_index``); returns the new ``index_params``."""
+        return self._scalar("SELECT omop_emb.calibrate_index(%s)", (self._m(model),))
+
     def status(self) -> list[ModelStatus]:
         """One :class:`ModelStatus` per registered model (``omop_emb.status()``)."""
         return [_from_row(ModelStatus, r) for r in self._rows("SELECT * FROM omop_emb.status()")]
