@@ -278,6 +278,10 @@ def test_ef_search_is_the_setting_else_the_calibrated_index_else_the_default():
 
     assert indexing.choose_ef_search({40: 0.95, 60: 0.981, 80: 0.99}) == 60
     assert indexing.choose_ef_search({40: 0.9, 60: 0.95}) == 60  # none reaches: the largest measured
+    assert runtime.ef_search({"ef_search": 120}, {"index_ef_search": 60}) == 120
+    assert runtime.ef_search({"ef_search": None}, {"index_ef_search": 60}) == 60
+    assert runtime.ef_search({"ef_search": None}, {"index_ef_search": None}) == runtime.DEFAULT_EF_SEARCH
+    assert runtime.ef_search({"ef_search": None}, {}) == runtime.DEFAULT_EF_SEARCH
 
 
 def test_calibration_sample_takes_cached_real_queries_first():
@@ -288,10 +292,6 @@ def test_calibration_sample_takes_cached_real_queries_first():
     assert got == [{"id": None, "v": "[q1]"}, {"id": None, "v": "[q2]"}, stored[0], stored[1]]
     assert indexing.calibration_sample(["[q%d]" % i for i in range(9)], stored, size=4) == \
         [{"id": None, "v": "[q%d]" % i} for i in range(4)]  # enough real queries: no stored vector
-    assert runtime.ef_search({"ef_search": 120}, {"index_ef_search": 60}) == 120
-    assert runtime.ef_search({"ef_search": None}, {"index_ef_search": 60}) == 60
-    assert runtime.ef_search({"ef_search": None}, {"index_ef_search": None}) == runtime.DEFAULT_EF_SEARCH
-    assert runtime.ef_search({"ef_search": None}, {}) == runtime.DEFAULT_EF_SEARCH
 
 
 def _stats_rows(reltuples, cols):
