@@ -272,6 +272,59 @@ def test_failing_batch_commits_nothing_and_rerun_completes(vocab_db, fake_embedd
     assert queue_len(vocab_db, fault_model) == 0
 
 
+def test_fault_in_a_prefetched_chunk_keeps_the_committed_batches(vocab_db, fake_embedder, fault_model):
+    """index_concepts keeps two requests of a batch in flight (http_client.EmbeddingPipeline)
+    while it claims the rest. A chunk that fails after an earlier chunk of its batch was
+    embedded rolls back that batch only: the batches committed before stay, nothing is left
+    half-stored, no later batch is started, and a re-run completes."""
+    with connect(vocab_db) as c:
+        c.execute("SELECT omop_emb.alter_model(%s, max_retries => 0, batch_size => 10)", (fault_model,))
+        # Batches of 40 texts = 4 requests of 10. Requests 1-4 are batch 1 (committed),
+        # request 5 is batch 2's first chunk (answered), the next one fails.
+        fake_embedder.set_fault("status", status=500, skip=5)
+        e, _ = sql_error(c, INDEX_SQL, (fault_model, 40, None))
+        msg = full_text(e)
+        assert e.diag.sqlstate == "OE001" and "HTTP 500" in msg, msg
+        assert 6 <= fake_embedder.stats()["requests"] <= 8  # batch 2's chunks at most
+        assert count_rows(vocab_db, fault_model) == 40
+        expected = expected_name_texts(vocab_db)
+        assert queue_len(vocab_db, fault_model) == expected - 40
+        fake_embedder.clear_fault()
+        c.execute(INDEX_SQL, (fault_model, 40, None))
+    rows, distinct, expected = index_invariants(vocab_db, fault_model)
+    assert rows == distinct == expected
+    assert queue_len(vocab_db, fault_model) == 0
+
+
+def test_cancel_during_a_pipelined_index_run(vocab_db, fake_embedder, fault_model):
+    """statement_timeout while chunks are queued and one is in flight: the cancel comes
+    back at once, the batch under way rolls back, no HTTP thread is left in the backend,
+    and a re-run completes."""
+    fake_embedder.set_fault("slow", seconds=0.15)
+    with connect(vocab_db) as c:
+        c.execute(HTTP_THREADS_SQL)
+        c.execute("SELECT omop_emb.alter_model(%s, batch_size => 10)", (fault_model,))
+        c.execute("SET statement_timeout = '1500ms'")
+        e, elapsed = sql_error(c, INDEX_SQL, (fault_model, 40, None))
+        assert e.diag.sqlstate == "57014", full_text(e)
+        assert elapsed < 1.5 + 0.5, elapsed
+        c.execute("SET statement_timeout = 0")
+        # The pipeline's thread is joined before the call returns; a request thread it
+        # abandoned ends as its socket is shut down.
+        deadline = time.monotonic() + 2
+        while (threads := scalar(c, "SELECT public.t_http_threads()")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threads == 0, threads
+        committed = count_rows(vocab_db, fault_model)
+        assert committed > 0 and committed % 40 == 0, committed
+        fake_embedder.clear_fault()
+        c.execute(INDEX_SQL, (fault_model, 40, None))
+    rows, distinct, expected = index_invariants(vocab_db, fault_model)
+    assert rows == distinct == expected
+    FAULT_RESULTS["statement_timeout during a pipelined index_concepts"] = (
+        f"57014 after {elapsed:.2f}s (timeout 1.5s), {committed} rows kept, 0 HTTP threads left")
+
+
 def test_backend_terminated_mid_run(vocab_db, pg, fake_embedder, fault_model):
     fake_embedder.set_fault("slow", seconds=0.05)
     run = Runner(vocab_db, INDEX_SQL, (fault_model, 10, None))

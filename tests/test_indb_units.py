@@ -328,3 +328,86 @@ def test_a_selective_filter_is_scanned_exactly():
     # A negative n_distinct is a fraction of the rows.
     s2 = selectivity.column_stats(_stats_rows(1000, {"concept_class_id": ([], [], -0.5)}))
     assert selectivity.estimated_rows(s2, {"concept_class_id": ["x"]}) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pipeline_embeds_in_order_and_leaves_no_thread(threads):
+    import threading
+
+    from omop_emb_indb.http_client import EmbeddingHTTP, EmbeddingPipeline
+
+    seen = []
+
+    def embed(texts):
+        seen.append(threading.current_thread().name)
+        return [t.upper() for t in texts]
+
+    with EmbeddingPipeline(EmbeddingHTTP(), embed, threads) as p:
+        jobs = [p.submit(["a%d" % i, "b%d" % i]) for i in range(5)]
+        assert [p.result(j) for j in jobs] == [["A%d" % i, "B%d" % i] for i in range(5)]
+    assert set(seen) == {EmbeddingPipeline.THREAD_NAME}
+    assert not any(t.name == EmbeddingPipeline.THREAD_NAME for t in threading.enumerate())
+
+
+def test_pipeline_failure_fails_the_later_chunks_without_sending_them():
+    from omop_emb_indb.errors import EmbeddingServiceError
+    from omop_emb_indb.http_client import EmbeddingHTTP, EmbeddingPipeline
+
+    sent = []
+
+    def embed(texts):
+        sent.append(texts[0])
+        if texts[0] == "fail":
+            raise EmbeddingServiceError("server said no")
+        return texts
+
+    with EmbeddingPipeline(EmbeddingHTTP(), embed) as p:
+        ok, bad, later = p.submit(["ok"]), p.submit(["fail"]), p.submit(["later"])
+        assert p.result(ok) == ["ok"]
+        with pytest.raises(EmbeddingServiceError, match="server said no"):
+            p.result(bad)
+        with pytest.raises(EmbeddingServiceError):
+            p.result(later)
+    assert sent == ["ok", "fail"]
+
+
+def test_pipeline_wait_is_interruptible_and_stops_the_thread():
+    """A cancel seen by the backend's thread while it waits ends the wait; leaving the
+    block stops the thread's request (its wait sees the stop flag) and joins it."""
+    import threading
+    import time
+
+    from omop_emb_indb.http_client import EmbeddingHTTP, EmbeddingPipeline, PipelineStopped
+
+    class Cancelled(Exception):
+        pass
+
+    http = EmbeddingHTTP()
+    calls = []
+
+    def interrupt():
+        calls.append(threading.current_thread().name)
+        if len(calls) > 3:
+            raise Cancelled()
+
+    http.interrupt = interrupt
+    stopped = []
+
+    def embed(texts):  # a request that never answers, checking the stop flag like _send
+        try:
+            while True:
+                http._check_interrupt()
+                time.sleep(0.005)
+        except PipelineStopped:
+            stopped.append(True)
+            raise
+
+    t0 = time.monotonic()
+    with pytest.raises(Cancelled):
+        with EmbeddingPipeline(http, embed) as p:
+            p.result(p.submit(["x"]))
+    assert time.monotonic() - t0 < 1
+    assert stopped == [True]
+    # only the waiting thread called the backend's interrupt check
+    assert set(calls) == {threading.current_thread().name}
+    assert not any(t.name == EmbeddingPipeline.THREAD_NAME for t in threading.enumerate())

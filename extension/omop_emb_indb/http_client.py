@@ -130,6 +130,14 @@ class EmbeddingHTTP:
         # statement_timeout): PostgreSQL cannot interrupt Python blocked in a socket
         # read, so the request runs in a thread while the backend keeps checking.
         self.interrupt = interrupt
+        # A thread of an EmbeddingPipeline checks its own stop flag instead:
+        # only the backend's thread may call plpy.
+        self._local = threading.local()
+
+    def _check_interrupt(self):
+        check = getattr(self._local, "interrupt", None) or self.interrupt
+        if check is not None:
+            check()
 
     def _send(self, session, method, url, timeout, deadline_s, **kw):
         """``session.request`` in a thread, given up (socket shut down) when the
@@ -153,12 +161,11 @@ class EmbeddingHTTP:
             if time.monotonic() > ends:
                 _abort(thread)
                 raise DeadlineExceeded()
-            if self.interrupt is not None:
-                try:
-                    self.interrupt()  # raises when the statement was cancelled
-                except BaseException:
-                    _abort(thread)
-                    raise
+            try:
+                self._check_interrupt()  # raises when the statement was cancelled
+            except BaseException:
+                _abort(thread)
+                raise
         if "exc" in box:
             raise box["exc"]
         return box["resp"]
@@ -380,3 +387,96 @@ def _status_hint(status):
     if status == 429:
         return "Rate limited after retries: lower the load or raise max_retries."
     return "The embedding server failed; retried with backoff. Check its logs."
+
+
+class PipelineStopped(Exception):
+    """The backend stopped its pipeline (the statement was cancelled or failed)."""
+
+
+class EmbeddingPipeline:
+    """Embed the chunks of a batch in background threads (``threads`` requests in
+    flight), results taken in the order submitted: the server embeds one chunk while
+    the backend claims the rest of the batch, or reads and checks the answer before
+    (one request at a time, the backend and the server each waited for the other).
+
+    ``embed(texts)`` runs in a thread and must not touch plpy: only the backend's
+    thread may. That thread waits for each result in slices of INTERRUPT_POLL_S and
+    checks for cancels between them (``result``). The threads' own HTTP waits check
+    the pipeline's stop flag instead, so that leaving the ``with`` block, normally or
+    by an error (a cancel included), stops them at once: a request running is
+    abandoned (its socket shut down), chunks not started are dropped, and the threads
+    are joined before the block is left. After a chunk fails, no chunk is started and
+    the ones not done fail with the same error (their texts stay claimed by the
+    transaction, which the error rolls back into the queue)."""
+
+    THREAD_NAME = "omop_emb-http-pipeline"
+
+    def __init__(self, http, embed, threads=1):
+        self.http = http
+        self._embed = embed
+        self._stop = threading.Event()
+        self._jobs = []
+        self._cv = threading.Condition()
+        self._threads = []
+        self._want = max(1, int(threads))
+        self._failed = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def submit(self, texts):
+        """Queue one chunk; returns the job that ``result`` waits for."""
+        job = {"texts": texts, "done": threading.Event()}
+        with self._cv:
+            self._jobs.append(job)
+            self._cv.notify()
+        if len(self._threads) < min(self._want, len(self._jobs) + len(self._threads)):
+            t = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
+            self._threads.append(t)
+            t.start()
+        return job
+
+    def _stopped(self):
+        if self._stop.is_set():
+            raise PipelineStopped()
+
+    def _run(self):
+        self.http._local.interrupt = self._stopped
+        while True:
+            with self._cv:
+                while not self._jobs and not self._stop.is_set():
+                    self._cv.wait()
+                if self._stop.is_set():
+                    return
+                job = self._jobs.pop(0)
+                failed = self._failed
+            if failed is None:
+                try:
+                    job["result"] = self._embed(job["texts"])
+                except BaseException as e:  # handed to the backend's thread by result()
+                    with self._cv:
+                        self._failed = failed = self._failed or e
+            if failed is not None:
+                job["exc"] = failed
+            job["done"].set()
+
+    def result(self, job):
+        """The vectors of ``job`` (the backend's thread only: it checks for cancels)."""
+        while not job["done"].wait(self.http.INTERRUPT_POLL_S):
+            self.http._check_interrupt()
+        if "exc" in job:
+            raise job["exc"]
+        return job["result"]
+
+    def close(self):
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        # Bounded: a thread's HTTP wait checks the stop flag every INTERRUPT_POLL_S.
+        for t in self._threads:
+            t.join()
+        self._threads = []

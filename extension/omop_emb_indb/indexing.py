@@ -15,7 +15,7 @@
 
 import json
 
-from . import copy_binary, sqlgen, vectors
+from . import copy_binary, http_client, sqlgen, vectors
 from .checks import check_filters
 from .errors import InvalidArgument, UnsafeRelation
 
@@ -176,6 +176,12 @@ REQUESTS_PER_BATCH = 4
 # build over all rows costs less than keeping them up to date row by row (the
 # GIN indexes above all). Searches meanwhile find what is stored, unindexed.
 DEFER_INDEXES_MIN_TEXTS = 10000
+
+# Requests of one batch in flight at a time (http_client.EmbeddingPipeline): the
+# server embeds the next chunk while the backend reads and checks the answer before,
+# and a model with several servers has two of them busy. Measured per batch
+# interleaved against one request at a time (bench/b_pipeline.py).
+PIPELINE_REQUESTS = 2
 
 # Whether another session is running index_concepts() of model $1 right now (its
 # progress row unfinished, its backend active): the last one builds the indexes.
@@ -540,50 +546,68 @@ class IndexingMixin:
         st = self.settings(plpy)
         model = self.model(plpy, model_name, st)
         mid = model["model_id"]
-        size = int(batch_size or REQUESTS_PER_BATCH * model["batch_size"])
+        chunk = max(1, int(model["batch_size"]))
+        size = int(batch_size or REQUESTS_PER_BATCH * chunk)
         if not 1 <= size <= 100000:
             raise InvalidArgument("batch_size = %d is outside 1..100000" % size)
         claim = self.plan(plpy, ("claim", mid), sqlgen.claim(mid), ["int4", "int4"])
         while True:
-            claimed = claim.execute([mid, size])
+            # The first chunk alone: the server embeds it while the rest is claimed.
+            claimed = claim.execute([mid, min(size, chunk)])
             rows = [r for r in claimed if r["stored_hash"] != r["text_hash"]]
             if rows or claimed.nrows() == 0:
                 break
             # Only texts embedded meanwhile (a session that prepared while this one
             # embedded queued them again): they are off the queue now; take more.
-        n = len(rows)
-        if n == 0:
+        if not rows:
             # Claimed nothing: either the queue is empty or all of it is locked by
             # other sessions; tell the caller which.
             left = self.plan(plpy, "queue_left", "SELECT EXISTS (SELECT 1 FROM omop_emb.index_queue "
                              "WHERE model_id = $1) AS any", ["int4"]).execute([mid])[0]["any"]
             return -1 if left else 0
         doc_prefix, _ = self.prefix(plpy, model, "document", st)
-        texts = [r["text"] for r in rows]
         # halfvec's binary form holds float16: those models keep the text path.
         binary = model["storage"] == "vector" and \
             self.plan(plpy, "copy_binary_ok", COPY_BINARY_OK_SQL).execute([])[0]["ok"]
-        vecs = []
         key = self.api_key(plpy, model)
-        chunk = max(1, int(model["batch_size"]))
-        for j in range(0, len(texts), chunk):
-            vecs.extend(self.http.embed(
-                model, [doc_prefix + t for t in texts[j:j + chunk]], key, sql_text=not binary,
-                binary=binary))
-        cols = [[r[c] for r in rows] for c in sqlgen.ROW_COLUMNS]
-        # What was really sent, by the model as this batch read it: when alter_model()
-        # commits meanwhile, these rows keep the old identity and are re-embedded.
-        cols[3] = [vectors.identity_hash(doc_prefix + t, model["identity_version"]) for t in texts]
-        if binary:
-            self._copy_rows(plpy, mid, rows, cols + [vecs])
-        else:
-            sql, types = sqlgen.upsert(model)
-            self.plan(plpy, ("upsert", mid), sql, types).execute(cols + [vecs])
+
+        def embed(texts):  # in a thread of the pipeline: no plpy here
+            return self.http.embed(model, [doc_prefix + t for t in texts], key,
+                                   sql_text=not binary, binary=binary)
+
+        with http_client.EmbeddingPipeline(self.http, embed, PIPELINE_REQUESTS) as pipeline:
+            jobs = [pipeline.submit([r["text"] for r in rows])]
+            if claimed.nrows() < size:
+                more = [r for r in claim.execute([mid, size - claimed.nrows()])
+                        if r["stored_hash"] != r["text_hash"]]
+                for j in range(0, len(more), chunk):
+                    jobs.append(pipeline.submit([r["text"] for r in more[j:j + chunk]]))
+                rows += more
+            vecs = []
+            for job in jobs:
+                vecs.extend(pipeline.result(job))
+        # One COPY per batch: the backend holds Python's lock while it runs SQL, so
+        # a COPY between chunks would stall the threads reading the next answers.
+        self._store_rows(plpy, model, rows, vecs, doc_prefix, binary)
+        n = len(rows)
         self.plan(plpy, "progress",
                   "UPDATE omop_emb.index_progress SET done = done + $2, "
                   "updated_at = clock_timestamp() WHERE model_id = $1 AND pid = pg_backend_pid()",
                   ["int4", "int8"]).execute([mid, n])
         return n
+
+    def _store_rows(self, plpy, model, rows, vecs, doc_prefix, binary):
+        mid = model["model_id"]
+        cols = [[r[c] for r in rows] for c in sqlgen.ROW_COLUMNS]
+        # What was really sent, by the model as this batch read it: when alter_model()
+        # commits meanwhile, these rows keep the old identity and are re-embedded.
+        cols[3] = [vectors.identity_hash(doc_prefix + r["text"], model["identity_version"])
+                   for r in rows]
+        if binary:
+            self._copy_rows(plpy, mid, rows, cols + [vecs])
+        else:
+            sql, types = sqlgen.upsert(model)
+            self.plan(plpy, ("upsert", mid), sql, types).execute(cols + [vecs])
 
     def _copy_rows(self, plpy, mid, rows, columns):
         """Store a batch with a binary COPY (vectors in pgvector's binary form,

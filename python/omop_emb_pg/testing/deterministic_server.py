@@ -28,7 +28,7 @@ Control routes (never counted, never faulted):
     POST /_control/fault   {"mode": ..., "times": N, ...}; {"mode": null} clears
 
 Fault modes (applied to the next ``times`` embedding requests, then back to normal; without
-``times``: until cleared):
+``times``: until cleared; ``skip``: after letting this many requests through first):
 
     refuse        reset the connection (RST) before reading the request
     hang          read the request, then answer nothing for ``seconds`` (default 60) and close
@@ -384,6 +384,9 @@ class DeterministicEmbeddingServer:
             self._by_route[path] = self._by_route.get(path, 0) + 1
             f = self._fault
             if not f:
+                return None
+            if f.get("skip"):
+                f["skip"] = int(f["skip"]) - 1
                 return None
             self._faults_injected += 1
             if f.get("times") is not None:
