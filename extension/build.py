@@ -173,7 +173,8 @@ def module_rows():
 # Python defines: @NAME@ in sql/ becomes the value of NAME in that module, so
 # that each is written once.
 SQL_CONSTANTS = {"MAX_K": "checks", "MAX_BATCH_ROWS": "checks", "DEFAULT_K": "checks", "DEFAULT_EF_SEARCH": "runtime", "TS_CONFIG": "lexical",
-                 "TRIGRAM_THRESHOLD": "ranking", "DEFAULT_TOP_N": "rerank"}
+                 "TRIGRAM_THRESHOLD": "ranking", "DEFAULT_TOP_N": "rerank",
+                 "RECALIBRATION_QUERIES": "indexing", "MAX_CALIBRATION_QUERIES": "indexing"}
 
 
 def python_constant(name, module):

@@ -348,7 +348,7 @@ def test_hnsw_recall_against_exact_search(omop_db, fake_embedder):
         # (30 text searches; 20 stored vectors make up the sample), and keeps the build's params
         for q in queries:
             conn.execute("SELECT count(*) FROM omop_emb.nearest('vec:' || %s, 10)", (q[1:-1],))
-        again = conn.execute("SELECT omop_emb.calibrate_index('fake')").fetchone()[0]
+        again = conn.execute("SELECT omop_emb.calibrate_index('fake', queries => 50)").fetchone()[0]
         cal = again["calibration"]
         assert (cal["queries"], cal["cached_queries"], cal["stored_vectors"]) == (50, 30, 20), again
         assert (again["m"], again["ef_construction"]) == (params["m"], params["ef_construction"])

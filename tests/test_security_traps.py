@@ -550,7 +550,7 @@ def _calls(url, vec_sql):
                   "new_name => 'trap_model2')"),
         ("omop_emb.create_index(text,text,integer,integer,text)", "admin",
          "SELECT omop_emb.create_index('trap_model2', m => 4, ef_construction => 8)"),
-        ("omop_emb.calibrate_index(text)", "admin", "SELECT omop_emb.calibrate_index('trap_model2')"),
+        ("omop_emb.calibrate_index(text,integer)", "admin", "SELECT omop_emb.calibrate_index('trap_model2')"),
         ("omop_emb.drop_model(text,boolean)", "admin", "SELECT omop_emb.drop_model('trap_model2')"),
         ("omop_emb.set_secret(text,text)", "admin", "SELECT omop_emb.set_secret('trap_secret', 'v')"),
         ("omop_emb.bind_secret(text,text)", "superuser", f"SELECT omop_emb.bind_secret('trap_secret', '{url}')"),

@@ -56,13 +56,18 @@ SWAP_TRIES = 20
 # stored vectors chose ef 200, whose recall on real queries was 0.9645).
 # calibrate_index() measures again later, once real queries have been cached. Real
 # embeddings cluster, so most models need far less than a uniform-random worst case
-# (bench/b_realistic.py). CALIBRATION_QUERIES exact scans cost about one sequential
-# read of the table each: ~1 s per query at 1,000,000 x 384, against a build of minutes.
+# (bench/b_realistic.py). Each query costs an exact scan, about one sequential read of
+# the table: ~1 s at 1,000,000 x 384. create_index takes CALIBRATION_QUERIES (a build
+# takes minutes); calibrate_index takes RECALIBRATION_QUERIES by default, because 50
+# queries are a noisy sample (realistic 200k: 50 real queries measured 0.980 at ef 40,
+# where 200 others measured 0.925: bench/results/recalibrate_200k).
 EF_LADDER = (40, 60, 80, 100, 150, 200, 300, 400)
 CALIBRATION_QUERIES = 50
+RECALIBRATION_QUERIES = 200
+MAX_CALIBRATION_QUERIES = 2000
 CALIBRATION_TARGET = 0.98
-# cached query vectors read to find CALIBRATION_QUERIES of the model's current identity
-CALIBRATION_CACHE_SCAN = 20 * CALIBRATION_QUERIES
+# cached query vectors read (times the sample size) to find those of the model's current identity
+CALIBRATION_CACHE_SCAN = 4
 
 
 def choose_ef_search(recall_by_ef, target=CALIBRATION_TARGET):
@@ -79,31 +84,31 @@ def calibration_sample(cached, stored, size=CALIBRATION_QUERIES):
     return out + list(stored[:size - len(out)])
 
 
-def _cached_queries(plpy, model):
+def _cached_queries(plpy, model, size):
     """Text forms of the most recent query vectors cached for the model as it is now
     (the cache keeps entries of earlier identities, keyed by another hash)."""
     ident = model["identity_version"]
     rows = plpy.execute(plpy.prepare(
         "SELECT c.text, c.text_hash, c.embedding::pg_catalog.text AS v FROM omop_emb.query_cache c "
         "WHERE c.model_id OPERATOR(pg_catalog.=) $1 AND c.role OPERATOR(pg_catalog.=) 'query' "
-        "ORDER BY c.created_at DESC, c.text_hash LIMIT %d" % CALIBRATION_CACHE_SCAN, ["int4"]),
+        "ORDER BY c.created_at DESC, c.text_hash LIMIT %d" % (CALIBRATION_CACHE_SCAN * size), ["int4"]),
         [model["model_id"]])
-    return [r["v"] for r in rows if bytes(r["text_hash"]) == vectors.identity_hash(r["text"], ident)]
+    return [r["v"] for r in rows if bytes(r["text_hash"]) == vectors.identity_hash(r["text"], ident)][:size]
 
 
-def _calibrate_ef_search(plpy, model, metric):
+def _calibrate_ef_search(plpy, model, metric, size=CALIBRATION_QUERIES):
     """{"ef_search": .., "calibration": {..}} for the model's HNSW index, or {} when
     the table holds fewer rows than the sample needs."""
     t = sqlgen.table(model["model_id"])
     dist = "e.embedding %s $1" % sqlgen.op(metric)
-    cached = _cached_queries(plpy, model)
+    cached = _cached_queries(plpy, model, size)
     # text_hash (SHA-256) orders the rows pseudo-randomly and the same way on every run
     stored = plpy.execute(
         "SELECT e.ctid::pg_catalog.text AS id, e.embedding::pg_catalog.text AS v FROM %s e "
-        "ORDER BY e.text_hash LIMIT %d" % (t, max(0, CALIBRATION_QUERIES - len(cached))))
-    sample = calibration_sample(cached, [{"id": r["id"], "v": r["v"]} for r in stored])
+        "ORDER BY e.text_hash LIMIT %d" % (t, max(0, size - len(cached))))
+    sample = calibration_sample(cached, [{"id": r["id"], "v": r["v"]} for r in stored], size)
     # a table smaller than the sample is searched about exactly at any ef_search
-    if len(sample) < CALIBRATION_QUERIES or \
+    if len(sample) < size or \
             len(plpy.execute("SELECT 1 FROM %s LIMIT %d" % (t, CALIBRATION_QUERIES))) < CALIBRATION_QUERIES:
         return {}
     vt = sqlgen.vector_type(model)
@@ -681,10 +686,14 @@ class IndexingMixin:
         self.forget_model(mid)
         return method
 
-    def calibrate_index(self, plpy, model_name):
+    def calibrate_index(self, plpy, model_name, queries):
         """Measure the HNSW index's ef_search again (create_index's calibration) on the
         real queries cached since; returns the new index_params."""
         model = self.model(plpy, model_name)
+        if queries is None or not CALIBRATION_QUERIES <= queries <= MAX_CALIBRATION_QUERIES:
+            raise InvalidArgument(
+                "queries = %s is outside %d..%d" % (queries, CALIBRATION_QUERIES, MAX_CALIBRATION_QUERIES),
+                hint="Each query costs one exact scan of the table; the default is %d." % RECALIBRATION_QUERIES)
         if model["index_method"] != "hnsw":
             raise InvalidArgument(
                 "model %r has no HNSW index to calibrate (index method: %s)"
@@ -695,11 +704,11 @@ class IndexingMixin:
         params = json.loads(plpy.execute(plpy.prepare(
             "SELECT index_params::pg_catalog.text AS p FROM omop_emb.model WHERE model_id = $1",
             ["int4"]), [mid])[0]["p"] or "{}")
-        found = _calibrate_ef_search(plpy, model, model["metric"])
+        found = _calibrate_ef_search(plpy, model, model["metric"], queries)
         if not found:
-            plpy.notice("omop_emb: model %r holds fewer than %d vectors, too few to measure recall on: "
-                        "its index_params stay as they are (a table this small is searched about exactly "
-                        "at any ef_search)" % (model["name"], CALIBRATION_QUERIES))
+            plpy.notice("omop_emb: model %r holds fewer vectors than the %d queries need: its index_params "
+                        "stay as they are (a table this small is searched about exactly at any ef_search)"
+                        % (model["name"], queries))
             return json.dumps(params)
         params.update(found)
         plpy.execute(plpy.prepare(

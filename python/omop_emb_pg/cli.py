@@ -645,12 +645,14 @@ def add_calibrate_index_parser(sub: argparse._SubParsersAction) -> None:
                        description="omop_emb.calibrate_index(model): recall@10 on the model's most recent "
                                    "real queries, the smallest ef_search reaching 0.98 is recorded.")
     _add_conn_args(p)
+    p.add_argument("--queries", type=int, default=None,
+                   help="real queries measured (each costs an exact scan; default: the SQL default)")
     p.set_defaults(func=cmd_calibrate_index)
 
 
 def cmd_calibrate_index(args: argparse.Namespace) -> int:
     with _client(args) as db:
-        params = db.calibrate_index()
+        params = db.calibrate_index(queries=args.queries)
     cal = params.get("calibration", {})
     print(f"ef_search: {params.get('ef_search')} (recall@10 by ef_search "
           f"{cal.get('recall_at_10_by_ef_search')}; {cal.get('cached_queries', 0)} cached real queries, "

@@ -526,10 +526,12 @@ class OmopEmb:
                                 "ef_construction": ef_construction, "metric": metric})
         return self._scalar(f"SELECT omop_emb.create_index({named[2:]})", params)
 
-    def calibrate_index(self, *, model: str | None = None) -> dict:
+    def calibrate_index(self, *, model: str | None = None, queries: int | None = None) -> dict:
         """Measure the HNSW index's ef_search again on the real queries cached since the
-        build (``omop_emb.calibrate_index``); returns the new ``index_params``."""
-        return self._scalar("SELECT omop_emb.calibrate_index(%s)", (self._m(model),))
+        build (``omop_emb.calibrate_index``); returns the new ``index_params``.
+        ``queries=None``: the SQL default."""
+        named, params = _named({"model": self._m(model), "queries": queries})
+        return self._scalar(f"SELECT omop_emb.calibrate_index({named[2:]})", params)
 
     def status(self) -> list[ModelStatus]:
         """One :class:`ModelStatus` per registered model (``omop_emb.status()``)."""

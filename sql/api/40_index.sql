@@ -185,14 +185,14 @@ $$;
 COMMENT ON FUNCTION omop_emb.create_index(text, text, integer, integer, text) IS
 '(Re)build the vector index of a model: method ''hnsw'' (m default 16, ef_construction default 128: measured recall@10 0.985 against 0.93 with 64 at +10% build time) or ''none'' (exact search); metric cosine (default), l2 or ip. The new index is built beside the old one (searches and status() go on meanwhile, writers of the model wait), then swapped in with a lock of a moment; other sessions re-plan on their next call. An HNSW build then measures recall@10 against exact search on 50 queries (the model''s most recent real queries cached by nearest(), made up with its own stored vectors; omop_emb.calibrate_index() measures again later) and records in index_params the smallest ef_search (40 to 400) reaching 0.98: nearest() searches with it while the setting omop_emb.ef_search is unset (about one sequential read of the table per sampled vector).';
 
-CREATE OR REPLACE FUNCTION omop_emb.calibrate_index(model text DEFAULT NULL)
+CREATE OR REPLACE FUNCTION omop_emb.calibrate_index(model text DEFAULT NULL, queries integer DEFAULT @RECALIBRATION_QUERIES@)
 RETURNS jsonb
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 AS $$
-return @RT@.call(plpy, "calibrate_index", model)
+return @RT@.call(plpy, "calibrate_index", model, queries)
 $$;
-COMMENT ON FUNCTION omop_emb.calibrate_index(text) IS
-'Measure the ef_search of a model''s HNSW index again, as create_index does after a build, on the model''s 50 most recent real queries (query vectors cached by nearest(); its own stored vectors make up the number when fewer are cached), and record the smallest ef_search (40 to 400) reaching recall@10 0.98 in index_params, which nearest() then uses while the setting omop_emb.ef_search is unset. Run it once users have searched: stored vectors flatter the index (realistic 1M: they chose ef_search 200, whose recall on real queries was 0.9645). Returns the new index_params; about one sequential read of the table per query.';
+COMMENT ON FUNCTION omop_emb.calibrate_index(text, integer) IS
+'Measure the ef_search of a model''s HNSW index again, as create_index does after a build (there on 50 queries), on the model''s most recent real queries (queries of them, default @RECALIBRATION_QUERIES@, at most @MAX_CALIBRATION_QUERIES@: query vectors cached by nearest(); its own stored vectors make up the number when fewer are cached; 50 are a noisy sample), and record the smallest ef_search (40 to 400) reaching recall@10 0.98 in index_params, which nearest() then uses while the setting omop_emb.ef_search is unset. Run it once users have searched: stored vectors flatter the index (realistic 1M: they chose ef_search 200, whose recall on real queries was 0.9645). Returns the new index_params; about one sequential read of the table per query.';
 
 -- A view is bound when it is created (at install and upgrade, with public on the
 -- search_path): every function and operator that could be matched by a
