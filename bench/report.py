@@ -106,6 +106,38 @@ def rows(r: dict) -> list[tuple]:
                     f"maintenance_work_mem {ix2['maintenance_work_mem']}, "
                     f"{ix2['max_parallel_maintenance_workers']} parallel worker(s); table "
                     f"{ix2['table_bytes'] / 2**20:,.0f} MB", "", None))
+    rh = r.get("rehearsal") or {}
+    if rh.get("recall") or rh.get("build"):
+        n = rh.get("vectors", 0)
+        base = _realistic_1m_halfvec()
+        for name, case in (rh.get("recall") or {}).get("cases", {}).items():
+            d = case["by_ef"]["default"]
+            b1 = ((base.get("recall") or {}).get("cases") or {}).get(name, {}).get("by_ef", {}).get("default")
+            out.append((f"nearest(text, 10) cached, rehearsal {n:,} x 384 halfvec (realistic), {name}, defaults: "
+                        "recall@10 >= 0.98 at p50 <= 3 ms",
+                        f"{d['recall_at_10']:.4f} / p50 {d['p50_ms']:.2f} / p95 {d['p95_ms']:.2f} ms "
+                        f"(ef_search {(rh.get('build') or {}).get('index_params', {}).get('ef_search', '?')})",
+                        "exact search = 1.0" + (f"; 1M halfvec (saved run): {b1['recall_at_10']:.4f} / p50 "
+                                                f"{b1['p50_ms']:.2f} ms" if b1 else ""),
+                        f"{d['recall_at_10']:.4f}", d["recall_at_10"] >= 0.98 and d["p50_ms"] <= 3.0))
+        b = rh.get("build") or {}
+        ab = rh.get("after_build") or {}
+        hnsw = sum(v for k, v in (ab.get("indexes_bytes") or {}).items() if k.endswith("_hnsw"))
+        bi = base.get("index") or {}
+        if b.get("build_s"):
+            meas = f"{b['build_s']:,.0f} s (with ef_search calibration), index {hnsw / 2**20:,.0f} MB"
+        elif b.get("samples"):
+            last = [x for x in b["samples"] if x["progress"].get("blocks_total")]
+            p = last[-1]["progress"] if last else {}
+            meas = (f"unfinished: {last[-1]['t']:,.0f} s, {100 * p['blocks_done'] / p['blocks_total']:.0f}% of heap "
+                    "blocks" if last else "unfinished")
+        else:
+            meas = None
+        if meas:
+            out.append((f"HNSW build, rehearsal {n:,} x 384 halfvec (m {b.get('m')}, ef_construction "
+                        f"{b.get('ef_construction')}, maintenance_work_mem {b.get('maintenance_work_mem')})", meas,
+                        (f"1M halfvec (saved run): {bi['build_s']:,.0f} s, index {bi['index_bytes'] / 2**20:,.0f} MB"
+                         if bi.get("build_s") else ""), "", None))
     bu = r.get("bundle")
     if bu and "insert_select" in bu:
         i, b = bu["import"], bu["insert_select"]
@@ -117,6 +149,22 @@ def rows(r: dict) -> list[tuple]:
                     f"/s (rows alone {_f(b['pk_only_rows_per_s'], 0)}/s)",
                     f"{i['per_s'] / b['pk_only_total_per_s']:.2f}", i["per_s"] >= 50_000))
     return out
+
+
+def _realistic_1m_halfvec() -> dict:
+    p = Path(__file__).parent / "results" / "realistic_1m_halfvec" / "realistic.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def rehearsal(out: Path) -> dict:
+    """The saved rows of the opt-in part ``rehearsal`` (bench/b_rehearsal.py), {} when never run."""
+    try:
+        import b_rehearsal
+
+        return b_rehearsal.saved(out / "rehearsal_5m")
+    except Exception as e:  # a broken saved file must not lose the rest of the report
+        print("rehearsal rows unreadable:", e, file=sys.stderr)
+        return {}
 
 
 def markdown(r: dict) -> str:
@@ -257,6 +305,8 @@ def plots(r: dict, out: Path) -> list[str]:
 
 
 def write(r: dict, out: Path) -> None:
+    # the opt-in 5M rehearsal is read from its own directory: its saved rows show in every report
+    r = {**r, "rehearsal": rehearsal(out)}
     made = []
     try:
         made = plots(r, out)
@@ -272,6 +322,14 @@ def write(r: dict, out: Path) -> None:
             made += b_realistic.plots(r["realistic"], out, r.get("recall"))
         except Exception as e:
             print("realistic plots failed:", e, file=sys.stderr)
+    if r["rehearsal"]:
+        import b_rehearsal
+
+        extra += ("\n" + b_rehearsal.markdown(r["rehearsal"])
+                  + f"\n(Saved rows of the opt-in part `rehearsal`, {r['rehearsal'].get('build', {}).get('started', '')}; "
+                  "`bench/results/rehearsal_5m/rehearsal.md`.)\n")
+        if (out / "rehearsal_5m" / "memory.png").exists():
+            made.append("rehearsal_5m/memory.png")
     md = "# omop_emb benchmarks\n\n" + markdown(r) + extra + "".join(
         f"\n![{m}]({m})\n" for m in made)
     (out / "benchmarks.md").write_text(md)

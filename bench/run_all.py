@@ -4,6 +4,7 @@
                                                           # of which ~20 the realistic 1M part)
     .venv/bin/python bench/run_all.py --scale 20000       # development size
     .venv/bin/python bench/run_all.py --scale 2000 --quick --no-e5   # smoke (tests/test_bench_smoke.py)
+    .venv/bin/python bench/run_all.py --only rehearsal    # opt-in: 5,000,000 halfvec texts, ~2 h
 
 Starts its own PostgreSQL (LocalCluster in a temp dir, or --datadir to keep and reuse it, or --dsn)
 and its own embedding servers (bench/instant_server.py, the deterministic test double and
@@ -27,6 +28,10 @@ from common import Database, Proc, log  # noqa: E402
 
 PARTS = ("indexing", "e5", "query", "modes", "recall", "memory", "batch", "halfvec", "bundle", "servers",
          "realistic")
+# Not in the default set: the 5,000,000-text halfvec rehearsal (bench/b_rehearsal.py) takes ~2 h on
+# 2 cores and ~20 GB of disk, with its own cluster (maintenance_work_mem 8GB) and e5 server; its
+# saved rows (bench/results/rehearsal_5m/) show in every report.
+OPT_IN_PARTS = ("rehearsal",)
 
 
 def main(argv=None) -> int:
@@ -41,7 +46,11 @@ def main(argv=None) -> int:
     ap.add_argument("--e5-domains", default="Condition")
     ap.add_argument("--quick", action="store_true", help="tiny sample sizes (smoke test)")
     ap.add_argument("--no-e5", action="store_true", help="skip the parts that need the real e5 server")
-    ap.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: " + ",".join(PARTS))
+    ap.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: " + ",".join(PARTS)
+                    + " (default: all of these); opt-in: " + ",".join(OPT_IN_PARTS)
+                    + " (the 5M halfvec rehearsal, ~2 h: --only rehearsal)")
+    ap.add_argument("--rehearsal-datadir", default="/tmp/rehearsal5m/data",
+                    help="part rehearsal: its own cluster's data directory (kept; ~20 GB)")
     ap.add_argument("--dsn", default=None, help="use an existing PostgreSQL (superuser) instead of a LocalCluster")
     ap.add_argument("--datadir", default=None, help="keep the LocalCluster here and reuse it across runs")
     ap.add_argument("--generator", choices=("clusters", "hierarchical"), default="clusters",
@@ -57,6 +66,9 @@ def main(argv=None) -> int:
     rec_n = a.recall_queries or (20 if q else 200)
     mem_n = a.memory_calls or (200 if q else 10_000)
     parts = [p.strip() for p in a.only.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS) - set(OPT_IN_PARTS))
+    if unknown:
+        ap.error(f"unknown part(s) {', '.join(unknown)}; parts: {', '.join(PARTS + OPT_IN_PARTS)}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -181,6 +193,14 @@ def main(argv=None) -> int:
             save()
         if e5:
             e5.stop()
+        if "rehearsal" in parts:
+            import b_rehearsal
+
+            # its own cluster, e5 server and results directory (rehearsal_5m/); report.py reads them
+            b_rehearsal.run(a.rehearsal_datadir, ["load", "build", "measure", "graphmem"],
+                            out=out / "rehearsal_5m")
+            results["rehearsal"] = {"saved_in": "rehearsal_5m/rehearsal.json"}
+            save()
     except Exception:
         results.setdefault("errors", []).append(traceback.format_exc())
         traceback.print_exc()
