@@ -433,3 +433,36 @@ def test_single_user_mode_and_forms_without_the_session_token(ui_env, mapping_jo
         assert r.status_code == 303 and r.headers["location"].startswith("/login")
         r = client.post("/login", data={"user": env["reviewer"], "password": ""})
         assert r.status_code == 401 and "enter a PostgreSQL user name and its password" in r.text
+
+
+def test_failed_logins_are_limited_per_user_and_per_address(ui_env):
+    """After too many wrong passwords the page refuses further tries without asking the database,
+    the right password too, until the window has passed; another user is not held back."""
+    from starlette.testclient import TestClient
+
+    from omop_emb_pg.web.app import UiSettings, create_app
+    from omop_emb_pg.web.throttle import LoginThrottle
+
+    env = ui_env
+    now = [1000.0]
+    throttle = LoginThrottle(per_user=3, per_address=5, window_s=60, clock=lambda: now[0])
+    app = create_app(UiSettings(dsn=env["dsn"]), throttle=throttle)
+    reviewer, reader = env["reviewer"], env["reader"]
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        for _ in range(3):
+            r = client.post("/login", data={"user": reviewer, "password": "guess"}, follow_redirects=False)
+            assert r.status_code == 401 and "password authentication failed" in r.text
+        r = client.post("/login", data={"user": reviewer, "password": env["pw"][reviewer]}, follow_redirects=False)
+        assert r.status_code == 429 and r.headers["Retry-After"] == "60", r.text
+        assert f"too many failed logins for user &#39;{reviewer}&#39;" in r.text and "try again in 60 s" in r.text
+        # another user from the same address: 3 of its 5 failures are used, it may still log in
+        r = client.post("/login", data={"user": reader, "password": env["pw"][reader]}, follow_redirects=False)
+        assert r.status_code == 303
+        # two more failures (another user) fill the address's 5: everyone from it waits
+        for _ in range(2):
+            assert client.post("/login", data={"user": reader, "password": "guess"}).status_code == 401
+        r = client.post("/login", data={"user": reader, "password": env["pw"][reader]}, follow_redirects=False)
+        assert r.status_code == 429 and "from this address" in r.text
+        now[0] += 61  # the window has passed: the right password is asked again and accepted
+        r = client.post("/login", data={"user": reviewer, "password": env["pw"][reviewer]}, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/"

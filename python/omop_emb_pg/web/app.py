@@ -10,6 +10,7 @@ message, detail and hint, never as a stack trace.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tempfile
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ from starlette.templating import Jinja2Templates
 from ..errors import OmopEmbError, from_db_error
 from .server import DEFAULT_IDLE_TIMEOUT_S
 from .sessions import COOKIE_NAME, Session, SessionStore
+from .throttle import LoginThrottle
 
 HERE = Path(__file__).resolve().parent
 
@@ -309,8 +311,10 @@ def queue_page(conn: psycopg.Connection, job_id: int, *, status: str | None, rev
 
 
 # ---------------------------------------------------------------- the application
-def create_app(settings: UiSettings, store: SessionStore | None = None) -> Starlette:
+def create_app(settings: UiSettings, store: SessionStore | None = None,
+               throttle: LoginThrottle | None = None) -> Starlette:
     store = store or SessionStore(idle_timeout=settings.idle_timeout)
+    throttle = throttle or LoginThrottle()
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals.update(urlencode=urlencode, EQUIVALENCES=EQUIVALENCES, QUEUE_STATUSES=QUEUE_STATUSES,
                                  SEARCH_MODES=SEARCH_MODES, fmt_num=_fmt_num)
@@ -373,17 +377,35 @@ def create_app(settings: UiSettings, store: SessionStore | None = None) -> Starl
             user = (form.get("user") or "").strip()
             password = form.get("password") or ""
             nxt = form.get("next") or "/"
+            address = request.client.host if request.client else None
+            wait, blocked = throttle.retry_after(address, user) if user else (0.0, None)
             if not user or not password:
                 error = {"message": "enter a PostgreSQL user name and its password", "detail": None,
                          "hint": "The page runs every query as the role you log in with."}
+            elif wait > 0:
+                # Refused before the database is asked: the right password too.
+                who = f"for user {user!r}" if blocked == "user" else "from this address"
+                resp = render(request, "login.html", None, status_code=429, user=user, next=nxt,
+                              target=dsn_target(settings.dsn), error={
+                                  "message": f"too many failed logins {who}: try again in {math.ceil(wait)} s",
+                                  "detail": None,
+                                  "hint": f"At most {throttle.limits['user']} failed logins per user and "
+                                          f"{throttle.limits['address']} per address in "
+                                          f"{throttle.window_s / 60:g} minutes. A forgotten password is reset "
+                                          "in PostgreSQL (ALTER ROLE ... PASSWORD)."})
+                resp.headers["Retry-After"] = str(math.ceil(wait))
+                return resp
             else:
                 conninfo = login_conninfo(settings.dsn, user, password)
                 try:
                     conn = psycopg.connect(conninfo, autocommit=True, application_name="omop-emb-pg ui")
                 except psycopg.OperationalError as e:
+                    if _is_auth_failure(e):  # not a database that is down or refuses connections
+                        throttle.failed(address, user)
                     error = {"message": _connect_message(e), "detail": None,
                              "hint": "Check the user name and password (they are those of the database)."}
                 else:
+                    throttle.succeeded(address, user)
                     s, cookie = store.create(user, conninfo, conn)
                     resp = RedirectResponse(_safe_next(nxt), status_code=303)
                     resp.set_cookie(COOKIE_NAME, cookie, httponly=True, samesite="strict",
@@ -655,6 +677,13 @@ def _with_term(back: str, term_id: int | None) -> str:
     if term_id is not None:
         parts.append(f"term={term_id}")
     return path + ("?" + "&".join(parts) if parts else "") + (f"#term-{term_id}" if term_id else "")
+
+
+def _is_auth_failure(e: psycopg.OperationalError) -> bool:
+    """A refused password or user (what guessing produces), as libpq reports it."""
+    text = str(e)
+    return any(m in text for m in ("password authentication failed", "authentication failed for user",
+                                   "no pg_hba.conf entry", "password is required"))
 
 
 def _connect_message(e: psycopg.OperationalError) -> str:
