@@ -122,3 +122,75 @@ def test_a_small_first_load_keeps_its_indexes(omop_db, fake_embedder):
         assert c.execute(f"SELECT count(*) FROM omop_emb.embedding_{mid}").fetchone()[0] == 300
         assert seen["during"] == set(SECONDARY)  # below the threshold: kept while loading
         assert secondary_indexes(c, mid) == set(SECONDARY)
+
+
+def _names(conn, mid: int, names) -> list[str | None]:
+    return [n.removeprefix(f"embedding_{mid}_") if n else None for n in names]
+
+
+def test_sessions_finishing_together_build_different_indexes(omop_db, fake_embedder):
+    """The indexes a first load left out are built one per transaction by whichever
+    sessions reach the end (omop_emb_internal.index_build_next): none before every text is
+    claimed, never one twice, the longest builds first; the CLI builds beside its session."""
+    load_synthetic_vocabulary(omop_db, [
+        (i, f"parallel build concept {i}", "Condition" if i % 2 else "Drug", "SNOMED",
+         "Clinical Finding", "S", f"P{i}", None) for i in range(1, N + 1)])
+    register_fake_model(omop_db, fake_embedder, name="bulk")
+    with psycopg.connect(omop_db, autocommit=True) as c:
+        mid = c.execute("SELECT model_id FROM omop_emb.model WHERE name = 'bulk'").fetchone()[0]
+    # While a session indexes and texts are queued, another connection builds nothing.
+    fake_embedder.set_fault("slow", seconds=0.3, times=8)
+    seen = {}
+
+    def early():
+        with psycopg.connect(omop_db, autocommit=True) as w:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if w.execute(f"SELECT count(*) FROM omop_emb.embedding_{mid}").fetchone()[0] > 0:
+                    seen["early"] = w.execute("SELECT omop_emb_internal.index_build_next('bulk')").fetchone()[0]
+                    seen["queued"] = w.execute("SELECT count(*) FROM omop_emb.index_queue "
+                                               "WHERE model_id = %s", (mid,)).fetchone()[0]
+                    seen["indexes"] = secondary_indexes(w, mid)
+                    return
+                time.sleep(0.02)
+
+    watcher = threading.Thread(target=early)
+    watcher.start()
+    with psycopg.connect(omop_db, autocommit=True) as c:
+        c.execute(INDEX_SQL)
+        watcher.join()
+        assert seen["queued"] > 0 and seen["early"] is None and seen["indexes"] == set()
+        assert secondary_indexes(c, mid) == set(SECONDARY)  # the session built them at its end
+        assert c.execute("SELECT omop_emb_internal.index_build_next('bulk')").fetchone()[0] is None
+
+        # Two connections building at once take different indexes, the longest first.
+        for name in SECONDARY:
+            c.execute(f"DROP INDEX omop_emb.embedding_{mid}_{name}")
+    with psycopg.connect(omop_db) as first, psycopg.connect(omop_db, autocommit=True) as second:
+        a = first.execute("SELECT omop_emb_internal.index_build_next('bulk')").fetchone()[0]  # open
+        b = second.execute("SELECT omop_emb_internal.index_build_next('bulk')").fetchone()[0]
+        assert _names(second, mid, [a, b]) == ["fts", "trgm"]
+        first.commit()
+        rest = []
+        while (n := second.execute("SELECT omop_emb_internal.index_build_next('bulk')").fetchone()[0]):
+            rest.append(n)
+        assert sorted(_names(second, mid, [a, b] + rest)) == sorted(SECONDARY)  # each once
+        assert secondary_indexes(second, mid) == set(SECONDARY)
+
+    # The CLI's own connection builds beside the session: all there, once, at the end.
+    from omop_emb_pg.cli import run_index
+
+    with psycopg.connect(omop_db, autocommit=True) as c:
+        c.execute(f"TRUNCATE omop_emb.embedding_{mid}")
+        c.execute("SELECT omop_emb.drop_model('bulk', true)")
+    register_fake_model(omop_db, fake_embedder, name="bulk")
+    with psycopg.connect(omop_db, autocommit=True) as c:
+        mid = c.execute("SELECT model_id FROM omop_emb.model WHERE name = 'bulk'").fetchone()[0]
+    import io
+
+    out = io.StringIO()
+    assert run_index(omop_db, model="bulk", progress="plain", poll=0.1, out=out, vocabulary_schema="vocab",
+                     include_synonyms=False, include_mapped=False) == 0
+    with psycopg.connect(omop_db, autocommit=True) as c:
+        assert secondary_indexes(c, mid) == set(SECONDARY)
+        assert c.execute(f"SELECT count(*) FROM omop_emb.embedding_{mid}").fetchone()[0] == N

@@ -149,6 +149,7 @@ ADMIN_ONLY = [
                     "false, false, false, false, false)"),
     ("index_prepare", f"SELECT * FROM omop_emb_internal.index_prepare('{MODEL}')"),
     ("index_batch", f"SELECT omop_emb_internal.index_batch('{MODEL}', 10)"),
+    ("index_build_next", f"SELECT omop_emb_internal.index_build_next('{MODEL}')"),
     ("stage rows", "INSERT INTO omop_emb_internal.index_stage_run (model_id, vocabulary_schema, "
                    "include_synonyms, include_mapped) VALUES (1, 'voc', false, false)"),
     ("create_index", f"SELECT omop_emb.create_index('{MODEL}')"),

@@ -571,6 +571,7 @@ def _calls(url, vec_sql):
         ("omop_emb_internal.index_prepare(text)", "none", f"SELECT * FROM omop_emb_internal.index_prepare('{f}')"),
         ("omop_emb_internal.index_batch(text,integer)", "admin", f"SELECT omop_emb_internal.index_batch('{f}', 5)"),
         ("omop_emb_internal.index_finish(text)", "admin", f"SELECT omop_emb_internal.index_finish('{f}')"),
+        ("omop_emb_internal.index_build_next(text)", "admin", f"SELECT omop_emb_internal.index_build_next('{f}')"),
         ("omop_emb_internal.upsert_concept_texts_store(integer[],text[],text,text)", "admin",
          f"SELECT omop_emb_internal.upsert_concept_texts_store(ARRAY[42], ARRAY['trap store'], '{f}', '{{}}')"),
         # embedding bundles (export, then the same rows imported back)

@@ -198,6 +198,16 @@ OTHERS_INDEXING_SQL = (
     "AND p.finished_at IS NULL AND a.state OPERATOR(pg_catalog.=) 'active') AS busy")
 
 
+# First key of the pg_try_advisory_xact_lock(class, model_id * 32 + i) under which one
+# session builds the i-th secondary index of a model ("OEix"): sessions that finish a
+# first indexing together build different indexes at once (index_build_next).
+INDEX_BUILD_LOCK_CLASS = 0x4F456978
+
+# Whether texts of model $1 are still queued.
+QUEUE_LEFT_SQL = ("SELECT EXISTS (SELECT 1 FROM omop_emb.index_queue "
+                  "WHERE model_id OPERATOR(pg_catalog.=) $1) AS any")
+
+
 def _present_indexes(plpy, names):
     rows = plpy.execute(plpy.prepare(
         "SELECT c.relname::text AS name FROM pg_catalog.pg_class c "
@@ -213,15 +223,28 @@ def ensure_secondary_indexes(plpy, model_id):
     by a first indexing, or made before they existed). Checked first rather than
     relying on IF NOT EXISTS: CREATE INDEX takes a SHARE lock on the table even
     when the index exists, and two sessions that each hold it and then ANALYZE
-    deadlock. Returns how many were built."""
+    deadlock. An index another session is building (index_build_next) is waited
+    for under its lock, then found present. Returns how many were built."""
     wanted = sqlgen.secondary_indexes(model_id)
     present = set(_present_indexes(plpy, [n for n, _ in wanted]))
+    lock = None
     built = 0
-    for name, ddl in wanted:
-        if name not in present:
+    for i, (name, ddl) in enumerate(wanted):
+        if name in present:
+            continue
+        lock = lock or plpy.prepare("SELECT pg_catalog.pg_advisory_xact_lock($1, $2)", ["int4", "int4"])
+        lock.execute([INDEX_BUILD_LOCK_CLASS, int(model_id) * 32 + i])
+        if not _present_indexes(plpy, [name]):
             plpy.execute(ddl)
             built += 1
     return built
+
+
+# The order in which index_build_next takes the secondary indexes (by the suffix of
+# their names): the longest builds first, so that sessions building together end
+# together. Measured at 100,000 concepts (bench/b_index_builds.py): full text 32% of
+# the builds, trigrams 30%, initials 20%, folded text 8%, the four btrees 2-3% each.
+BUILD_ORDER = {"fts": 0, "trgm": 1, "initials": 2, "fold": 3, "code": 4}
 
 
 def _lock_model(plpy, model_id):
@@ -717,6 +740,45 @@ class IndexingMixin:
             "updated_at = now() WHERE model_id = $1", ["int4", "text"]), [mid, json.dumps(params)])
         self.forget_model(mid)
         return json.dumps(params)
+
+    def index_build_next(self, plpy, model_name):
+        """Build one secondary index the model's table lacks that no other session is
+        building, and return its name; None when none is left to this session (all
+        present or being built, or texts are still queued while other sessions index:
+        they build at their end). index_concepts calls it until None, committing after
+        each, before index_finish; a second connection may call it meanwhile (the CLI
+        does) to build beside it. One index per transaction: a session holds the
+        table's SHARE lock only while it builds, so that ANALYZE (index_finish) never
+        waits for a session that waits for it."""
+        model = self.model(plpy, model_name)
+        mid = model["model_id"]
+        wanted = sqlgen.secondary_indexes(mid)
+        present = set(_present_indexes(plpy, [n for n, _ in wanted]))
+        missing = [(i, name, ddl) for i, (name, ddl) in enumerate(wanted) if name not in present]
+        if not missing:
+            return None
+        if plpy.execute(plpy.prepare(OTHERS_INDEXING_SQL, ["int4"]), [mid])[0]["busy"] and \
+                plpy.execute(plpy.prepare(QUEUE_LEFT_SQL, ["int4"]), [mid])[0]["any"]:
+            return None
+        # A session preparing the model (under its lock) may queue texts or rewrite
+        # rows yet, which the indexes would then slow down: leave the builds to the
+        # end of the sessions. Only a look: the lock is released at once.
+        if not plpy.execute(plpy.prepare(
+                "SELECT pg_catalog.pg_try_advisory_lock($1, $2) AND "
+                "pg_catalog.pg_advisory_unlock($1, $2) AS free", ["int4", "int4"]),
+                [MODEL_LOCK_CLASS, mid])[0]["free"]:
+            return None
+        lock = plpy.prepare("SELECT pg_catalog.pg_try_advisory_xact_lock($1, $2) AS got",
+                            ["int4", "int4"])
+        missing.sort(key=lambda m: BUILD_ORDER.get(m[1].rsplit("_", 1)[-1], len(BUILD_ORDER)))
+        for i, name, ddl in missing:
+            if not lock.execute([INDEX_BUILD_LOCK_CLASS, mid * 32 + i])[0]["got"]:
+                continue  # another session is building it
+            if _present_indexes(plpy, [name]):
+                continue  # built and committed by another session since the look above
+            plpy.execute(ddl)
+            return name
+        return None
 
     def index_finish(self, plpy, model_name):
         """Refresh planner statistics so that searches plan on the real row count."""

@@ -318,6 +318,23 @@ def run_index(dsn: str, *, model: str | None = None, progress: str = "auto", pol
                 helpers.append(h)
                 h.start()
 
+    builders: list[threading.Thread] = []
+    builder_conns: list = []
+
+    def build_beside(model_name: str) -> None:
+        # Once every text is claimed, a first indexing ends by building the secondary
+        # indexes it left out; a connection of its own builds some of them beside the
+        # sessions (omop_emb_internal.index_build_next: one index at a time, none twice).
+        try:
+            with OmopEmb(dsn, model=model, on_notice=None) as b:
+                builder_conns.append(b)
+                while b.conn.execute("SELECT omop_emb_internal.index_build_next(%s)",
+                                     (model_name,)).fetchone()[0] is not None:
+                    pass
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            if result["error"] is None and any(x.is_alive() for x in [t, *helpers]):
+                result["error"] = e
+
     # The model whose progress to show: the one named, else the only one / the active one.
     name = model
     helpers: list[threading.Thread] = []
@@ -388,11 +405,17 @@ def run_index(dsn: str, *, model: str | None = None, progress: str = "auto", pol
                     except Exception:  # noqa: BLE001 - the watcher is best effort
                         pass
                     show(st)
+                    if st is not None and not builders and st.pending == 0 and st.done > 0 \
+                            and result["error"] is None:
+                        b = threading.Thread(target=build_beside, args=(st.model,),
+                                             name="omop-emb-index-build", daemon=True)
+                        builders.append(b)
+                        b.start()
         except KeyboardInterrupt:
-            for w in workers:
+            for w in workers + builder_conns:
                 w.conn.cancel()
             t.join(30)
-            for h in helpers:
+            for h in helpers + builders:
                 h.join(30)
             if bar is not None:
                 bar.stop()
@@ -402,6 +425,8 @@ def run_index(dsn: str, *, model: str | None = None, progress: str = "auto", pol
             print(f"\ninterrupted: indexing cancelled{done}. Embedded batches are kept; run the same command "
                   f"again to resume.", file=sys.stderr)
             return EXIT_INTERRUPTED
+        for b in builders:
+            b.join()  # its index is one the sessions would otherwise build: they waited
         if result["error"] is None:
             st = poll_once() or st
             show(st, final=True)

@@ -96,6 +96,7 @@ DECLARE
     started pg_catalog.timestamptz := pg_catalog.clock_timestamp();
     last_notice pg_catalog.timestamptz := pg_catalog.clock_timestamp();
     elapsed pg_catalog.float8;
+    built pg_catalog.text;
 BEGIN
     IF vocabulary_schema IS NULL THEN
         -- The caller's search_path decides, as for any unqualified table name.
@@ -150,6 +151,14 @@ BEGIN
             last_notice := pg_catalog.clock_timestamp();
         END IF;
     END LOOP;
+    -- The secondary indexes a first indexing left out, one per transaction: sessions
+    -- that finish together (and a second connection of the CLI) build different ones
+    -- at once, each holding the table's SHARE lock only while it builds.
+    LOOP
+        built := omop_emb_internal.index_build_next(prep.model_name);
+        COMMIT;
+        EXIT WHEN built IS NULL;
+    END LOOP;
     LOOP
         BEGIN
             PERFORM omop_emb_internal.index_finish(prep.model_name);
@@ -169,7 +178,7 @@ BEGIN
 END
 $$;
 COMMENT ON PROCEDURE omop_emb.index_concepts(text, text, text[], text[], text[], boolean, boolean, boolean, boolean, integer, bigint, boolean) IS
-'Embed the concepts of the vocabulary''s CONCEPT table (standard, valid concepts by default) with the DOCUMENT role, committing each batch. Resumable: a re-run embeds only texts that are missing or whose exact text sent (prefix included) changed. Several sessions can run it at once. Options: domain_ids, vocabulary_ids, concept_class_ids, include_classification, include_invalid, include_synonyms (English concept_synonym; NULL, the default: whenever the vocabulary has concept_synonym), include_mapped (names of source concepts that ''Maps to'' a standard concept; NULL, the default: whenever it has concept_relationship; false turns either off), batch_size (texts claimed, embedded and committed at a time; default 4 requests of the model''s batch_size), max_texts. A first indexing of 10,000 texts or more into an empty table loads it without its secondary indexes and builds them at the end. The vocabulary is read with the caller''s rights and must be plain tables: a view, a materialized view, a foreign or temporary table, a table with row-level security or user-defined column types is refused unless allow_any_relation => true. Must be CALLed outside an explicit transaction block.';
+'Embed the concepts of the vocabulary''s CONCEPT table (standard, valid concepts by default) with the DOCUMENT role, committing each batch. Resumable: a re-run embeds only texts that are missing or whose exact text sent (prefix included) changed. Several sessions can run it at once. Options: domain_ids, vocabulary_ids, concept_class_ids, include_classification, include_invalid, include_synonyms (English concept_synonym; NULL, the default: whenever the vocabulary has concept_synonym), include_mapped (names of source concepts that ''Maps to'' a standard concept; NULL, the default: whenever it has concept_relationship; false turns either off), batch_size (texts claimed, embedded and committed at a time; default 4 requests of the model''s batch_size), max_texts. A first indexing of 10,000 texts or more into an empty table loads it without its secondary indexes and builds them at the end (sessions that finish together build different ones at once). The vocabulary is read with the caller''s rights and must be plain tables: a view, a materialized view, a foreign or temporary table, a table with row-level security or user-defined column types is refused unless allow_any_relation => true. Must be CALLed outside an explicit transaction block.';
 
 CREATE OR REPLACE FUNCTION omop_emb.create_index(
     model text DEFAULT NULL,
@@ -218,6 +227,14 @@ LEFT JOIN omop_emb.index_progress p ON p.model_id OPERATOR(pg_catalog.=) m.model
 LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) p.pid
 GROUP BY m.model_id, m.name;
 COMMENT ON VIEW omop_emb.index_status IS 'omop_emb: progress of index_concepts() per model: texts done in the current run, pending, total, rate';
+
+CREATE OR REPLACE FUNCTION omop_emb_internal.index_build_next(model text) RETURNS text
+LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+AS $$
+return @RT@.call(plpy, "index_build_next", model)
+$$;
+COMMENT ON FUNCTION omop_emb_internal.index_build_next(text) IS
+'Internal step of index_concepts() (and of a second connection beside it): builds one secondary index the model''s embedding table lacks that no other session is building and returns its name; NULL when none is left to this session (texts still queued while other sessions index: they build at their end)';
 
 CREATE OR REPLACE FUNCTION omop_emb_internal.index_finish(model text) RETURNS boolean
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
