@@ -259,9 +259,13 @@ def fused_trigram(model, shape):
     distance to $1. Returns (sql, types, names)."""
     where, names = filter_clause(shape, 4)
     sim = "%s(e.text, $2)" % trgm("similarity")
-    sql = ("SELECT s.*, s.embedding %s $1 AS distance FROM (SELECT %s, e.embedding, %s AS trigram "
-           "FROM %s e WHERE e.text %s $2 AND %s ORDER BY trigram DESC, length(e.text) LIMIT $3) s"
-           % (op(model["metric"]), SELECT_COLS, sim, table(model["model_id"]), trgm_op(), where))
+    # The vector stays inside: returned, it would be converted to text and to a
+    # Python string for every row.
+    sql = ("SELECT %s, s.trigram, s.embedding %s $1 AS distance FROM (SELECT %s, e.embedding, "
+           "%s AS trigram FROM %s e WHERE e.text %s $2 AND %s "
+           "ORDER BY trigram DESC, length(e.text) LIMIT $3) s"
+           % (SELECT_COLS.replace("e.", "s."), op(model["metric"]), SELECT_COLS, sim,
+              table(model["model_id"]), trgm_op(), where))
     return sql, [vector_type(model), "text", "int4"] + ["text[]"] * len(names), names
 
 
