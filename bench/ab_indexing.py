@@ -5,6 +5,9 @@ every side alike. A tree given as ``label=path:256`` passes batch_size => 256.
 
     git archive main | tar -x -C /tmp/before
     .venv/bin/python bench/ab_indexing.py --n 100000 --rounds 2 before=/tmp/before after=.
+
+``--cli`` also times ``omop-emb-pg index`` (1 job) of each tree, whole command: the client
+of the tree, whose connection of its own may build indexes beside the session.
 """
 import argparse
 import os
@@ -27,6 +30,17 @@ def install(root, dsn):
     env = dict(os.environ, PYTHONPATH=root + "/python", OMOP_EMB_INSTALL_METHOD="script")
     subprocess.run([sys.executable, "-c", "import sys; from omop_emb_pg.install import install; "
                     "print(install(sys.argv[1]))", dsn], env=env, check=True)
+
+
+def cli_one(root, dsn, model):
+    """``omop-emb-pg index`` of the tree ``root`` (its own client), 1 job, timed as a whole."""
+    root = str(Path(root).resolve())
+    env = dict(os.environ, PYTHONPATH=root + "/python")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import sys; from omop_emb_pg.cli import main; sys.exit(main(sys.argv[1:]))",
+                    "index", "--dsn", dsn, "--model", model, "--schema", "synth", "--progress", "none"],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
 
 
 def two(dsn, n, model, batch=None):
@@ -59,6 +73,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100000)
     ap.add_argument("--no-two", action="store_true")
+    ap.add_argument("--cli", action="store_true",
+                    help="also time `omop-emb-pg index` (1 job) of each tree, whole command")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--datadir", default=None)
     ap.add_argument("variants", nargs="+")
@@ -94,6 +110,14 @@ def main():
                 log(f"[{label}] 1 session: {a.n / r['total_s']:,.0f} concepts/s end to end "
                     f"({1e6 * r['total_s'] / a.n:.1f} us/concept), embed phase "
                     f"{a.n / (r['t_end'] - r['t_prepared']):,.0f}/s, prepare {r['prepare_s']:.1f}s, rows {rows}")
+            if a.cli:
+                for label, root in vs:
+                    dsn = dsns[label]
+                    with psycopg.connect(dsn, autocommit=True) as c:
+                        bi.register(c, "cli", inst.url)
+                    secs = cli_one(root, dsn, "cli")
+                    log(f"[{label}] omop-emb-pg index, 1 job: {a.n / secs:,.0f} concepts/s, whole command "
+                        f"({1e6 * secs / a.n:.1f} us/concept)")
             if not a.no_two:
                 for label, root in vs:
                     dsn = dsns[label]

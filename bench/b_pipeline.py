@@ -1,9 +1,10 @@
-"""index_batch with 1 against 2 requests in flight (indexing.PIPELINE_REQUESTS), batch by
-batch interleaved in one database with the instant server: on a shared machine only
-alternating batches see the same load. The tree before the pipeline is compared with
-bench/ab_indexing.py.
+"""index_batch with 1 against 2 requests in flight (indexing.PIPELINE_REQUESTS), or batches
+of other sizes ("2x512": 2 in flight, 512 texts per batch), batch by batch interleaved in one
+database with the instant server: on a shared machine only alternating batches see the same
+load. The tree before the pipeline is compared with bench/b_phases.py.
 
     .venv/bin/python bench/b_pipeline.py 100000 1,2
+    .venv/bin/python bench/b_pipeline.py 100000 2x256,2x512,3x512
 """
 import json
 import sys
@@ -19,14 +20,16 @@ from ab_indexing import install  # noqa: E402
 
 FN = r"""
 CREATE OR REPLACE FUNCTION public.bench_batch(mode text) RETURNS text LANGUAGE plpython3u AS $f$
+# mode: "<requests in flight>" or "<requests in flight>x<texts per batch>"
 import time, json
 if "omop_emb" not in GD:
     plpy.execute("SELECT omop_emb_internal._bootstrap()")
 rt = GD["omop_emb"]
 import omop_emb_indb.indexing as indexing
-indexing.PIPELINE_REQUESTS = int(mode)
+flight, _, size = mode.partition("x")
+indexing.PIPELINE_REQUESTS = int(flight)
 t0 = time.perf_counter()
-n = rt.call(plpy, "index_batch", "p", None)
+n = rt.call(plpy, "index_batch", "p", int(size) if size else None)
 return json.dumps([n, time.perf_counter() - t0])
 $f$;
 """
