@@ -75,6 +75,14 @@ def rows(r: dict) -> list[tuple]:
                     f"p50 {f['p50_ms']:.2f} / p95 {f['p95_ms']:.2f} / p99 {f['p99_ms']:.2f} ms",
                     f"semantic p50 {sm['p50_ms']:.2f} / p95 {sm['p95_ms']:.2f} / p99 {sm['p99_ms']:.2f} ms",
                     f"{ratio:.2f}", ratio <= 1.5))
+        un = md_.get("untagged")
+        if un:
+            f, sm = un["fused"], un["semantic"]
+            ratio = f["p50_ms"] / sm["p50_ms"]
+            out.append((f"same, the queries' common words only (no unique tag word) ({_f(nv)} x 384)",
+                        f"p50 {f['p50_ms']:.2f} / p95 {f['p95_ms']:.2f} / p99 {f['p99_ms']:.2f} ms",
+                        f"semantic p50 {sm['p50_ms']:.2f} / p95 {sm['p95_ms']:.2f} / p99 {sm['p99_ms']:.2f} ms",
+                        f"{ratio:.2f}", ratio <= 1.5))
     rec = r.get("recall")
     if rec:
         for name, case in rec["cases"].items():
@@ -186,6 +194,10 @@ def markdown(r: dict) -> str:
             x = md_.get(mode)
             if x:
                 lines.append(f"| {mode} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | {x['p99_ms']:.1f} |")
+        for mode, x in ((m, (md_.get("untagged") or {}).get(m)) for m in ("semantic", "fused")):
+            if x:
+                lines.append(f"| {mode}, common words only | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
+                             f"{x['p99_ms']:.1f} |")
     rec = r.get("recall")
     if rec:
         lines += ["", "Recall@10 and p50 latency by omop_emb.ef_search (default = setting unset):", "",
@@ -223,7 +235,7 @@ def plots(r: dict, out: Path) -> list[str]:
 
     made = []
     lat = r.get("latency")
-    if lat:
+    if lat and lat.get("samples_ms"):  # absent when only the part 'modes' ran
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for name, xs in lat["samples_ms"].items():
             xs = np.sort(np.array(xs))
