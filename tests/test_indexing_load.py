@@ -194,3 +194,22 @@ def test_sessions_finishing_together_build_different_indexes(omop_db, fake_embed
     with psycopg.connect(omop_db, autocommit=True) as c:
         assert secondary_indexes(c, mid) == set(SECONDARY)
         assert c.execute(f"SELECT count(*) FROM omop_emb.embedding_{mid}").fetchone()[0] == N
+
+
+def test_drop_model_removes_its_queued_texts(omop_db, fake_embedder):
+    """The queue has no foreign key to the model (its check per queued row slowed a first
+    indexing): drop_model deletes the model's queued texts itself, and only those."""
+    load_synthetic_vocabulary(omop_db, [(i, f"queued concept {i}", "Condition", "SNOMED",
+                                         "Clinical Finding", "S", f"Q{i}", None) for i in range(1, 301)])
+    register_fake_model(omop_db, fake_embedder, name="bulk")
+    register_fake_model(omop_db, fake_embedder, name="other")
+    with psycopg.connect(omop_db, autocommit=True) as c:
+        for name in ("bulk", "other"):
+            c.execute(INDEX_SQL.replace("'bulk'", f"'{name}'").replace(")", ", batch_size => 10, max_texts => 10)"))
+        mids = dict(c.execute("SELECT name, model_id FROM omop_emb.model").fetchall())
+        queued = dict(c.execute("SELECT model_id, count(*) FROM omop_emb.index_queue GROUP BY 1").fetchall())
+        assert queued[mids["bulk"]] > 0 and queued[mids["other"]] > 0
+        c.execute("SELECT omop_emb.drop_model('bulk')")
+        after = dict(c.execute("SELECT model_id, count(*) FROM omop_emb.index_queue GROUP BY 1").fetchall())
+        assert mids["bulk"] not in after
+        assert after[mids["other"]] == queued[mids["other"]]

@@ -518,7 +518,7 @@ class IndexingMixin:
             "e.standard_concept, e.invalid_reason) IS DISTINCT FROM (c.concept_name, c.domain_id, "
             "c.vocabulary_id, c.concept_class_id, c.standard_concept, c.invalid_reason)"
             % (emb, concept_rows, MINE))
-        queued = plpy.execute(plpy.prepare(
+        queue_sql = (
             "INSERT INTO omop_emb.index_queue (model_id, %s) "
             "SELECT %d, d.concept_id, d.text_kind, d.text, "
             "sha256(convert_to($1 || d.text, 'UTF8')), d.source_concept_id, d.source_code, "
@@ -526,13 +526,31 @@ class IndexingMixin:
             "d.standard_concept, d.invalid_reason FROM %s WHERE d.%s AND NOT EXISTS "
             "(SELECT 1 FROM %s e "
             "WHERE e.concept_id = d.concept_id AND e.text_kind = d.text_kind AND e.text = d.text "
-            "AND e.text_hash = sha256(convert_to($1 || d.text, 'UTF8'))) "
-            "ON CONFLICT (model_id, concept_id, text_kind, text) DO UPDATE SET "
+            "AND e.text_hash = sha256(convert_to($1 || d.text, 'UTF8')))"
+            % (cols, mid, text_rows, MINE, emb))
+        on_conflict = (
+            " ON CONFLICT (model_id, concept_id, text_kind, text) DO UPDATE SET "
             "text_hash = EXCLUDED.text_hash "
             # Rows already queued unchanged are left alone: rewriting them would
             # lock rows another session is claiming.
-            "WHERE omop_emb.index_queue.text_hash IS DISTINCT FROM EXCLUDED.text_hash"
-            % (cols, mid, text_rows, MINE, emb), ["text"]), [hashed_prefix]).nrows()
+            "WHERE omop_emb.index_queue.text_hash IS DISTINCT FROM EXCLUDED.text_hash")
+        queued = None
+        if not plpy.execute(plpy.prepare(QUEUE_LEFT_SQL, ["int4"]), [mid])[0]["any"]:
+            # Nothing queued for the model (a first indexing, or the run after a
+            # completed one): a plain INSERT, which does not look for a conflict row
+            # by row (at 100,000 texts 0.4-0.5 s against 0.8-1.0 s). The staged texts
+            # are distinct and preparations of a model hold its lock; a bundle import
+            # queueing texts of the same model meanwhile makes it fall back.
+            try:
+                with plpy.subtransaction():
+                    queued = plpy.execute(plpy.prepare(queue_sql, ["text"]),
+                                          [hashed_prefix]).nrows()
+            except plpy.SPIError as e:
+                if getattr(e, "sqlstate", None) != "23505":
+                    raise
+        if queued is None:
+            queued = plpy.execute(plpy.prepare(queue_sql + on_conflict, ["text"]),
+                                  [hashed_prefix]).nrows()
         total = plpy.execute("DELETE FROM omop_emb_internal.index_stage_text WHERE %s" % MINE).nrows()
         plpy.execute("DELETE FROM omop_emb_internal.index_stage_concept WHERE %s" % MINE)
         if model["vectors_stale"]:

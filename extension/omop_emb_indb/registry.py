@@ -467,6 +467,9 @@ class RegistryMixin:
                 return False
             raise
         plpy.execute("DROP TABLE IF EXISTS %s" % sqlgen.table(model["model_id"]))
+        # The queue has no foreign key to the model (sql/schema/0.2.0/50_index_queue_no_fk.sql).
+        plpy.execute(plpy.prepare("DELETE FROM omop_emb.index_queue WHERE model_id = $1", ["int4"]),
+                     [model["model_id"]])
         plpy.execute(plpy.prepare("DELETE FROM omop_emb.model WHERE model_id = $1", ["int4"]),
                      [model["model_id"]])
         self.forget_model(model["model_id"])
