@@ -310,7 +310,8 @@ def phase_build(res: Results, db: Database, m: int = 16, ef_construction: int = 
     with psycopg.connect(dsn, autocommit=True) as c:
         mid = model_id(c)
         b = res.data.setdefault("build", {})
-        if b.get("build_s"):
+        built = c.execute("SELECT index_method = 'hnsw' FROM omop_emb.model WHERE name = %s", (MODEL,)).fetchone()
+        if b.get("build_s") and built and built[0]:  # resumed run: this cluster has the index the json reports
             log("rehearsal: index already built")
             return
         res.data["build"] = b = {"m": m, "ef_construction": ef_construction,
