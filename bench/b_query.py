@@ -543,33 +543,30 @@ def modes(dsn: str, n: int = 30) -> dict:
         for mode in MODES:
             c.execute("SELECT * FROM omop_emb.nearest(%s, 10, model => %s, mode => %s)",
                       (texts[0], MODEL, mode)).fetchall()
-        # Modes interleaved query by query (and the query set run twice): on a shared
-        # machine the load drifts between blocks, a ratio of blocks drifts with it.
-        lat: dict = {mode: [] for mode in MODES}
-        for _ in range(2):
-            for t in texts:
-                for mode in MODES:
-                    t0 = time.perf_counter()
-                    c.execute("SELECT * FROM omop_emb.nearest(%s, 10, model => %s, mode => %s)",
-                              (t, MODEL, mode)).fetchall()
-                    lat[mode].append(time.perf_counter() - t0)
+        def interleaved(queries: list[str], modes) -> dict:
+            """Latencies per mode, the modes interleaved query by query and the set run twice:
+            on a shared machine the load drifts between blocks, a ratio of blocks with it."""
+            lat: dict = {mode: [] for mode in modes}
+            for _ in range(2):
+                for t in queries:
+                    for mode in modes:
+                        t0 = time.perf_counter()
+                        c.execute("SELECT * FROM omop_emb.nearest(%s, 10, model => %s, mode => %s)",
+                                  (t, MODEL, mode)).fetchall()
+                        lat[mode].append(time.perf_counter() - t0)
+            return lat
+
+        lat = interleaved(texts, MODES)
         for mode in MODES:
             out[mode] = summary_ms(lat[mode])
         out["fused_over_semantic_p50"] = round(out["fused"]["p50_ms"] / out["semantic"]["p50_ms"], 2)
         # The same queries without their unique tag word: only common words, whose trigrams are
         # all common, so fused's trigram lookup has long posting lists to merge (the tag's rare
-        # trigrams make it cheap). Semantic and fused interleaved as above.
+        # trigrams make it cheap).
         words = [t.rsplit(" ", 1)[0] for t in texts]
         for t in words:
             c.execute("SELECT omop_emb.embed(%s, 'query', %s)", (t, MODEL)).fetchone()
-        plain: dict = {"semantic": [], "fused": []}
-        for _ in range(2):
-            for t in words:
-                for mode in plain:
-                    t0 = time.perf_counter()
-                    c.execute("SELECT * FROM omop_emb.nearest(%s, 10, model => %s, mode => %s)",
-                              (t, MODEL, mode)).fetchall()
-                    plain[mode].append(time.perf_counter() - t0)
+        plain = interleaved(words, ("semantic", "fused"))
         out["untagged"] = {mode: summary_ms(v) for mode, v in plain.items()}
         out["untagged"]["examples"] = words[:5]
         out["untagged"]["fused_over_semantic_p50"] = round(
