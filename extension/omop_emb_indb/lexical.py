@@ -143,6 +143,12 @@ def tsquery_literal(words, op):
     return (" %s " % op).join("'%s'" % w.replace("\\", "\\\\").replace("'", "''") for w in words)
 
 
+def has_rare_word(words, rows_by_word, threshold=COMMON_WORD_ROWS):
+    """Whether one of the query's lexemes is in at most ``threshold`` texts (a word the
+    statistics do not list is rarer than every listed one)."""
+    return any(rows_by_word.get(w, 0) <= threshold for w in words or ())
+
+
 def split_words(words, rows_by_word, threshold=COMMON_WORD_ROWS):
     """(rare-word OR query, common-word AND query) for the lexical candidates."""
     rare = [w for w in words if rows_by_word.get(w, 0) <= threshold]
