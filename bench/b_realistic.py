@@ -47,7 +47,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import b_query  # noqa: E402
-from common import ROOT, Database, Proc, log, pct  # noqa: E402
+from common import ROOT, Database, Proc, log, pct, save_plot  # noqa: E402
 
 MODEL = "real1m"
 HALF_MODEL = "real1m_half"  # --storage halfvec: the same rows stored as halfvec
@@ -412,12 +412,7 @@ def plots(r: dict, out: Path, uniform: dict | None = None) -> list[str]:
     ax.set_xlabel("cosine distance to nearest neighbour")
     ax.set_ylabel("density")
     ax.set_title("Nearest-neighbour distances: real e5 sample vs generated")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "nn_distance.png", dpi=110)
-    plt.close(fig)
-    made.append("nn_distance.png")
+    made.append(save_plot(fig, ax, out / "nn_distance.png", legend_fontsize=8))
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for tag, rec, ls in (("realistic", r["recall"], "-"), ("uniform", uniform, ":")):
         for name, case in (rec or {}).get("cases", {}).items():
@@ -437,12 +432,7 @@ def plots(r: dict, out: Path, uniform: dict | None = None) -> list[str]:
     ax.set_ylabel("recall@10 vs exact")
     ax.set_title(f"Recall / latency by ef_search (star: default), {r['vectors']:,} x 384: realistic vs uniform",
                  fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "recall_latency_realistic.png", dpi=110)
-    plt.close(fig)
-    made.append("recall_latency_realistic.png")
+    made.append(save_plot(fig, ax, out / "recall_latency_realistic.png", legend_fontsize=7))
     return made
 
 

@@ -205,3 +205,16 @@ def progress():
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), transient=False) as p:
         yield p
+
+
+def save_plot(fig, ax, path: Path, legend_fontsize: int = 8) -> str:
+    """Grid, legend, tight layout, PNG at 110 dpi, figure closed: the last steps of every
+    benchmark plot. Returns the file name (for the list of plots made)."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name

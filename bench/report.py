@@ -232,6 +232,7 @@ def plots(r: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from common import save_plot
 
     made = []
     lat = r.get("latency")
@@ -245,12 +246,7 @@ def plots(r: dict, out: Path) -> list[str]:
         ax.set_ylabel("fraction of calls")
         ax.set_title(f"nearest(.., 10) latency CDF, {r['scale']['vectors']:,} x 384, HNSW")
         ax.axvline(3.0, color="grey", ls=":", lw=1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "latency_cdf.png", dpi=110)
-        plt.close(fig)
-        made.append("latency_cdf.png")
+        made.append(save_plot(fig, ax, out / "latency_cdf.png", legend_fontsize=8))
     rec = r.get("recall")
     if rec:
         fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -264,12 +260,7 @@ def plots(r: dict, out: Path) -> list[str]:
         ax.set_xlabel("p50 latency of nearest(vector, 10) (ms)")
         ax.set_ylabel("recall@10 vs exact")
         ax.set_title("Recall / latency by omop_emb.ef_search")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "recall_latency.png", dpi=110)
-        plt.close(fig)
-        made.append("recall_latency.png")
+        made.append(save_plot(fig, ax, out / "recall_latency.png", legend_fontsize=8))
     mem = r.get("memory")
     if mem:
         fig, ax = plt.subplots(figsize=(7, 3.6))
