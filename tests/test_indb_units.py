@@ -133,10 +133,14 @@ def test_lexical_words_split_by_how_many_texts_hold_them():
     assert common == "'oral' & 'diseas'"
     assert lexical.split_words(["oral"], rows) == (None, "'oral'")
     assert lexical.split_words(["x"], {}) == ("'x'", None)  # no statistics yet: every word is found
-    # fused's trigram source runs for a query with a rare word (a misspelling is one) only
-    assert lexical.has_rare_word(["oral", "diseas"], rows) is False
-    assert lexical.has_rare_word(["oral", "diabetis"], rows) is True
-    assert lexical.has_rare_word(["x"], {}) is True and lexical.has_rare_word([], rows) is False
+    # fused's trigram source looks up the words the statistics do not list (rare, or a
+    # misspelling), once each; with no statistics yet, every word
+    assert lexical.unlisted_words(["oral", "diseas"], rows) == []
+    assert lexical.unlisted_words(["oral", "diabetis", "diabetis"], rows) == ["diabetis"]
+    assert lexical.unlisted_words(["x"], {}) == ["x"] and lexical.unlisted_words(None, rows) == []
+    # its abbreviation source keeps the tokens whose every lexeme is rare; stop words go
+    assert lexical.rare_tokens([("mg", ["mg"]), ("copd", ["copd"]), ("or", []), ("oral", ["oral"])],
+                               {"mg": 90_000.0, "oral": 200_000.0}) == ["copd"]
     assert lexical.word_rows(None) == {} and lexical.word_rows({"words": None, "freqs": None,
                                                                 "reltuples": 0}) == {}
     # Lexemes are quoted for the tsquery cast: quotes doubled, backslashes escaped.

@@ -143,10 +143,28 @@ def tsquery_literal(words, op):
     return (" %s " % op).join("'%s'" % w.replace("\\", "\\\\").replace("'", "''") for w in words)
 
 
-def has_rare_word(words, rows_by_word, threshold=COMMON_WORD_ROWS):
-    """Whether one of the query's lexemes is in at most ``threshold`` texts (a word the
-    statistics do not list is rarer than every listed one)."""
-    return any(rows_by_word.get(w, 0) <= threshold for w in words or ())
+def unlisted_words(words, rows_by_word):
+    """The query's lexemes the statistics do not list: rare or not in the vocabulary
+    at all (a misspelling, a fragment); with no statistics yet, every word."""
+    return [w for w in dict.fromkeys(words or ()) if w not in rows_by_word]
+
+
+def unknown_words_sql(model):
+    """How many of $1 (single lexemes as tsquery literals, tsquery_literal) no text of
+    the model holds: one GIN probe each, cheap for the rare words it is given."""
+    from . import sqlgen
+
+    return ("SELECT pg_catalog.count(*)::int4 AS unknown "
+            "FROM pg_catalog.unnest($1::pg_catalog.tsquery[]) AS w(q) WHERE NOT EXISTS "
+            "(SELECT 1 FROM %s e WHERE %s OPERATOR(pg_catalog.@@) w.q)"
+            % (sqlgen.table(model["model_id"]), tsvector("e.text")))
+
+
+def rare_tokens(tokens_words, rows_by_word, threshold=COMMON_WORD_ROWS):
+    """Of (token, its lexemes) pairs, the tokens every lexeme of which is in at most
+    ``threshold`` texts; a token with no lexeme (a stop word: 'OR', 'AS') is dropped."""
+    return [t for t, words in tokens_words
+            if words and all(rows_by_word.get(w, 0) <= threshold for w in words)]
 
 
 def split_words(words, rows_by_word, threshold=COMMON_WORD_ROWS):

@@ -770,24 +770,35 @@ class Runtime(RegistryMixin, IndexingMixin):
         if semantic_ids is not None:
             semantic_ids.extend(sem)
         rows += sem_rows
-        # Trigram candidates are for misspellings and word fragments, i.e. rare words. A
-        # query whose every word is common in the vocabulary (lexical.COMMON_WORD_ROWS,
-        # planner statistics) has only common trigrams: the GIN lookup must merge long
-        # posting lists (1M texts: p99 557 ms) to find what the semantic source finds.
-        words = self.plan(plpy, "lexemes", "SELECT omop_emb.lexemes($1) AS words",
-                          ["text"]).execute([query_text])[0]["words"]
-        if lexical.has_rare_word(words, self._word_rows(plpy, mid)):
+        # Trigram candidates are for misspellings and word fragments: words no text of
+        # the model holds. A query whose every word is in the vocabulary gets nothing
+        # from them that the semantic source misses, and the GIN lookup costs more than
+        # the whole semantic search: it merges the posting lists of all the query's
+        # trigrams (realistic 200k texts: 10 ms at 20-40 characters, 40 ms at 60-100;
+        # 1M, common words only: p99 557 ms). Words the statistics list are in the
+        # vocabulary; the others are looked up, one short posting list each.
+        words_by_text = self._lexemes(plpy, [query_text] + ranking.abbreviations(query_text))
+        word_rows = self._word_rows(plpy, mid)
+        unlisted = lexical.unlisted_words(words_by_text[0][1], word_rows)
+        if unlisted and self.plan(plpy, ("unknown_words", mid), lexical.unknown_words_sql(model),
+                                  ["pg_catalog.tsquery[]"]).execute(
+                [[lexical.tsquery_literal([w], "|") for w in unlisted]])[0]["unknown"]:
             sql, types, _ = sqlgen.fused_trigram(model, shape)
             rows += self.plan(plpy, ("fused_trgm", mid, shape), sql, types).execute(
                 [vec, query_text, ranking.TRIGRAM_DEPTH * 2] + args)
-        abbrevs = ranking.abbreviations(query_text)
+        abbrevs = [t for t, _ in words_by_text[1:]]
         if abbrevs:
             sql, types, _ = sqlgen.fused_initials(model, shape)
             rows += self.plan(plpy, ("fused_ini", mid, shape), sql, types).execute(
                 [vec, abbrevs, ranking.INITIALS_DEPTH, query_text] + args)
-            sql, types, _ = sqlgen.fused_abbreviation(model, shape)
-            rows += self.plan(plpy, ("fused_abbr", mid, shape), sql, types).execute(
-                [vec, " | ".join(abbrevs), ranking.ABBREVIATION_DEPTH, query_text] + args)
+            # Texts holding a token as a word, shortest first: only for rare tokens. A
+            # common one ('MG', 'ML', 'SR' in drug and lab names) matches tens of thousands
+            # of texts, the shortest of which are no answer (realistic 200k: 350 ms).
+            rare = lexical.rare_tokens(words_by_text[1:], word_rows)
+            if rare:
+                sql, types, _ = sqlgen.fused_abbreviation(model, shape)
+                rows += self.plan(plpy, ("fused_abbr", mid, shape), sql, types).execute(
+                    [vec, " | ".join(rare), ranking.ABBREVIATION_DEPTH, query_text] + args)
         out, seen = [], set()
         for r in rows:
             key = (r["concept_id"], r["text_kind"], r["text"])
@@ -911,6 +922,13 @@ class Runtime(RegistryMixin, IndexingMixin):
             [vec, words, min(4 * MAX_K, want * 4), rare_q, common_q,
              lexical.COMMON_WORD_CAP] + args)
         return lexical.best_per_concept(rows, want)
+
+    def _lexemes(self, plpy, texts):
+        """[(text, its lexemes: omop_emb.lexemes)] in the order of ``texts``."""
+        rows = self.plan(plpy, "lexemes_of", "SELECT t.text, omop_emb.lexemes(t.text) AS words "
+                         "FROM pg_catalog.unnest($1::text[]) WITH ORDINALITY AS t(text, n) "
+                         "ORDER BY t.n", ["text[]"]).execute([texts])
+        return [(r["text"], r["words"] or []) for r in rows]
 
     def _word_rows(self, plpy, mid):
         """{lexeme: texts holding it} of a model's full-text index, from the planner
