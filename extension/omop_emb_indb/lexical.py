@@ -88,25 +88,11 @@ def tsvector(column):
     return "to_tsvector('%s'::regconfig, %s)" % (TS_CONFIG, column)
 
 
-def index_statements(model_id, if_not_exists=True):
-    """DDL of the lexical index of a model's embedding table."""
+def index_statement(model_id):
+    """DDL of the full-text index of a model's embedding table."""
     mid = int(model_id)
-    return ["CREATE INDEX %sembedding_%d_fts ON omop_emb.embedding_%d USING gin (%s)"
-            % ("IF NOT EXISTS " if if_not_exists else "", mid, mid, tsvector("text"))]
-
-
-def ensure_index(plpy, model_id):
-    """Create the lexical index when it is missing (models made before it existed).
-
-    Checked first rather than relying on IF NOT EXISTS: CREATE INDEX takes a
-    SHARE lock on the table even when the index exists, and two sessions that
-    each hold it and then ANALYZE deadlock."""
-    mid = int(model_id)
-    present = plpy.execute("SELECT to_regclass('omop_emb.embedding_%d_fts') IS NOT NULL AS present"
-                           % mid)[0]["present"]
-    if not present:
-        for ddl in index_statements(mid):
-            plpy.execute(ddl)
+    return "CREATE INDEX embedding_%d_fts ON omop_emb.embedding_%d USING gin (%s)" % (
+        mid, mid, tsvector("text"))
 
 
 # Words in more texts than this (planner statistics of the GIN index) are

@@ -151,23 +151,20 @@ def secondary_indexes(model_id):
         ("embedding_%d_class" % mid,
          "CREATE INDEX embedding_%d_class ON %s (concept_class_id)" % (mid, t)),
         # Lexical side of hybrid search (omop_emb_indb.lexical).
-        ("embedding_%d_fts" % mid, lexical.index_statements(mid, if_not_exists=False)[0]),
+        ("embedding_%d_fts" % mid, lexical.index_statement(mid)),
         # Candidate sources of the fused ranking.
         ("embedding_%d_trgm" % mid, trgm_ddl),
         ("embedding_%d_initials" % mid, initials_ddl),
     ]
 
 
-def ranking_index_statements(model_id, if_not_exists=False):
+def ranking_index_statements(model_id):
     """The indexes of the fused ranking's candidate sources: character trigrams
     (pg_trgm GIN) and word initials (btree on omop_emb.initials(text))."""
     mid = int(model_id)
-    ine = "IF NOT EXISTS " if if_not_exists else ""
     return [
-        "CREATE INDEX %sembedding_%d_trgm ON %s USING gin (text %s)"
-        % (ine, mid, table(mid), trgm("gin_trgm_ops")),
-        "CREATE INDEX %sembedding_%d_initials ON %s (omop_emb.initials(text))"
-        % (ine, mid, table(mid)),
+        "CREATE INDEX embedding_%d_trgm ON %s USING gin (text %s)" % (mid, table(mid), trgm("gin_trgm_ops")),
+        "CREATE INDEX embedding_%d_initials ON %s (omop_emb.initials(text))" % (mid, table(mid)),
     ]
 
 
