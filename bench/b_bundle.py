@@ -31,7 +31,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import b_query  # noqa: E402
-from common import Database, log  # noqa: E402
+from common import Database, ServerCpu, log  # noqa: E402
 
 DUMMY_URL = "http://127.0.0.1:9"
 REGISTER = ("SELECT omop_emb.register_model('bundle', 'openai', %s, dimensions => %s, "
@@ -56,42 +56,6 @@ else:
     print(json.dumps({"seconds": r.seconds, "per_s": r.per_s, "imported": r.imported,
                       "client_cpu_s": time.process_time() - c0}))
 """
-
-
-class ServerCpu:
-    """CPU seconds used by the PostgreSQL server at ``dsn`` so far: its postmaster and live
-    children, plus the children it reaped (cutime, cstime). None when the server's processes
-    cannot be read (another machine, no superuser)."""
-
-    def __init__(self, dsn: str):
-        self.pid = None
-        try:
-            with psycopg.connect(dsn) as c:
-                datadir = c.execute("SHOW data_directory").fetchone()[0]
-            with open(os.path.join(datadir, "postmaster.pid")) as f:
-                self.pid = int(f.readline())
-            self.now()
-        except (OSError, ValueError, psycopg.Error):
-            self.pid = None
-
-    @staticmethod
-    def _stat(pid: int) -> list[str]:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()  # [0] state, [1] ppid, [11..14] utime stime cutime cstime
-
-    def now(self) -> float | None:
-        if self.pid is None:
-            return None
-        ticks = sum(int(x) for x in self._stat(self.pid)[11:15])
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    st = self._stat(int(d))
-                except OSError:
-                    continue
-                if int(st[1]) == self.pid:
-                    ticks += sum(int(x) for x in st[11:15])
-        return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu(server: ServerCpu, n: int, client0: float, server0: float | None) -> dict:

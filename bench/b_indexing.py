@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 
 import psycopg
 import requests
 
-from common import log
+from common import ServerCpu, log, process_cpu_s
 
 SYNTH_SQL = """
 CREATE SCHEMA IF NOT EXISTS {s};
@@ -157,20 +158,24 @@ def run_index(dsn: str, model: str, schema: str, domain_ids=None, batch_size=Non
     with (psycopg.connect(dsn, autocommit=True) if conn is None else contextlib.nullcontext(conn)) as conn:
         conn.execute("SET client_min_messages = notice")
         notes = Notices(conn)
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
         if start_evt is not None:
             start_evt.wait()
+        cpu0 = process_cpu_s(pid)  # the session's backend, its HTTP threads included
         t0 = time.perf_counter()
         conn.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => %s, "
                      "domain_ids => %s, batch_size => %s, max_texts => %s)",
                      (model, schema, domain_ids, batch_size, max_texts))
         t1 = time.perf_counter()
+        cpu1 = process_cpu_s(pid)
     t_prep = next((t for t, m in notes.items if "to embed" in m), t0)
     done = 0
     for _, m in notes.items:
         if m.startswith("omop_emb: done"):
             done = int(m.split()[2])
     return {"t_start": t0, "t_prepared": t_prep, "t_end": t1, "prepare_s": t_prep - t0,
-            "total_s": t1 - t0, "embedded": done, "notices": [m for _, m in notes.items][-3:]}
+            "total_s": t1 - t0, "embedded": done, "notices": [m for _, m in notes.items][-3:],
+            "backend_cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0}
 
 
 def sample_progress(dsn: str, model: str, stop: threading.Event, out: list) -> None:
@@ -222,8 +227,18 @@ def bench_instant(db, server_url: str, n: int, quick: bool, det_url: str | None 
     stop = threading.Event()
     th = threading.Thread(target=sample_progress, args=(dsn, "idx1", stop, samples), daemon=True)
     th.start()
+    # CPU time, which the machine's load changes far less than wall time: what one session's
+    # backend (and the whole cluster: autovacuum, checkpoints, ...) spends per concept
+    cluster = ServerCpu(dsn)
+    c0 = cluster.now()
     one = run_index(dsn, "idx1", "synth")
+    c1 = cluster.now()
     stop.set(); th.join()
+    one["load_average"] = os.getloadavg()
+    if one["backend_cpu_s"] is not None:
+        one["backend_cpu_us_per_concept"] = 1e6 * one["backend_cpu_s"] / n
+    if c0 is not None and c1 is not None:
+        one["cluster_cpu_us_per_concept"] = 1e6 * (c1 - c0) / n
     one["concepts_per_s"] = n / one["total_s"]
     one["concepts_per_s_embed_phase"] = n / (one["t_end"] - one["t_prepared"])
     one["us_per_concept"] = 1e6 * one["total_s"] / n

@@ -218,3 +218,50 @@ def save_plot(fig, ax, path: Path, legend_fontsize: int = 8) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
+
+
+def proc_stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name: [0] state, [1] ppid, [11..14] utime
+    stime cutime cstime (clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) process ``pid`` of this machine has used; None if unreadable."""
+    try:
+        st = proc_stat(pid)
+    except OSError:
+        return None
+    return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ServerCpu:
+    """CPU seconds used by the PostgreSQL server at ``dsn`` so far: its postmaster and live
+    children, plus the children it reaped (cutime, cstime). None when the server's processes
+    cannot be read (another machine, no superuser)."""
+
+    def __init__(self, dsn: str):
+        self.pid = None
+        try:
+            with psycopg.connect(dsn) as c:
+                datadir = c.execute("SHOW data_directory").fetchone()[0]
+            with open(os.path.join(datadir, "postmaster.pid")) as f:
+                self.pid = int(f.readline())
+            self.now()
+        except (OSError, ValueError, psycopg.Error):
+            self.pid = None
+
+    def now(self) -> float | None:
+        if self.pid is None:
+            return None
+        ticks = sum(int(x) for x in proc_stat(self.pid)[11:15])
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    st = proc_stat(int(d))
+                except OSError:
+                    continue
+                if int(st[1]) == self.pid:
+                    ticks += sum(int(x) for x in st[11:15])
+        return ticks / os.sysconf("SC_CLK_TCK")

@@ -28,7 +28,10 @@ def rows(r: dict) -> list[tuple]:
     if ix:
         one, two, raw = ix["one_session"], ix["two_sessions"], ix["raw_server"]
         out.append((f"Indexing, instant server, {ix['concepts']:,} concepts, 1 session >= 10,000 concepts/s",
-                    f"{_f(one['concepts_per_s'], 0)} concepts/s ({_f(one['us_per_concept'])} us/concept)",
+                    f"{_f(one['concepts_per_s'], 0)} concepts/s ({_f(one['us_per_concept'])} us/concept"
+                    + (f"; CPU: backend {_f(one['backend_cpu_us_per_concept'])} us, cluster "
+                       f"{_f(one.get('cluster_cpu_us_per_concept'))} us per concept"
+                       if one.get("backend_cpu_us_per_concept") is not None else "") + ")",
                     f"{_f(raw['per_s'], 0)} texts/s raw server", f"{one['concepts_per_s'] / raw['per_s']:.3f}",
                     one["concepts_per_s"] >= 10_000))
         out.append((f"Indexing, instant server, 2 sessions (scales with sessions)",

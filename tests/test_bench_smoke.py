@@ -29,6 +29,8 @@ def test_bench_smoke(tmp_path, pg):
     res = json.loads((out / "results.json").read_text())
     assert not res.get("errors")
     assert res["indexing"]["one_session"]["embedded"] == 1000
+    # the session's CPU per concept is read from /proc (the cluster runs on this machine)
+    assert res["indexing"]["one_session"]["backend_cpu_us_per_concept"] > 0
     assert sum(res["indexing"]["two_sessions"]["embedded_by_session"]) == 1000
     assert res["latency"]["nearest_text_cached_session"]["n"] == 20
     assert res["recall"]["ground_truth_check_overlap"] >= 0.9
