@@ -528,6 +528,20 @@ def batch_mapping(dsn: str, e5_url: str, n: int) -> dict:
 MODES = ("semantic", "fused", "hybrid", "lexical")
 
 
+def interleaved(c, model: str, queries: list[str], modes) -> dict:
+    """Latencies (s) of cached nearest(text, 10) per mode, the modes interleaved query by query and
+    the set run twice: on a shared machine the load drifts between blocks, a ratio of blocks with it."""
+    lat: dict = {mode: [] for mode in modes}
+    for _ in range(2):
+        for t in queries:
+            for mode in modes:
+                t0 = time.perf_counter()
+                c.execute("SELECT * FROM omop_emb.nearest(%s, 10, model => %s, mode => %s)",
+                          (t, model, mode)).fetchall()
+                lat[mode].append(time.perf_counter() - t0)
+    return lat
+
+
 def modes(dsn: str, n: int = 30) -> dict:
     """nearest(text, 10) latency per search mode at scale (cached query vectors: the search only).
 
@@ -543,20 +557,7 @@ def modes(dsn: str, n: int = 30) -> dict:
         for mode in MODES:
             c.execute("SELECT * FROM omop_emb.nearest(%s, 10, model => %s, mode => %s)",
                       (texts[0], MODEL, mode)).fetchall()
-        def interleaved(queries: list[str], modes) -> dict:
-            """Latencies per mode, the modes interleaved query by query and the set run twice:
-            on a shared machine the load drifts between blocks, a ratio of blocks with it."""
-            lat: dict = {mode: [] for mode in modes}
-            for _ in range(2):
-                for t in queries:
-                    for mode in modes:
-                        t0 = time.perf_counter()
-                        c.execute("SELECT * FROM omop_emb.nearest(%s, 10, model => %s, mode => %s)",
-                                  (t, MODEL, mode)).fetchall()
-                        lat[mode].append(time.perf_counter() - t0)
-            return lat
-
-        lat = interleaved(texts, MODES)
+        lat = interleaved(c, MODEL, texts, MODES)
         for mode in MODES:
             out[mode] = summary_ms(lat[mode])
         out["fused_over_semantic_p50"] = round(out["fused"]["p50_ms"] / out["semantic"]["p50_ms"], 2)
@@ -566,7 +567,7 @@ def modes(dsn: str, n: int = 30) -> dict:
         words = [t.rsplit(" ", 1)[0] for t in texts]
         for t in words:
             c.execute("SELECT omop_emb.embed(%s, 'query', %s)", (t, MODEL)).fetchone()
-        plain = interleaved(words, ("semantic", "fused"))
+        plain = interleaved(c, MODEL, words, ("semantic", "fused"))
         out["untagged"] = {mode: summary_ms(v) for mode, v in plain.items()}
         out["untagged"]["examples"] = words[:5]
         out["untagged"]["fused_over_semantic_p50"] = round(

@@ -25,7 +25,18 @@ the query vector read back from ``omop_emb.embed(text, 'query')``.
     .venv/bin/python bench/b_realistic.py --datadir /tmp/x/data --phase measure   # recall/latency
 
 Writes bench/results/realistic_1m/{realistic.json, realistic.md, nn_distance.png,
-recall_latency_realistic.png}; run_all.py runs it as the part ``realistic``.
+recall_latency_realistic.png} (``--out`` another folder per configuration); run_all.py runs it as
+the part ``realistic``. Comparing graphs (issue 16), in one kept cluster, one configuration after
+the other (the model has one index: each build replaces the last)::
+
+    B="bench/b_realistic.py --datadir /tmp/x/data --storage halfvec"
+    $B --m 24 --phase build --fresh --out bench/results/realistic_1m_halfvec_m24_efc128
+    $B --m 24 --phase measure --ef-grid long --cases unfiltered,domain --recalibrate \
+       --out bench/results/realistic_1m_halfvec_m24_efc128
+
+``--fresh`` drops the index and the cached queries first, so create_index calibrates on stored
+vectors as on a new install; ``--recalibrate`` then runs calibrate_index() on the real queries
+the measurement cached; ``--modes`` also times mode 'fused' against 'semantic'.
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import b_query  # noqa: E402
-from common import ROOT, Database, Proc, log, pct, save_plot  # noqa: E402
+from common import ROOT, Database, Proc, log, pct, save_plot, summary_ms  # noqa: E402
 
 MODEL = "real1m"
 HALF_MODEL = "real1m_half"  # --storage halfvec: the same rows stored as halfvec
@@ -282,8 +293,15 @@ def load_halfvec(dsn: str, e5_url: str, vector_mid: int, n: int) -> tuple[int, d
         return mid, {"insert_select_s": time.perf_counter() - t0}
 
 
-def measure(dsn: str, data: dict, n_queries: int, ef_grid=b_query.EF_GRID, model: str = MODEL) -> dict:
-    """Recall@10 and cached nearest(text) latency per ef_search, unfiltered and filtered."""
+CASES = ("unfiltered", "domain", "vocabulary")
+# --ef-grid long: the denser graphs of issue 16 (m 24/32) are compared beyond ef 400
+LONG_EF_GRID = [None, 40, 100, 200, 300, 400, 800]
+
+
+def measure(dsn: str, data: dict, n_queries: int, ef_grid=b_query.EF_GRID, model: str = MODEL,
+            cases=CASES) -> dict:
+    """Recall@10 and cached nearest(text) latency per ef_search, unfiltered and filtered
+    (``cases``: which of CASES, by the first word of the case's name)."""
     from pgvector.psycopg import register_vector
 
     X = data["X"]
@@ -298,6 +316,8 @@ def measure(dsn: str, data: dict, n_queries: int, ef_grid=b_query.EF_GRID, model
         register_vector(c)
         out["default_ef_search"] = b_query.extension_ef_search()
         for fname, (fargs, mask) in filters(data).items():
+            if fname.split()[0] not in cases:
+                continue
             # queries: real names of the filtered domain/vocabulary where there are enough, else any
             if fargs:
                 col = rdom if "domain_ids" in fargs else rvoc
@@ -332,6 +352,33 @@ def measure(dsn: str, data: dict, n_queries: int, ef_grid=b_query.EF_GRID, model
     return out
 
 
+def query_names(data: dict, n_queries: int) -> list[str]:
+    """The unfiltered case's query texts of measure() (the same draw): real names."""
+    names = np.array(data["names"])
+    return [str(t) for t in names[np.random.default_rng(7).choice(np.arange(len(names)), n_queries,
+                                                                   replace=False)]]
+
+
+def modes(dsn: str, data: dict, n_queries: int, model: str) -> dict:
+    """Cached nearest(text, 10) in mode 'fused' against 'semantic' (issue 13's goal: fused p50 at most
+    1.5x semantic), the same real names through both, interleaved (b_query.interleaved). The stored
+    texts are '<real name> #<i>': the lexical side finds the real words of a query among them."""
+    texts = query_names(data, n_queries)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for t in texts:  # embed once: the timings below are cached (no HTTP)
+            c.execute("SELECT omop_emb.embed(%s, 'query', %s)", (t, model)).fetchone()
+        for t in texts[:5]:  # warm-up: plans, the lexical side's statistics
+            for mode in ("semantic", "fused"):
+                c.execute("SELECT * FROM omop_emb.nearest(%s, 10, model => %s, mode => %s)",
+                          (t, model, mode)).fetchall()
+        lat = b_query.interleaved(c, model, texts, ("semantic", "fused"))
+    out = {"queries": n_queries, "examples": texts[:5], "rounds": 2,
+           **{mode: summary_ms(v) for mode, v in lat.items()}}
+    out["fused_over_semantic_p50"] = round(out["fused"]["p50_ms"] / out["semantic"]["p50_ms"], 2)
+    out["fused_over_semantic_p95"] = round(out["fused"]["p95_ms"] / out["semantic"]["p95_ms"], 2)
+    return out
+
+
 def smallest_ef(case: dict, target: float = TARGET_RECALL):
     ok = [(int(ef), x) for ef, x in case["by_ef"].items() if ef != "default" and x["recall_at_10"] >= target]
     return min(ok, key=lambda e: e[0]) if ok else None
@@ -351,10 +398,13 @@ def markdown(r: dict, uniform: dict | None = None) -> str:
     for k, v in info["nn_quantiles"].items():
         if k != "q":
             lines.append(f"| {k} | " + " | ".join(f"{x:.3f}" for x in v) + " |")
-    cal = (ix.get("index_params") or {})
+    # the default column searched with the ef_search of the build's calibration (a later
+    # --recalibrate changes index_params after the measurement)
+    cal = ix.get("calibration_at_build") or ix.get("index_params") or {}
     lines += ["", "Recall@10 (in brackets: tie-tolerant, ann-benchmarks' hits within the 10th true distance + 0.001) / "
               "p50 of cached nearest(text, 10) by omop_emb.ef_search; ef default = "
-              + (f"{cal['ef_search']}, calibrated by create_index (its recall on 50 stored vectors: "
+              + (f"{cal['ef_search']}, calibrated (its recall on {cal['calibration'].get('queries', 50)} queries, "
+                 f"{cal['calibration'].get('cached_queries', 0)} of them cached real ones: "
                  f"{cal['calibration']['recall_at_10_by_ef_search']})" if "ef_search" in cal else
                  f"{rec['default_ef_search']}")
               + ". Uniform-cluster figures (nearest(vector), bench/b_query.py) below each row:", "",
@@ -371,6 +421,11 @@ def markdown(r: dict, uniform: dict | None = None) -> str:
             cells = [f"{uc['by_ef'][str(e)]['recall_at_10']:.4f} / {uc['by_ef'][str(e)]['p50_ms']:.2f} ms"
                      if str(e) in uc["by_ef"] else "" for e in rec["ef_grid"]]
             lines.append(f"| uniform, {un} | {uc['rows_in_filter']:,} | " + " | ".join(cells) + " |")
+    lines += ["", "p95 of the same calls (ms):", "",
+              "| Case | " + " | ".join(f"ef {e}" for e in rec["ef_grid"]) + " |",
+              "|---|" + "---|" * len(rec["ef_grid"])]
+    for name, case in rec["cases"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{x['p95_ms']:.2f}" for x in case["by_ef"].values()) + " |")
     graph = [(name, case) for name, case in rec["cases"].items() if "graph_only" in case]
     if graph:
         lines += ["", "Filtered cases at the default ef_search: as searched (a filter the planner statistics "
@@ -389,6 +444,24 @@ def markdown(r: dict, uniform: dict | None = None) -> str:
                  f"{ix['maintenance_work_mem']}, {ix['max_parallel_maintenance_workers']} parallel worker(s), "
                  f"backend reniced): " + (f"{ix['build_s']:,.0f} s" if "build_s" in ix else "reused")
                  + f"; index {ix['index_bytes'] / 2**20:,.0f} MB, table {ix['table_bytes'] / 2**20:,.0f} MB.")
+    for key, what in (("calibration_at_build", "create_index's calibration at build (no cached queries: stored vectors)"),
+                      ("recalibrated", "calibrate_index() after the measurement (cached real queries)")):
+        if ix.get(key):
+            k = ix[key]
+            lines.append(f"\n{what}: ef_search {k.get('ef_search')}, recall@10 by ef_search "
+                         f"{(k.get('calibration') or {}).get('recall_at_10_by_ef_search')} on "
+                         f"{(k.get('calibration') or {}).get('queries')} queries "
+                         f"({(k.get('calibration') or {}).get('cached_queries')} cached real ones).")
+    md = r.get("modes")
+    if md:
+        lines += ["", f"Fused against semantic (issue 13: fused p50 at most 1.5x semantic), cached "
+                  f"nearest(text, 10), the same {md['queries']} real names through both, interleaved, "
+                  f"{md['rounds']} rounds. The stored texts are '<real name> #<i>' (a million texts made of "
+                  f"{info['real_names']:,} real names' words), so the lexical candidates are realistic-ish:", "",
+                  "| mode | p50 ms | p95 ms |", "|---|---|---|",
+                  f"| semantic | {md['semantic']['p50_ms']:.2f} | {md['semantic']['p95_ms']:.2f} |",
+                  f"| fused | {md['fused']['p50_ms']:.2f} | {md['fused']['p95_ms']:.2f} |",
+                  f"| fused / semantic | {md['fused_over_semantic_p50']}x | {md['fused_over_semantic_p95']}x |"]
     return "\n".join(lines) + "\n"
 
 
@@ -438,7 +511,8 @@ def plots(r: dict, out: Path, uniform: dict | None = None) -> list[str]:
 
 def run(db: Database, e5_url: str, n: int, n_queries: int, n_real: int = 5000, work: Path | None = None,
         ef_construction: int = 128, phase: str = "all", datadir: str | None = None,
-        storage: str = "vector", renice: bool = True) -> dict:
+        storage: str = "vector", renice: bool = True, m: int = 16, ef_grid=b_query.EF_GRID,
+        cases=CASES, with_modes: bool = False, recalibrate: bool = False, fresh: bool = False) -> dict:
     """One run (run_all's part ``realistic``): prepare, load, build, measure."""
     if work is None:  # beside the cluster (kept with --datadir), else a private temp dir
         import tempfile
@@ -457,11 +531,28 @@ def run(db: Database, e5_url: str, n: int, n_queries: int, n_real: int = 5000, w
     if phase in ("all", "build"):
         if datadir and renice:
             renice_cluster(datadir)
-        res["index"] = b_query.build_index(dsn, mid, ef_construction=ef_construction, model=model)
+        if fresh:  # as on a new install: no index, no cached queries (create_index calibrates on stored vectors)
+            with psycopg.connect(dsn, autocommit=True) as c:
+                c.execute("SELECT omop_emb.clear_cache(%s)", (model,))
+                c.execute("SELECT omop_emb.create_index(%s, 'none')", (model,))
+        res["index"] = b_query.build_index(dsn, mid, m=m, ef_construction=ef_construction, model=model)
+        if "build_s" in res["index"]:
+            with psycopg.connect(dsn) as c:
+                res["index"]["calibration_at_build"] = c.execute(
+                    "SELECT index_params FROM omop_emb.model WHERE name = %s", (model,)).fetchone()[0]
     if phase in ("all", "measure"):
-        res.setdefault("index", b_query.build_index(dsn, mid, ef_construction=ef_construction, model=model))
+        if "index" not in res:
+            res["index"] = b_query.build_index(dsn, mid, m=m, ef_construction=ef_construction, model=model)
         log(f"realistic: recall and cached latency, {n_queries} queries per case")
-        res["recall"] = measure(dsn, data, n_queries, model=model)
+        res["recall"] = measure(dsn, data, n_queries, ef_grid=ef_grid, model=model, cases=cases)
+        if with_modes:
+            log("realistic: fused against semantic")
+            res["modes"] = modes(dsn, data, n_queries, model)
+        if recalibrate:  # what the calibration picks once real queries are cached (one exact scan each)
+            log("realistic: calibrate_index on the cached real queries")
+            with psycopg.connect(dsn, autocommit=True) as c:
+                got = c.execute("SELECT omop_emb.calibrate_index(%s)", (model,)).fetchone()[0]
+                res["index"]["recalibrated"] = got if isinstance(got, dict) else json.loads(got)
     with psycopg.connect(dsn) as c:
         res["index"]["index_params"] = c.execute("SELECT index_params FROM omop_emb.model WHERE name = %s",
                                                  (model,)).fetchone()[0]
@@ -476,6 +567,16 @@ def main(argv=None) -> int:
     ap.add_argument("--datadir", required=True, help="the LocalCluster's data directory (kept, reused)")
     ap.add_argument("--phase", choices=("all", "build", "measure"), default="all")
     ap.add_argument("--ef-construction", type=int, default=128)
+    ap.add_argument("--m", type=int, default=16, help="HNSW m (links per node)")
+    ap.add_argument("--ef-grid", choices=("short", "long"), default="short",
+                    help=f"ef_search values measured: short {b_query.EF_GRID[1:]}, long {LONG_EF_GRID[1:]} "
+                         "(both with the default first)")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    ap.add_argument("--modes", action="store_true", help="also time mode 'fused' against 'semantic'")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="after the measurement, calibrate_index() on the cached real queries")
+    ap.add_argument("--fresh", action="store_true",
+                    help="build phase: drop the index and the model's cached queries first, as on a new install")
     ap.add_argument("--storage", choices=("vector", "halfvec"), default="vector",
                     help="halfvec: the same rows as a half-precision model (after the vector run)")
     ap.add_argument("--out", default=str(OUT))
@@ -491,14 +592,17 @@ def main(argv=None) -> int:
     e5 = Proc("e5")
     try:
         res = run(db, e5.url, a.n, a.queries, a.real, Path(a.datadir).parent / "work", a.ef_construction,
-                  a.phase, a.datadir, a.storage)
+                  a.phase, a.datadir, a.storage, m=a.m,
+                  ef_grid=LONG_EF_GRID if a.ef_grid == "long" else b_query.EF_GRID,
+                  cases=tuple(a.cases.split(",")), with_modes=a.modes, recalibrate=a.recalibrate,
+                  fresh=a.fresh)
         res["postgres"] = db.settings()
     finally:
         e5.stop()
         db.cluster.stop()  # the build phase reniced it: the measure phase starts it afresh
     if "build_s" in old.get("index", {}) and "build_s" not in res.get("index", {"build_s": 0}):
         res["index"] = {**old["index"], "reused_in_later_phase": True,
-                        "index_params": res["index"].get("index_params")}
+                        **{k: v for k, v in res["index"].items() if k in ("index_params", "recalibrated")}}
     res = {**old, **res,
            "command": "python bench/b_realistic.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     res_path.write_text(json.dumps(res, indent=1, default=str))
