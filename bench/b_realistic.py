@@ -465,6 +465,61 @@ def markdown(r: dict, uniform: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare(dirs: list[Path]) -> str:
+    """One table over the configurations of --out folders measured in one cluster (issue 16: is a
+    denser graph worth it?): build, size, both calibrations, recall@10 / p50 / p95 by ef_search."""
+    runs = []
+    for d in dirs:
+        f = d / "realistic.json"
+        if f.exists():
+            r = json.loads(f.read_text())
+            if "recall" in r:
+                runs.append((d, r))
+    runs.sort(key=lambda x: (x[1]["index"]["m"], x[1]["index"]["ef_construction"]))
+    if not runs:
+        return ""
+    grid = [e for e in runs[0][1]["recall"]["ef_grid"] if e != "default"]
+    lines = [f"## HNSW m / ef_construction at {runs[0][1]['vectors']:,} realistic vectors, "
+             f"{runs[0][1].get('storage', 'vector')} (bench/b_realistic.py --compare)", "",
+             "One cluster, one configuration after the other (the model's index rebuilt each time, its cached "
+             "queries cleared first: create_index calibrates on 50 stored vectors as on a new install), the same "
+             f"{runs[0][1]['recall']['queries_per_case']} real names per case through cached `nearest(text, 10)`. "
+             "Cells: recall@10 / p50 / p95 ms. 'build cal.' is the ef_search create_index's calibration chose "
+             "(the default the 'default' column searched with); 'recal.' is what calibrate_index() chose afterwards "
+             "on the real queries the measurement had cached (its sample's recall at that ef in brackets). "
+             "Builds: maintenance_work_mem 3GB, 1 parallel worker, reniced, 2 cores shared with other engineers.", ""]
+    for case in runs[0][1]["recall"]["cases"]:
+        lines += [f"**{case}**", "",
+                  "| folder | m | ef_construction | build s | index MB | build cal. | recal. | ef default | "
+                  + " | ".join(f"ef {e}" for e in grid) + " |",
+                  "|---|---|---|---|---|---|---|---|" + "---|" * len(grid)]
+        for d, r in runs:
+            ix, by = r["index"], r["recall"]["cases"].get(case, {}).get("by_ef", {})
+            cb = (ix.get("calibration_at_build") or {}).get("ef_search", "")
+            rc = ix.get("recalibrated") or {}
+            rcr = (rc.get("calibration") or {}).get("recall_at_10_by_ef_search", {}).get(str(rc.get("ef_search")))
+            cell = lambda x: f"{x['recall_at_10']:.4f} / {x['p50_ms']:.2f} / {x['p95_ms']:.1f}" if x else ""
+            lines.append(f"| {d.name} | {ix['m']} | {ix['ef_construction']} | {ix.get('build_s', float('nan')):,.0f} | "
+                         f"{ix['index_bytes'] / 2**20:,.0f} | {cb} | {rc.get('ef_search', '')}"
+                         + (f" ({rcr})" if rcr is not None else "") + f" | {cell(by.get('default'))} | "
+                         + " | ".join(cell(by.get(str(e))) for e in grid) + " |")
+        ok = [(ix_m, ix_e, e, x) for _, r in runs for ix_m, ix_e in [(r["index"]["m"], r["index"]["ef_construction"])]
+              for e, x in r["recall"]["cases"].get(case, {}).get("by_ef", {}).items()
+              if e != "default" and x["recall_at_10"] >= TARGET_RECALL and x["p50_ms"] <= 3.0]
+        lines += ["", f"Recall@10 >= {TARGET_RECALL} at p50 <= 3 ms: " + (", ".join(
+            f"m {a} / efc {b} at ef {e} ({x['recall_at_10']:.4f}, {x['p50_ms']:.2f} ms)" for a, b, e, x in ok)
+            if ok else "none") + ".", ""]
+    md = [r["modes"] for _, r in runs if r.get("modes")]
+    if md:
+        m0 = md[0]
+        lines += [f"Fused against semantic on the m 16 / ef_construction 128 index (same {m0['queries']} names, "
+                  f"interleaved, {m0['rounds']} rounds): semantic p50 {m0['semantic']['p50_ms']:.2f} / p95 "
+                  f"{m0['semantic']['p95_ms']:.2f} ms, fused p50 {m0['fused']['p50_ms']:.2f} / p95 "
+                  f"{m0['fused']['p95_ms']:.2f} ms: {m0['fused_over_semantic_p50']}x at p50, "
+                  f"{m0['fused_over_semantic_p95']}x at p95.", ""]
+    return "\n".join(lines)
+
+
 def plots(r: dict, out: Path, uniform: dict | None = None) -> list[str]:
     import matplotlib
 
@@ -564,7 +619,10 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--real", type=int, default=5000, help="real names embedded (at most)")
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--datadir", required=True, help="the LocalCluster's data directory (kept, reused)")
+    ap.add_argument("--datadir", help="the LocalCluster's data directory (kept, reused)")
+    ap.add_argument("--compare", nargs="+", metavar="DIR",
+                    help="no run: one table over these --out folders, written to the first's parent as "
+                         "<common prefix>_compare.md")
     ap.add_argument("--phase", choices=("all", "build", "measure"), default="all")
     ap.add_argument("--ef-construction", type=int, default=128)
     ap.add_argument("--m", type=int, default=16, help="HNSW m (links per node)")
@@ -581,6 +639,14 @@ def main(argv=None) -> int:
                     help="halfvec: the same rows as a half-precision model (after the vector run)")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args(argv)
+    if a.compare:
+        dirs = [Path(d) for d in a.compare]
+        target = dirs[0].parent / (os.path.commonprefix([d.name for d in dirs]).rstrip("_m") + "_compare.md")
+        target.write_text(compare(dirs))
+        log(f"wrote {target}")
+        return 0
+    if not a.datadir:
+        ap.error("--datadir is required (except with --compare)")
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the e5 server and the cluster too
