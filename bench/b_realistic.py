@@ -295,7 +295,7 @@ def load_halfvec(dsn: str, e5_url: str, vector_mid: int, n: int) -> tuple[int, d
 
 CASES = ("unfiltered", "domain", "vocabulary")
 # --ef-grid long: the denser graphs of issue 16 (m 24/32) are compared beyond ef 400
-LONG_EF_GRID = [None, 40, 100, 200, 300, 400, 800]
+LONG_EF_GRID = [None, 40, 100, 200, 250, 300, 400, 600, 800]
 
 
 def measure(dsn: str, data: dict, n_queries: int, ef_grid=b_query.EF_GRID, model: str = MODEL,
@@ -478,7 +478,7 @@ def compare(dirs: list[Path]) -> str:
     runs.sort(key=lambda x: (x[1]["index"]["m"], x[1]["index"]["ef_construction"]))
     if not runs:
         return ""
-    grid = [e for e in runs[0][1]["recall"]["ef_grid"] if e != "default"]
+    grid = sorted({int(e) for _, r in runs for e in r["recall"]["ef_grid"] if e != "default"})
     lines = [f"## HNSW m / ef_construction at {runs[0][1]['vectors']:,} realistic vectors, "
              f"{runs[0][1].get('storage', 'vector')} (bench/b_realistic.py --compare)", "",
              "One cluster, one configuration after the other (the model's index rebuilt each time, its cached "
