@@ -911,8 +911,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         """{concept_id: best lexical text row} for up to ``want`` concepts, best first."""
         mid = model["model_id"]
         op = sqlgen.op(model["metric"])
-        words = self.plan(plpy, "lexemes", "SELECT omop_emb.lexemes($1) AS words",
-                          ["text"]).execute([query_text])[0]["words"]
+        words = self._lexemes(plpy, [query_text])[0][1]
         if not words:
             return OrderedDict()
         rare_q, common_q = lexical.split_words(words, self._word_rows(plpy, mid))
