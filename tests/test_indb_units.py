@@ -424,12 +424,7 @@ def test_pipeline_wait_is_interruptible_and_stops_the_thread():
 def test_a_calibration_short_of_its_target_says_so():
     from omop_emb_indb import indexing
 
-    short = {"ef_search": 400, "calibration": {"target_reached": False, "recall_at_10_by_ef_search":
-                                               {"40": 0.82, "200": 0.91, "400": 0.932}}}
-    msg = indexing.calibration_shortfall("e5-small", short)
+    msg = indexing.calibration_shortfall("e5-small", 400, 0.932)
     assert "recall@10 0.932 at ef_search 400" in msg and "below the 0.98 target" in msg
     assert "SET omop_emb.ef_search higher" in msg and "'e5-small'" in msg
-    met = {"ef_search": 100, "calibration": {"target_reached": True,
-                                             "recall_at_10_by_ef_search": {"40": 0.95, "100": 0.985}}}
-    assert indexing.calibration_shortfall("e5-small", met) is None
-    assert indexing.calibration_shortfall("e5-small", {}) is None  # too small to calibrate
+    assert indexing.calibration_shortfall("e5-small", 100, 0.985) is None

@@ -76,20 +76,17 @@ def choose_ef_search(recall_by_ef, target=CALIBRATION_TARGET):
     return ok[0] if ok else max(recall_by_ef)
 
 
-def calibration_shortfall(model_name, found, target=CALIBRATION_TARGET):
-    """The warning for a calibration (``_calibrate_ef_search``'s result) whose best
-    recall stayed below ``target``, else None: nearest() then searches with the
-    largest ef_search measured and its recall is lower than the defaults promise."""
-    cal = (found or {}).get("calibration") or {}
-    by_ef = cal.get("recall_at_10_by_ef_search") or {}
-    if not by_ef or cal.get("target_reached", True):
+def calibration_shortfall(model_name, ef, recall, target=CALIBRATION_TARGET):
+    """The warning for a calibration whose chosen ``ef`` (choose_ef_search) reached only
+    ``recall``, below ``target``, else None: nearest() then searches with the largest
+    ef_search measured and its recall is lower than the defaults promise."""
+    if recall >= target:
         return None
-    ef = found["ef_search"]
     return ("omop_emb: the HNSW index of model %r reached recall@10 %.3f at ef_search %d, the "
             "largest calibrated, below the %.2f target; nearest() searches with %d. For more "
             "recall at more latency SET omop_emb.ef_search higher (up to 1000; at 1,000,000 "
             "realistic vectors 800 measured 0.98-0.99 at 8-13 ms)"
-            % (model_name, by_ef[str(ef)], ef, target, ef))
+            % (model_name, recall, ef, target, ef))
 
 
 def calibration_sample(cached, stored, size=CALIBRATION_QUERIES):
@@ -150,12 +147,14 @@ def _calibrate_ef_search(plpy, model, metric, size=CALIBRATION_QUERIES):
     finally:
         set_ef.execute([before])
     ef = choose_ef_search(recall_by_ef)
+    short = calibration_shortfall(model["name"], ef, recall_by_ef[ef])
+    if short:
+        plpy.warning(short)
     n_cached = sum(1 for row in sample if row["id"] is None)
     return {"ef_search": ef,
             "calibration": {"queries": len(sample), "cached_queries": n_cached,
                             "stored_vectors": len(sample) - n_cached,
                             "target_recall_at_10": CALIBRATION_TARGET,
-                            "target_reached": recall_by_ef[ef] >= CALIBRATION_TARGET,
                             "recall_at_10_by_ef_search": {str(k): round(v, 4) for k, v in
                                                           recall_by_ef.items()}}}
 
@@ -737,11 +736,7 @@ class IndexingMixin:
             (["ALTER INDEX omop_emb.%s_new RENAME TO %s" % (name, name)] if method == "hnsw" else [])
         _with_short_locks(plpy, swap)
         if method == "hnsw":
-            found = _calibrate_ef_search(plpy, model, metric)
-            params.update(found)
-            short = calibration_shortfall(model["name"], found)
-            if short:
-                plpy.warning(short)
+            params.update(_calibrate_ef_search(plpy, model, metric))
         plpy.execute(plpy.prepare(
             "UPDATE omop_emb.model SET index_method = $2, index_params = $3::jsonb, metric = $4, "
             "generation = pg_catalog.nextval('omop_emb.model_generation_seq'), "
@@ -776,9 +771,6 @@ class IndexingMixin:
                         % (model["name"], queries))
             return json.dumps(params)
         params.update(found)
-        short = calibration_shortfall(model["name"], found)
-        if short:
-            plpy.warning(short)
         plpy.execute(plpy.prepare(
             "UPDATE omop_emb.model SET index_params = $2::jsonb, "
             "generation = pg_catalog.nextval('omop_emb.model_generation_seq'), "
