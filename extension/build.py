@@ -174,7 +174,8 @@ def module_rows():
 # that each is written once.
 SQL_CONSTANTS = {"MAX_K": "checks", "MAX_BATCH_ROWS": "checks", "DEFAULT_K": "checks", "DEFAULT_EF_SEARCH": "runtime", "TS_CONFIG": "lexical",
                  "TRIGRAM_THRESHOLD": "ranking", "DEFAULT_TOP_N": "rerank",
-                 "RECALIBRATION_QUERIES": "indexing", "MAX_CALIBRATION_QUERIES": "indexing"}
+                 "RECALIBRATION_QUERIES": "indexing", "MAX_CALIBRATION_QUERIES": "indexing",
+                 "COMMON_WORD_ROWS": "lexical"}
 
 
 def python_constant(name, module):
