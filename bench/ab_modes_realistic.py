@@ -18,52 +18,31 @@ texts.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log, pct  # noqa: E402
+import b_query  # noqa: E402
+from common import install_api, log, summary_ms  # noqa: E402
 
 MODES = ("semantic", "fused")
 
 
-def install_api(root: str, dsn: str) -> str:
-    """Run the re-runnable API of the tree ``root`` (its extension/build.py) in ``dsn``."""
-    build_py = Path(root).resolve() / "extension" / "build.py"
-    spec = importlib.util.spec_from_file_location("omop_emb_build_%x" % abs(hash(str(build_py))), build_py)
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    ver = build.version()
-    script = build._substitute("\n".join(build._part(p) for p in build._api_files()), ver)
-    with psycopg.connect(dsn, autocommit=True) as c, c.transaction():
-        c.execute(script)
-    return ver
-
-
-def measure(dsn: str, model: str, n_queries: int, repeats: int = 2) -> dict:
-    """p50/p95/p99 of both modes over the cached query names; one untimed warm pass first."""
+def measure(dsn: str, model: str, n_queries: int) -> dict:
+    """p50/p95/p99 of both modes over the cached query names (b_query.interleaved: two
+    rounds, modes interleaved query by query), after one such untimed pass."""
     with psycopg.connect(dsn, autocommit=True) as c:
         texts = [r[0].removeprefix("query: ") for r in c.execute(
             "SELECT q.text FROM omop_emb.query_cache q JOIN omop_emb.model m USING (model_id) "
             "WHERE m.name = %s AND q.role = 'query' ORDER BY q.created_at LIMIT %s", (model, n_queries))]
-        lat: dict = {m: [] for m in MODES}
-        for rep in range(repeats + 1):
-            for t in texts:
-                for mode in MODES:
-                    t0 = time.perf_counter()
-                    c.execute("SELECT * FROM omop_emb.nearest(%s, 10, model => %s, mode => %s)",
-                              (t, model, mode)).fetchall()
-                    if rep:
-                        lat[mode].append(1000.0 * (time.perf_counter() - t0))
+        b_query.interleaved(c, model, texts, MODES)  # warm: plans, pages, each text's first call
+        lat = b_query.interleaved(c, model, texts, MODES)
     out: dict = {"queries": len(texts)}
     for mode, v in lat.items():
-        out[mode] = {"p50_ms": round(pct(v, 50), 2), "p95_ms": round(pct(v, 95), 2),
-                     "p99_ms": round(pct(v, 99), 2)}
+        out[mode] = summary_ms(v)
     out["fused_over_semantic_p50"] = round(out["fused"]["p50_ms"] / out["semantic"]["p50_ms"], 2)
     return out
 
@@ -85,9 +64,9 @@ def main(argv=None) -> int:
             r = measure(a.dsn, a.model, a.queries)
             r.update(tree=label, round=rnd + 1)
             runs.append(r)
-            log(f"{label} round {rnd + 1}: semantic p50 {r['semantic']['p50_ms']} ms, fused p50 "
-                f"{r['fused']['p50_ms']} / p95 {r['fused']['p95_ms']} / p99 {r['fused']['p99_ms']} ms, "
-                f"ratio {r['fused_over_semantic_p50']}")
+            sem, fus = r["semantic"], r["fused"]
+            log(f"{label} round {rnd + 1}: semantic p50 {sem['p50_ms']:.2f} ms, fused p50 {fus['p50_ms']:.2f} / "
+                f"p95 {fus['p95_ms']:.2f} / p99 {fus['p99_ms']:.2f} ms, ratio {r['fused_over_semantic_p50']}")
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)

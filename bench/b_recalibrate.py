@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import b_query  # noqa: E402
 import b_realistic  # noqa: E402
-from common import ROOT, Database, Proc, log  # noqa: E402
+from common import ROOT, Database, Proc, install_api, log  # noqa: E402
 
 CALIBRATION = 200  # real names searched before calibrate_index (its default sample, RECALIBRATION_QUERIES)
 
@@ -106,20 +106,6 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def refresh_api(dsn: str) -> None:
-    """Run the re-runnable API part (sql/api, from 10_runtime on) of the built 0.2.0 script again.
-
-    A kept benchmark cluster has this version installed already, so install() leaves it as it
-    is; the API files are CREATE OR REPLACE by design (pgai's split), so running them again brings
-    the cluster's functions and in-database runtime to this checkout's (a function new since then
-    is created outside the extension: fine for a benchmark cluster)."""
-    text = (ROOT / "extension" / "omop_emb--0.2.0.sql").read_text()
-    start = text.index("-- sql/api/10_runtime.sql")
-    end = text.index("\n-- sql/schema/0.2.0/after-api/", start)
-    with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute(text[start:end])
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datadir", required=True, help="a bench/b_realistic.py cluster's data directory")
@@ -134,7 +120,7 @@ def main(argv=None) -> int:
         data = b_realistic.prepare(e5.url, a.n, 5000, Path(a.datadir).parent / "work")
         dsn = db.create("bench_realistic", fresh=False)
         db.install(dsn)
-        refresh_api(dsn)
+        install_api(ROOT, dsn)  # a kept cluster keeps its version: bring its API to this checkout's
         with psycopg.connect(dsn, autocommit=True) as c:  # this run's e5 server answers the queries
             c.execute("SELECT omop_emb.alter_model(%s, endpoint => %s)", (a.model, e5.url))
         res = run(dsn, data, a.model, a.queries)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -265,3 +266,19 @@ class ServerCpu:
                 if int(st[1]) == self.pid:
                     ticks += sum(int(x) for x in st[11:15])
         return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def install_api(root: str, dsn: str) -> str:
+    """Run the re-runnable API (sql/api and the in-database Python) of the source tree ``root``,
+    built by its own extension/build.py, in ``dsn``: a kept benchmark cluster keeps its installed
+    version, and pgai's split makes the API CREATE OR REPLACE, so this brings its functions to
+    that tree's (a function new since then is created outside the extension: fine for a bench)."""
+    build_py = Path(root).resolve() / "extension" / "build.py"
+    spec = importlib.util.spec_from_file_location("omop_emb_build_%x" % abs(hash(str(build_py))), build_py)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    ver = build.version()
+    script = build._substitute("\n".join(build._part(p) for p in build._api_files()), ver)
+    with psycopg.connect(dsn, autocommit=True) as c, c.transaction():
+        c.execute(script)
+    return ver
