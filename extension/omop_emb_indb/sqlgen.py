@@ -250,20 +250,24 @@ def fused_semantic(model, shape, exact=False):
     return sql, types + ["text"], names
 
 
+def _kept_rows(model, inner, trigram):
+    """The rows of ``inner`` (SELECT_COLS and e.embedding, its LIMIT applied) with their
+    distance to $1 and ``trigram``, computed for those rows only. The vector stays
+    inside: returned, it would be converted to text and to a Python string for every row."""
+    return ("SELECT %s, %s AS trigram, s.embedding %s $1 AS distance FROM (%s) s"
+            % (SELECT_COLS.replace("e.", "s."), trigram, op(model["metric"]), inner))
+
+
 def fused_trigram(model, shape):
     """Trigram candidates: texts whose pg_trgm similarity to $2 reaches the
     threshold (the % operator, GIN index), best first, at most $3, each with its
     distance to $1. Returns (sql, types, names)."""
     where, names = filter_clause(shape, 4)
-    sim = "%s(e.text, $2)" % trgm("similarity")
-    # The vector stays inside: returned, it would be converted to text and to a
-    # Python string for every row.
-    sql = ("SELECT %s, s.trigram, s.embedding %s $1 AS distance FROM (SELECT %s, e.embedding, "
-           "%s AS trigram FROM %s e WHERE e.text %s $2 AND %s "
-           "ORDER BY trigram DESC, length(e.text) LIMIT $3) s"
-           % (SELECT_COLS.replace("e.", "s."), op(model["metric"]), SELECT_COLS, sim,
-              table(model["model_id"]), trgm_op(), where))
-    return sql, [vector_type(model), "text", "int4"] + ["text[]"] * len(names), names
+    inner = ("SELECT %s, e.embedding, %s(e.text, $2) AS trigram FROM %s e WHERE e.text %s $2 AND %s "
+             "ORDER BY trigram DESC, length(e.text) LIMIT $3"
+             % (SELECT_COLS, trgm("similarity"), table(model["model_id"]), trgm_op(), where))
+    return _kept_rows(model, inner, "s.trigram"), \
+        [vector_type(model), "text", "int4"] + ["text[]"] * len(names), names
 
 
 def fused_initials(model, shape):
@@ -285,13 +289,11 @@ def fused_abbreviation(model, shape):
     # Distance and trigram similarity for the rows kept only: the texts holding a
     # token are all sorted by length first (1M realistic texts: 1,564 for 'ATRX', and
     # pg_trgm computing the query's trigrams again for each of them cost 34 ms).
-    sql = ("SELECT %s, s.embedding %s $1 AS distance, %s(s.text, $4) AS trigram FROM (SELECT %s, "
-           "e.embedding FROM %s e WHERE pg_catalog.to_tsvector('english'::regconfig, e.text) "
-           "OPERATOR(pg_catalog.@@) pg_catalog.to_tsquery('english'::regconfig, $2) AND %s "
-           "ORDER BY length(e.text) LIMIT $3) s"
-           % (SELECT_COLS.replace("e.", "s."), op(model["metric"]), trgm("similarity"), SELECT_COLS,
-              table(model["model_id"]), where))
-    return sql, [vector_type(model), "text", "int4", "text"] + ["text[]"] * len(names), names
+    inner = ("SELECT %s, e.embedding FROM %s e WHERE pg_catalog.to_tsvector('english'::regconfig, e.text) "
+             "OPERATOR(pg_catalog.@@) pg_catalog.to_tsquery('english'::regconfig, $2) AND %s "
+             "ORDER BY length(e.text) LIMIT $3" % (SELECT_COLS, table(model["model_id"]), where))
+    return _kept_rows(model, inner, "%s(s.text, $4)" % trgm("similarity")), \
+        [vector_type(model), "text", "int4", "text"] + ["text[]"] * len(names), names
 
 
 def claim(model_id):
