@@ -175,7 +175,7 @@ def module_rows():
 SQL_CONSTANTS = {"MAX_K": "checks", "MAX_BATCH_ROWS": "checks", "DEFAULT_K": "checks", "DEFAULT_EF_SEARCH": "runtime", "TS_CONFIG": "lexical",
                  "TRIGRAM_THRESHOLD": "ranking", "DEFAULT_TOP_N": "rerank",
                  "RECALIBRATION_QUERIES": "indexing", "MAX_CALIBRATION_QUERIES": "indexing",
-                 "COMMON_WORD_ROWS": "lexical"}
+                 "COMMON_WORD_ROWS": "lexical", "TEXTS_PER_TRANSACTION": "indexing"}
 
 
 def python_constant(name, module):

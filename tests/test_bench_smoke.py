@@ -31,7 +31,7 @@ def test_bench_smoke(tmp_path, pg):
     assert res["indexing"]["one_session"]["embedded"] == 1000
     # the session's CPU per concept is read from /proc (the cluster runs on this machine)
     assert res["indexing"]["one_session"]["backend_cpu_us_per_concept"] > 0
-    assert res["indexing"]["one_session_large_requests"]["embedded"] == 1000
+    assert res["indexing"]["one_session_other_request_size"]["embedded"] == 1000
     assert sum(res["indexing"]["two_sessions"]["embedded_by_session"]) == 1000
     assert res["latency"]["nearest_text_cached_session"]["n"] == 20
     assert res["recall"]["ground_truth_check_overlap"] >= 0.9

@@ -92,3 +92,41 @@ def test_bad_server_lists_are_refused(omop_db, endpoint, message):
                          "document_prefix => '', query_prefix => '')", (endpoint,))
         assert message in e.value.diag.message_primary
         assert conn.execute("SELECT count(*) FROM omop_emb.models").fetchone()[0] == 0
+
+
+def test_a_server_that_caps_request_size_gets_smaller_requests(omop_db, fake_embedder):
+    """Hugging Face TEI refuses more than 32 texts in one request (HTTP 413) unless it was
+    started with a larger --max-client-batch-size, and a model's default batch_size is
+    larger. Indexing and search still work against it: a refused request is sent again in
+    halves, the size that passed is kept for the session (no further refusals), and a
+    NOTICE says how to make it the model's batch_size."""
+    load_vocab(omop_db, 600)
+    register_fake_model(omop_db, fake_embedder)  # the default batch_size
+    fake_embedder.set_max_batch(32)
+    with connect(omop_db) as conn:
+        default = conn.execute("SELECT batch_size FROM omop_emb.models").fetchone()[0]
+        assert default > 32
+        notices = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
+        assert conn.execute("SELECT count(*) FROM omop_emb.embedding_1").fetchone()[0] == 600
+        st = fake_embedder.stats()
+        assert st["texts"] == 600 and st["max_batch"] <= 32, st
+        # at most the refusals that find the size, for each of the two requests in flight
+        refused = st["refused_batches"]
+        assert 1 <= refused <= 2 * (default // 32).bit_length(), st
+        said = [n for n in notices if "HTTP 413" in n]
+        assert len(said) == 1, notices
+        assert f"refused {default} texts per request" in said[0] and \
+            "omop_emb.alter_model('fake', batch_size => 32)" in said[0], said
+        # later requests of the session are cut to 32 before they are sent
+        queries = [f"query {i}" for i in range(100)]
+        assert conn.execute("SELECT count(DISTINCT query_index) FROM omop_emb.nearest_batch(%s, 3)",
+                            (queries,)).fetchone()[0] == 100
+        assert fake_embedder.stats()["refused_batches"] == refused
+    # A single text the server refuses stays an error, which says what to check.
+    fake_embedder.set_max_batch(0)
+    with connect(omop_db) as conn:
+        with pytest.raises(psycopg.Error) as e:
+            conn.execute("SELECT omop_emb.embed('fever', 'query')")
+    assert "HTTP 413" in e.value.diag.message_primary and "one text was too long" in e.value.diag.message_hint

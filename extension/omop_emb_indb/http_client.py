@@ -126,6 +126,9 @@ class EmbeddingHTTP:
         # concurrent indexing sessions start on different servers.
         self._turn = os.getpid()
         self._down = {}  # server URL -> time.monotonic() until which it is skipped
+        # server URL -> the most texts it accepted in one request after refusing more
+        # (HTTP 413), for this backend's life: later chunks are cut to that size.
+        self.request_cap = {}
         # ``interrupt()`` raises when the statement was cancelled (pg_cancel_backend,
         # statement_timeout): PostgreSQL cannot interrupt Python blocked in a socket
         # read, so the request runs in a thread while the backend keeps checking.
@@ -204,7 +207,7 @@ class EmbeddingHTTP:
         reached or fails is left for the next one. Returns as ``post_embeddings``."""
         servers = providers.split_endpoints(model["endpoint"])
         if len(servers) == 1:
-            return self.post_embeddings(model, texts, api_key, sql_text, binary)
+            return self.post_fitting(model, texts, api_key, sql_text, binary)
         self._turn += 1
         now = time.monotonic()
         order = [servers[(self._turn + i) % len(servers)] for i in range(len(servers))]
@@ -212,8 +215,8 @@ class EmbeddingHTTP:
         failures = []
         for server in order:
             try:
-                return self.post_embeddings(dict(model, endpoint=server), texts, api_key, sql_text,
-                                            binary)
+                return self.post_fitting(dict(model, endpoint=server), texts, api_key, sql_text,
+                                         binary)
             except EmbeddingServiceError as e:
                 self._down[server] = time.monotonic() + SERVER_DOWN_S
                 failures.append(e)
@@ -221,6 +224,34 @@ class EmbeddingHTTP:
             "all %d servers of model %s failed: %s" % (len(servers), model["name"], failures[-1].message),
             detail="; ".join(e.message for e in failures[:-1]) or None,
             hint=failures[-1].hint)
+
+    def post_fitting(self, model, texts, api_key=None, sql_text=False, binary=False):
+        """``post_embeddings`` in requests the server accepts. A server that refuses a
+        request of several texts as too large (HTTP 413: Hugging Face TEI above its
+        --max-client-batch-size, Infinity, omop-emb-pg serve above --max-batch) gets
+        it again in halves; the size both halves passed at is remembered for the
+        server (``request_cap``), so later chunks are cut to it without a refusal.
+        The size is learned only from requests that then succeeded: a single text
+        refused as too long stays an error and teaches nothing."""
+        server = model["endpoint"]
+        cap = self.request_cap.get(server)
+        if cap and len(texts) > cap:
+            out = []
+            for i in range(0, len(texts), cap):
+                out.extend(self.post_fitting(model, texts[i:i + cap], api_key, sql_text, binary))
+            return out
+        try:
+            return self.post_embeddings(model, texts, api_key, sql_text, binary)
+        except EmbeddingServiceError as e:
+            if getattr(e, "http_status", None) != 413 or len(texts) < 2:
+                raise
+        half = (len(texts) + 1) // 2
+        out = self.post_fitting(model, texts[:half], api_key, sql_text, binary)
+        out.extend(self.post_fitting(model, texts[half:], api_key, sql_text, binary))
+        # (a plain dict store: the pipeline's two threads may race, both to a size
+        # that worked)
+        self.request_cap[server] = min(half, self.request_cap.get(server) or half)
+        return out
 
     def post_embeddings(self, model, texts, api_key=None, sql_text=False, binary=False):
         """POST one chunk of ``texts``; return validated vectors in order
@@ -334,10 +365,12 @@ class EmbeddingHTTP:
             raise EmbeddingServiceError("request to %s failed: %s" % (where, _reason(e)),
                                         hint="Check the endpoint registered.")
         if resp.status_code != 200:
-            raise EmbeddingServiceError(
+            err = EmbeddingServiceError(
                 "%s answered HTTP %d" % (where, resp.status_code),
                 detail=_short(resp.text, api_key),
                 hint=_status_hint(resp.status_code))
+            err.http_status = resp.status_code  # post_fitting splits on 413
+            raise err
         return resp
 
 
@@ -382,7 +415,12 @@ def _status_hint(status):
     if status == 404:
         return "Check the endpoint and the provider ('openai' posts to /v1/embeddings, " \
                "'ollama' to /api/embed) and the remote model name."
-    if status in (400, 413, 422):
+    if status == 413:
+        return ("The server refused the request as too large. Embedding requests of several "
+                "texts are split until the server takes them, so one text was too long for "
+                "it: check the model's max_input_chars and the server's input limit (a "
+                "reranker: lower top_n).")
+    if status in (400, 422):
         return "The server rejected the input: check text length, batch_size and prefixes."
     if status == 429:
         return "Rate limited after retries: lower the load or raise max_retries."

@@ -15,7 +15,7 @@
 
 import json
 
-from . import copy_binary, http_client, sqlgen, vectors
+from . import copy_binary, http_client, providers, sqlgen, vectors
 from .checks import check_filters
 from .errors import InvalidArgument, UnsafeRelation
 
@@ -185,14 +185,15 @@ def _with_short_locks(plpy, statements):
 
 
 # Texts index_concepts() claims, embeds and commits at a time when its batch_size
-# is not given: this many requests of the model's batch_size. Each transaction
-# costs a claim, a COPY, a progress update, a commit and the wait for its first
-# chunk (not hidden by the pipeline) whatever its size; four requests per
-# transaction measured 13% more concepts/s than one, and with two in flight eight
-# took 30% less time per concept than four (batch by batch interleaved, 100,000
-# concepts, instant server: bench/b_pipeline.py); a failure rolls back at most
-# these texts.
-REQUESTS_PER_BATCH = 8
+# is not given (at least PIPELINE_REQUESTS requests of the model's batch_size, so
+# that two are in flight). Each transaction costs a claim, a COPY, a progress
+# update, a commit and the wait for its first chunk (not hidden by the pipeline)
+# whatever its size: with requests of 64 texts, 4 per transaction measured 13%
+# more concepts/s than 1, and with two in flight 8 (512 texts) took 30% less time
+# per concept than 4 (bench/b_pipeline.py); 2048 texts per transaction were within
+# the noise of 512 with requests of 256 (100,000 concepts, instant server). A
+# failure rolls back at most these texts, and progress moves by them.
+TEXTS_PER_TRANSACTION = 512
 
 # A first indexing (into an empty table) of at least this many texts loads the
 # table without its secondary indexes (sqlgen.secondary_indexes: folded text,
@@ -612,7 +613,7 @@ class IndexingMixin:
         model = self.model(plpy, model_name, st)
         mid = model["model_id"]
         chunk = max(1, int(model["batch_size"]))
-        size = int(batch_size or REQUESTS_PER_BATCH * chunk)
+        size = int(batch_size or max(TEXTS_PER_TRANSACTION, PIPELINE_REQUESTS * chunk))
         if not 1 <= size <= 100000:
             raise InvalidArgument("batch_size = %d is outside 1..100000" % size)
         claim = self.plan(plpy, ("claim", mid), sqlgen.claim(mid), ["int4", "int4"])
@@ -651,6 +652,7 @@ class IndexingMixin:
             vecs = []
             for job in jobs:
                 vecs.extend(pipeline.result(job))
+        self._notice_request_cap(plpy, model, chunk)
         # One COPY per batch: the backend holds Python's lock while it runs SQL, so
         # a COPY between chunks would stall the threads reading the next answers.
         self._store_rows(plpy, model, rows, vecs, doc_prefix, binary)
@@ -660,6 +662,22 @@ class IndexingMixin:
                   "updated_at = clock_timestamp() WHERE model_id = $1 AND pid = pg_backend_pid()",
                   ["int4", "int8"]).execute([mid, n])
         return n
+
+    def _notice_request_cap(self, plpy, model, chunk):
+        """Say once per session and server when a server refused the model's
+        batch_size texts per request and indexing sends fewer (http_client.post_fitting)."""
+        for server in providers.split_endpoints(model["endpoint"]):
+            cap = self.http.request_cap.get(server)
+            key = ("request_cap", model["name"], server, cap)
+            if cap and cap < chunk and key not in self.warned:
+                self.warned.add(key)
+                plpy.notice(
+                    "omop_emb: %s refused %d texts per request (HTTP 413) and took %d: "
+                    "model %s sends it at most %d per request from now on in this session. "
+                    "To skip the refused requests in every new session: "
+                    "SELECT omop_emb.alter_model(%s, batch_size => %d)"
+                    % (server, chunk, cap, model["name"], cap,
+                       plpy.quote_literal(model["name"]), cap))
 
     def _store_rows(self, plpy, model, rows, vecs, doc_prefix, binary):
         mid = model["model_id"]

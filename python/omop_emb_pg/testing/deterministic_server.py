@@ -26,6 +26,10 @@ Control routes (never counted, never faulted):
                             "last_texts", "fault"}
     POST /_control/reset   clear counters, received texts and any fault
     POST /_control/fault   {"mode": ..., "times": N, ...}; {"mode": null} clears
+    POST /_control/limit   {"max_batch": N}: refuse embedding requests of more than N texts
+                           with HTTP 413, as Hugging Face TEI does above its
+                           --max-client-batch-size (a limit, not a fault: it stays until
+                           set to null or reset; refusals are counted in "refused_batches")
 
 Fault modes (applied to the next ``times`` embedding requests, then back to normal; without
 ``times``: until cleared; ``skip``: after letting this many requests through first):
@@ -153,6 +157,13 @@ class _Handler(JSONRequestHandler):
             owner.set_fault(req.pop("mode", None), **req)
             self.send_json(200, {"ok": True, "fault": owner.stats()["fault"]})
             return
+        if path == "/_control/limit":
+            req = self.read_json()
+            if not isinstance(req, dict):
+                raise HTTPError(400, "limit must be a JSON object")
+            owner.set_max_batch(req.get("max_batch"))
+            self.send_json(200, {"ok": True, "max_batch_limit": owner.stats()["max_batch_limit"]})
+            return
         if path not in ("/v1/embeddings", "/embeddings", "/api/embed", "/api/embeddings") + RERANK_ROUTES:
             raise HTTPError(404, f"no route POST {path}", close=True)
 
@@ -181,6 +192,12 @@ class _Handler(JSONRequestHandler):
             texts = [inp] if isinstance(inp, str) else inp
             if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
                 raise HTTPError(400, "'input' must be a string or a list of strings")
+            limit = owner._refuse_batch(len(texts))
+            if limit is not None:
+                # TEI's answer to a request above --max-client-batch-size
+                self.send_json(413, {"error": f"batch size {len(texts)} > maximum allowed batch "
+                                              f"size {limit}", "error_type": "Validation"})
+                return
         owner._count(path, texts)
 
         if mode == "die_mid_batch":
@@ -302,6 +319,7 @@ class DeterministicEmbeddingServer:
         self._lock = threading.Lock()
         self._release = threading.Event()
         self._fault: dict | None = None
+        self._max_batch_limit: int | None = None
         self.received_texts: deque[str] = deque(maxlen=keep_texts)
         self._reset_counters()
         self._server = _Server((host, port), self)
@@ -346,6 +364,11 @@ class DeterministicEmbeddingServer:
             self._release.clear()
             self._fault = {"mode": mode, "times": times, **params}
 
+    def set_max_batch(self, limit: int | None) -> None:
+        """Refuse embedding requests of more than ``limit`` texts with HTTP 413 (None: no limit)."""
+        with self._lock:
+            self._max_batch_limit = None if limit is None else int(limit)
+
     def clear_fault(self) -> None:
         with self._lock:
             self._fault = None
@@ -356,6 +379,7 @@ class DeterministicEmbeddingServer:
         self.clear_fault()
         with self._lock:
             self._reset_counters()
+            self._max_batch_limit = None
             self.received_texts.clear()
 
     def stats(self) -> dict:
@@ -367,10 +391,20 @@ class DeterministicEmbeddingServer:
                 "fault": dict(self._fault) if self._fault else None,
                 "dim": self.dim,
                 "drips_abandoned": self._drips_abandoned,
+                "max_batch_limit": self._max_batch_limit, "refused_batches": self._refused_batches,
             }
 
     # ------------------------------------------------------------ internals
+    def _refuse_batch(self, n: int) -> int | None:
+        """The limit when a request of ``n`` texts is over it (counted), else None."""
+        with self._lock:
+            if self._max_batch_limit is None or n <= self._max_batch_limit:
+                return None
+            self._refused_batches += 1
+            return self._max_batch_limit
+
     def _reset_counters(self) -> None:
+        self._refused_batches = 0
         self._drips_abandoned = 0
         self._requests = 0
         self._texts = 0
@@ -408,11 +442,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="refuse requests of more texts with HTTP 413, as TEI does")
     args = ap.parse_args(argv)
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda *_: stop.set())
     with DeterministicEmbeddingServer(dim=args.dim, host=args.host, port=args.port) as srv:
+        srv.set_max_batch(args.max_batch)
         print(srv.url, flush=True)
         while not stop.wait(0.2):
             pass
