@@ -396,6 +396,47 @@ def test_usagi_csv_written_by_the_export_reads_back_identically(map_db, job, tmp
     assert (again.terms_added, again.decisions_added) == (0, 0)
 
 
+# Lines as OHDSI Usagi's WriteCSVFile writes them (its CSV is not RFC 4180: a quote inside a
+# value is \", a backslash \\, a line break the two characters \n), with the values they hold.
+USAGI_WRITTEN = [
+    ('L1,"Pain in \\"left\\" knee, NOS",12', ["L1", 'Pain in "left" knee, NOS', "12"]),
+    ("L2,Fracture C1\\\\C2,3", ["L2", "Fracture C1\\C2", "3"]),
+    ('L3,"5\\" wound, \\"deep\\"",', ["L3", '5" wound, "deep"', ""]),
+]
+
+
+@pytest.mark.parametrize("line,values", USAGI_WRITTEN, ids=[v[0] for _, v in USAGI_WRITTEN])
+def test_usagi_csv_dialect_matches_usagi(line, values):
+    assert mapping.usagi_fields(line) == values
+    assert mapping.usagi_line(values) == line
+    assert mapping.usagi_line(["x", "a\nb"]) == "x,a\\nb"  # a line break stays on one line
+
+
+def test_usagi_names_with_quotes_and_backslashes_survive_import_and_export(map_db, tmp_path):
+    """A Usagi file whose source names hold quotes, commas and backslashes (as Usagi escapes
+    them) imports with the names as the user typed them, and exports the same lines."""
+    src = tmp_path / "usagi.csv"
+    head = mapping.usagi_line(mapping.USAGI_COLUMNS)
+    rows = [[code, name, "5", "", "0.50", "UNCHECKED", "UNREVIEWED", "", "0", "0", "", "", "MAPS_TO",
+             "", "", "0", ""] for code, name in (("Q1", 'Pain in "left" knee, NOS'),
+                                                  ("Q2", "Fracture C1\\C2"))]
+    src.write_text(head + "\n" + "\n".join(mapping.usagi_line(r) for r in rows) + "\n", encoding="utf-8")
+    assert 'Q1,"Pain in \\"left\\" knee, NOS",5' in src.read_text()
+    mapping.import_usagi_csv(map_db["a"], "quoted", src, domain_ids=["Condition"],
+                             source_vocabulary_id="LOCAL_Q")
+    with connect(map_db["a"]) as conn:
+        names = dict(conn.execute("""SELECT t.source_code, t.source_name FROM omop_emb.mapping_term t
+            JOIN omop_emb.mapping_job j USING (job_id) WHERE j.name = 'quoted'""").fetchall())
+    assert names == {"Q1": 'Pain in "left" knee, NOS', "Q2": "Fracture C1\\C2"}
+    out = tmp_path / "again.csv"
+    mapping.export_usagi_csv(map_db["a"], "quoted", out)
+    lines = out.read_text().splitlines()
+    assert lines[0] == head
+    assert [mapping.usagi_fields(x)[:2] for x in lines[1:]] == [["Q1", 'Pain in "left" knee, NOS'],
+                                                                ["Q2", "Fracture C1\\C2"]]
+    assert 'Q1,"Pain in \\"left\\" knee, NOS",5' in lines[1] and lines[2].startswith("Q2,Fracture C1\\\\C2,5")
+
+
 def test_a_reader_without_the_mapping_role_cannot_decide(map_db, job):
     with connect(map_db["r"]) as conn:
         term = term_ids(conn)["DX010"]

@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -254,6 +255,63 @@ def _score(x: Any) -> str:
     return str(Decimal(str(x if x is not None else 0)).quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN))
 
 
+# Usagi's CSV dialect (org.ohdsi.utilities.files.WriteCSVFile / ReadCSVFile), which is not
+# RFC 4180: a quote inside a value is written \" (not doubled), a backslash \\, a line break
+# the two characters \n (a carriage return is dropped); a value is quoted when it holds a quote
+# or the delimiter. Reading splits at delimiters outside quotes and not escaped, strips the
+# outer quotes and turns \" and \\ back (\n stays as it is: Usagi does not turn it back).
+def usagi_line(values: Iterable[str], delimiter: str = ",") -> str:
+    """One line of a Usagi CSV file holding ``values``, as Usagi writes it."""
+    out = []
+    for v in values:
+        quoted = '"' in v
+        v = v.replace("\\", "\\\\")
+        if quoted:
+            v = v.replace('"', '\\"')
+        v = v.replace("\r", "").replace("\n", "\\n")
+        out.append('"' + v + '"' if quoted or delimiter in v else v)
+    return delimiter.join(out)
+
+
+def usagi_fields(line: str, delimiter: str = ",") -> list[str]:
+    """The values of one line of a Usagi CSV file, as Usagi reads them."""
+    fields, start, literal, escape = [], 0, False, False
+    for i, ch in enumerate(line):
+        if ch == '"' and not escape:
+            literal = not literal
+        if ch == delimiter and not literal and not escape:
+            fields.append(line[start:i])
+            start = i + 1
+        escape = not escape if ch == "\\" else False
+    fields.append(line[start:])
+    out = []
+    for f in fields:
+        if len(f) > 1 and f.startswith('"') and f.endswith('"'):
+            f = f[1:-1]
+        out.append(f.replace('\\"', '"').replace("\\\\", "\\"))
+    return out
+
+
+def _read_usagi_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a Usagi CSV file, read with Usagi's dialect (usagi_fields)."""
+    # Line breaks as Java's readLine sees them (not str.splitlines: it also breaks at
+    # form feeds and Unicode separators, which a source name may hold).
+    lines = re.split(r"\r\n|\r|\n", Path(path).read_text(encoding="utf-8-sig"))
+    if lines and lines[-1] == "":
+        lines.pop()
+    rows = [usagi_fields(line) for line in lines]
+    if not rows:
+        raise OmopEmbError(f"{path}: the file is empty", hint="A Usagi mapping file has a header line.")
+    header = rows[0]
+    body = [r for r in rows[1:] if any(c.strip() for c in r)]
+    for i, r in enumerate(body, start=2):
+        if len(r) != len(header):
+            raise OmopEmbError(f"{path}: line {i} has {len(r)} fields, the header {len(header)}",
+                               hint="Usagi escapes a quote inside a value as \\\" and a backslash as "
+                                    "\\\\; a file saved by a spreadsheet may quote otherwise.")
+    return header, body
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return ""
@@ -341,9 +399,9 @@ def export_usagi_csv(db: str | psycopg.Connection, job: str, path: str | os.Path
     Returns the rows written."""
     columns, rows = usagi_rows(db, job)
     with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+        f.write(usagi_line(columns) + "\n")
+        for r in rows:
+            f.write(usagi_line(r[c] for c in columns) + "\n")
     return len(rows)
 
 
@@ -385,7 +443,7 @@ def import_usagi_csv(db: str | psycopg.Connection, job: str, path: str | os.Path
     not exist): new source codes become terms, and each code's mapping becomes its current
     decision unless it already is (re-importing the same file adds nothing). A target concept
     not in the vocabulary makes the decision 'flagged' (Usagi's INVALID_TARGET), its id kept."""
-    header, body = _read_csv(path, ",")
+    header, body = _read_usagi_csv(path)
     missing = [c for c in ("sourceCode", "sourceName", "mappingStatus", "conceptId") if c not in header]
     if missing:
         raise OmopEmbError(f"{path}: not a Usagi mapping file: columns missing: {missing}",
