@@ -187,9 +187,34 @@ def python_constant(name, module):
     return m.group(1).strip('"')
 
 
+# Python values a PL/Python function body written in sql/ takes from the in-database
+# modules (@NAME@ becomes the value's Python literal): omop_emb.initials() must agree
+# with ranking.initials(), and these are the two facts it needs.
+PY_LITERALS = {"INITIALS_STOP_WORDS": ("ranking", "STOP_WORDS"),
+               "INITIALS_WORD_PATTERN": ("ranking", "WORD_RE")}
+
+
+def python_literal(module, name):
+    """The Python literal of omop_emb_indb.<module>.<name> (a compiled pattern: its
+    pattern; a set: a sorted tuple)."""
+    sys.path.insert(0, str(PY_DIR.parent))
+    try:
+        import importlib
+        value = getattr(importlib.import_module("omop_emb_indb." + module), name)
+    finally:
+        sys.path.pop(0)
+    if isinstance(value, re.Pattern):
+        value = value.pattern
+    if isinstance(value, (set, frozenset)):
+        value = tuple(sorted(value))
+    return repr(value)
+
+
 def _substitute(script, ver):
     for name, module in SQL_CONSTANTS.items():
         script = script.replace("@%s@" % name, python_constant(name, module))
+    for name, (module, attr) in PY_LITERALS.items():
+        script = script.replace("@%s@" % name, python_literal(module, attr))
     script = script.replace("@OMOP_EMB_PYTHON_MODULES@", module_rows())
     script = script.replace("@OMOP_EMB_VERSION@", repr(ver))
     return script.replace("@RT@", runtime_expr(ver))
