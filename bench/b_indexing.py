@@ -185,12 +185,17 @@ def run_index(dsn: str, model: str, schema: str, domain_ids=None, batch_size=Non
 
 
 def sample_progress(dsn: str, model: str, stop: threading.Event, out: list) -> None:
+    """Progress samples for the plot, spaced like omop-emb-pg index's (cli.POLL_COST_SHARE):
+    each look counts the queue, on the cores the indexing session uses."""
+    from omop_emb_pg.cli import POLL_COST_SHARE
+
     with psycopg.connect(dsn, autocommit=True) as c:
         while not stop.is_set():
+            t0 = time.perf_counter()
             r = c.execute("SELECT done, pending FROM omop_emb.index_status WHERE model = %s", (model,)).fetchone()
             if r:
                 out.append((time.perf_counter(), int(r[0]), int(r[1])))
-            stop.wait(0.5)
+            stop.wait(max(0.5, POLL_COST_SHARE * (time.perf_counter() - t0)))
 
 
 def raw_throughput(url: str, texts: list[str], batch: int, rounds: int = 1) -> dict:

@@ -73,12 +73,19 @@ def test_every_function_pins_search_path_and_nothing_is_public(omop_db):
 
 
 def test_network_functions_are_never_immutable(omop_db):
+    """Every PL/Python function that reaches the runtime (the code that makes HTTP
+    requests) is VOLATILE; the only others are pure string functions (initials(), an
+    index expression), which never touch it."""
     with connect(omop_db) as conn:
         rows = conn.execute(
-            "SELECT proname, provolatile FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang "
+            "SELECT proname, provolatile, prosrc FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang "
             "WHERE p.pronamespace = 'omop_emb'::regnamespace AND l.lanname = 'plpython3u'").fetchall()
-    assert {name for name, _ in rows} >= {"embed", "embed_batch", "nearest", "nearest_batch", "similarity"}
-    assert all(vol == "v" for _, vol in rows)
+    assert {name for name, _, _ in rows} >= {"embed", "embed_batch", "nearest", "nearest_batch", "similarity"}
+    runtime = [(name, vol) for name, vol, src in rows if 'GD["omop_emb"]' in src or "_bootstrap" in src]
+    assert {name for name, _ in runtime} >= {"embed", "embed_batch", "nearest", "nearest_batch", "similarity"}
+    assert all(vol == "v" for _, vol in runtime), runtime
+    pure = {name for name, vol, src in rows if vol != "v"}
+    assert pure == {"initials"}, pure
 
 
 # ------------------------------------------------------------------ embed
