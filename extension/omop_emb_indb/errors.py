@@ -21,6 +21,11 @@ class EmbeddingServiceError(OmopEmbError):
     sqlstate = "OE001"
 
 
+class RequestTooLarge(EmbeddingServiceError):
+    """The server refused a request as too large (HTTP 413): a request of several
+    texts is sent again in halves (http_client.EmbeddingHTTP.post_fitting)."""
+
+
 class InvalidEmbeddingResponse(OmopEmbError):
     """The embedding server answered, but not with what was asked for."""
     sqlstate = "OE002"

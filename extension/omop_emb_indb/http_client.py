@@ -20,7 +20,7 @@ import struct
 import threading
 import time
 
-from .errors import EmbeddingServiceError, InvalidEmbeddingResponse
+from .errors import EmbeddingServiceError, InvalidEmbeddingResponse, RequestTooLarge
 from . import providers, vectors
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)
@@ -242,8 +242,8 @@ class EmbeddingHTTP:
             return out
         try:
             return self.post_embeddings(model, texts, api_key, sql_text, binary)
-        except EmbeddingServiceError as e:
-            if getattr(e, "http_status", None) != 413 or len(texts) < 2:
+        except RequestTooLarge:
+            if len(texts) < 2:
                 raise
         half = (len(texts) + 1) // 2
         out = self.post_fitting(model, texts[:half], api_key, sql_text, binary)
@@ -365,12 +365,10 @@ class EmbeddingHTTP:
             raise EmbeddingServiceError("request to %s failed: %s" % (where, _reason(e)),
                                         hint="Check the endpoint registered.")
         if resp.status_code != 200:
-            err = EmbeddingServiceError(
+            raise (RequestTooLarge if resp.status_code == 413 else EmbeddingServiceError)(
                 "%s answered HTTP %d" % (where, resp.status_code),
                 detail=_short(resp.text, api_key),
                 hint=_status_hint(resp.status_code))
-            err.http_status = resp.status_code  # post_fitting splits on 413
-            raise err
         return resp
 
 

@@ -666,6 +666,8 @@ class IndexingMixin:
     def _notice_request_cap(self, plpy, model, chunk):
         """Say once per session and server when a server refused the model's
         batch_size texts per request and indexing sends fewer (http_client.post_fitting)."""
+        if not self.http.request_cap:  # (every batch: nothing to do unless a server refused)
+            return
         for server in providers.split_endpoints(model["endpoint"]):
             cap = self.http.request_cap.get(server)
             key = ("request_cap", model["name"], server, cap)

@@ -109,9 +109,16 @@ def _read_csv(path: str | os.PathLike[str], delimiter: str | None = None) -> tup
     if delimiter is None:
         first = text.split("\n", 1)[0]
         delimiter = "\t" if first.count("\t") > first.count(",") else ","
-    rows = list(csv.reader(text.splitlines(), delimiter=delimiter))
+    return _header_and_body(path, list(csv.reader(text.splitlines(), delimiter=delimiter)),
+                            empty_hint="A header line and one line per source code.")
+
+
+def _header_and_body(path: str | os.PathLike[str], rows: list[list[str]], *, empty_hint: str,
+                     width_hint: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """(header, non-blank rows) of a file's parsed lines: an error when it is empty, when a
+    column name repeats or when a row's width differs from the header's."""
     if not rows:
-        raise OmopEmbError(f"{path}: the file is empty", hint="A header line and one line per source code.")
+        raise OmopEmbError(f"{path}: the file is empty", hint=empty_hint)
     header = rows[0]
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup:
@@ -119,7 +126,8 @@ def _read_csv(path: str | os.PathLike[str], delimiter: str | None = None) -> tup
     body = [r for r in rows[1:] if any(c.strip() for c in r)]
     for i, r in enumerate(body, start=2):
         if len(r) != len(header):
-            raise OmopEmbError(f"{path}: line {i} has {len(r)} fields, the header {len(header)}")
+            raise OmopEmbError(f"{path}: line {i} has {len(r)} fields, the header {len(header)}",
+                               hint=width_hint)
     return header, body
 
 
@@ -299,17 +307,10 @@ def _read_usagi_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[list[
     lines = re.split(r"\r\n|\r|\n", Path(path).read_text(encoding="utf-8-sig"))
     if lines and lines[-1] == "":
         lines.pop()
-    rows = [usagi_fields(line) for line in lines]
-    if not rows:
-        raise OmopEmbError(f"{path}: the file is empty", hint="A Usagi mapping file has a header line.")
-    header = rows[0]
-    body = [r for r in rows[1:] if any(c.strip() for c in r)]
-    for i, r in enumerate(body, start=2):
-        if len(r) != len(header):
-            raise OmopEmbError(f"{path}: line {i} has {len(r)} fields, the header {len(header)}",
-                               hint="Usagi escapes a quote inside a value as \\\" and a backslash as "
-                                    "\\\\; a file saved by a spreadsheet may quote otherwise.")
-    return header, body
+    return _header_and_body(
+        path, [usagi_fields(line) for line in lines], empty_hint="A Usagi mapping file has a header line.",
+        width_hint="Usagi escapes a quote inside a value as \\\" and a backslash as \\\\; a file "
+                   "saved by a spreadsheet may quote otherwise.")
 
 
 def _cell(v: Any) -> str:
