@@ -63,6 +63,16 @@ SEED = 4242
 # "hnsw graph no longer fits into maintenance_work_mem after N tuples").
 MAINTENANCE_WORK_MEM = "8GB"
 OUT = ROOT / "bench" / "results" / "rehearsal_5m"
+STORAGE = "halfvec"
+# --storage vector: the same rows as float32 (the float16 values, exact in float32, so the same
+# ground truth), in their own model, results folder and cluster. Its graph needs 2,317 bytes per
+# element (phase graphmem), 10.8 GiB at 5M: maintenance_work_mem 12GB.
+VECTOR_RUN = {"MODEL": "rehearsal_vec", "MAINTENANCE_WORK_MEM": "12GB",
+              "OUT": ROOT / "bench" / "results" / "rehearsal_5m_vector", "STORAGE": "vector"}
+
+
+def use_vector_storage() -> None:
+    globals().update(VECTOR_RUN)
 BASE = Path("/tmp/rehearsal5m")
 EF_GRID = [None, 40, 100, 200, 400, 800]
 SAMPLE_S = 10.0
@@ -199,26 +209,27 @@ def phase_load(res: Results, db: Database, work: Path, n: int) -> None:
             c.execute("SELECT omop_emb.drop_model(%s, if_exists => true)", (MODEL,))
             # the endpoint is set to the e5 server of the measure phase (alter_model)
             c.execute("SELECT omop_emb.register_model(%s, 'openai', %s, dimensions => %s, document_prefix => "
-                      "'passage: ', query_prefix => 'query: ', storage => 'halfvec')",
-                      (MODEL, "http://127.0.0.1:9", DIM))
+                      "'passage: ', query_prefix => 'query: ', storage => %s)",
+                      (MODEL, "http://127.0.0.1:9", DIM, STORAGE))
             mid = model_id(c)
             idx = c.execute("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'omop_emb' AND "
                             "tablename = %s AND indexname NOT LIKE '%%pkey'", (f"embedding_{mid}",)).fetchall()
             for name, _ in idx:
                 c.execute(f"DROP INDEX omop_emb.{name}")
             res.data["secondary_index_ddl"] = {name: ddl for name, ddl in idx}
-            log(f"rehearsal: COPY {n:,} halfvec rows into omop_emb.embedding_{mid}")
+            log(f"rehearsal: COPY {n:,} {STORAGE} rows into omop_emb.embedding_{mid}")
             t0 = time.perf_counter()
-            head = np.array([DIM, 0], dtype=">u2").tobytes()  # halfvec binary: dim, unused, big-endian halves
+            head = np.array([DIM, 0], dtype=">u2").tobytes()  # binary form: dim, unused, then the values
+            wire = ">f2" if STORAGE == "halfvec" else ">f4"  # big-endian halves or floats
             with c.cursor().copy(
                     f"COPY omop_emb.embedding_{mid} (concept_id, text_kind, text, text_hash, source_concept_id, "
                     "source_code, concept_name, domain_id, vocabulary_id, concept_class_id, standard_concept, "
                     "embedding) FROM STDIN (FORMAT BINARY)") as cp:
-                # the vector column goes as raw bytes in halfvec's binary format (halfvec_recv reads it)
+                # the vector column goes as raw bytes in its type's binary format (halfvec_recv/vector_recv)
                 cp.set_types(["int4", "text", "text", "bytea", "int4", "text", "text", "text", "text", "text",
                               "text", "bytea"])
                 for k in range(0, n, CHUNK):
-                    Xb = np.asarray(X[k:k + CHUNK]).astype(">f2")
+                    Xb = np.asarray(X[k:k + CHUNK]).astype(wire)
                     for j in range(len(Xb)):
                         i = k + j
                         cid = i + 1
@@ -764,12 +775,16 @@ def main(argv=None) -> int:
     ap.add_argument("--datadir", default=str(BASE / "data"), help="the cluster's data directory (kept)")
     ap.add_argument("--phase", default="load,build,measure",
                     help="comma-separated: load, build, measure, graphmem, report")
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--out", default=None, help=f"results folder (default {OUT}, with --storage vector "
+                    f"{VECTOR_RUN['OUT']})")
+    ap.add_argument("--storage", choices=("halfvec", "vector"), default="halfvec")
     a = ap.parse_args(argv)
+    if a.storage == "vector":
+        use_vector_storage()
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    run(a.datadir, [p.strip() for p in a.phase.split(",")], a.n, a.queries, Path(a.out))
+    run(a.datadir, [p.strip() for p in a.phase.split(",")], a.n, a.queries, Path(a.out or OUT))
     return 0
 
 

@@ -174,22 +174,25 @@ def index_definitions(dsn):
                             "AND tablename = 'embedding_1' ORDER BY 1").fetchall()
 
 
-def test_into_an_empty_model_with_an_hnsw_index(two_dbs, fake_embedder, tmp_path, capsys):
-    """Bulk mode: the indexes of the empty table are built once at the end, the HNSW index
-    again after commit (with the model's parameters); searches give the same results."""
+@pytest.mark.parametrize("index_connections", [1, 2])
+def test_into_an_empty_model_with_an_hnsw_index(two_dbs, fake_embedder, tmp_path, capsys, index_connections):
+    """Bulk mode: the indexes of the empty table are built once at the end (inside the import's
+    transaction, or after commit on two connections at once), an index of the site's own too,
+    the HNSW index again after commit (with the model's parameters); searches give the same results."""
     a, b, vecs = two_dbs
     path = tmp_path / "fake.parquet"
     assert cli.main(["export", "--dsn", a, str(path)]) == 0
     with connect(b) as conn:
         conn.execute("SELECT omop_emb.create_index('fake', m => 8, ef_construction => 32)")
+        conn.execute("CREATE INDEX site_own_index ON omop_emb.embedding_1 (text_kind, concept_id)")
     before = index_definitions(b)
-    assert any("hnsw" in d for _, d in before) and len(before) == 10
+    assert any("hnsw" in d for _, d in before) and len(before) == 11
     capsys.readouterr()
     fake_embedder.reset()
-    assert cli.main(["import", "--dsn", b, str(path)]) == 0
+    assert cli.main(["import", "--dsn", b, str(path), "--index-connections", str(index_connections)]) == 0
     out = capsys.readouterr().out
     assert "imported 400 embeddings into model 'fake', skipped 0" in out
-    assert "the model was empty: 8 indexes built after the rows" in out and "HNSW index rebuilt" in out, out
+    assert "the model was empty: 9 indexes built after the rows" in out and "HNSW index rebuilt" in out, out
     assert index_definitions(b) == before
     with connect(b) as conn:
         method, params = conn.execute("SELECT index_method, index_params FROM omop_emb.model").fetchone()
@@ -315,3 +318,15 @@ def test_analysts_cannot_import_or_export(two_dbs):
     finally:
         with connect(a) as conn:
             conn.execute(f"DROP ROLE {role}")
+
+
+def test_a_bad_number_of_index_connections_is_refused_before_anything_is_written(two_dbs, tmp_path, capsys):
+    a, b, _ = two_dbs
+    path = tmp_path / "fake.parquet"
+    assert cli.main(["export", "--dsn", a, str(path)]) == 0
+    capsys.readouterr()
+    assert cli.main(["import", "--dsn", b, str(path), "--index-connections", "0"]) != 0
+    err = capsys.readouterr().err
+    assert "index_connections = 0 is outside 1..16" in err and "Pass 1" in err, err
+    with connect(b) as conn:
+        assert conn.execute("SELECT count(*) FROM omop_emb.embedding_1").fetchone()[0] == 0

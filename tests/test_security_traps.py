@@ -572,6 +572,8 @@ def _calls(url, vec_sql):
         ("omop_emb_internal.index_batch(text,integer)", "admin", f"SELECT omop_emb_internal.index_batch('{f}', 5)"),
         ("omop_emb_internal.index_finish(text)", "admin", f"SELECT omop_emb_internal.index_finish('{f}')"),
         ("omop_emb_internal.index_build_next(text)", "admin", f"SELECT omop_emb_internal.index_build_next('{f}')"),
+        ("omop_emb_internal.secondary_index_names(text)", "admin",
+         f"SELECT omop_emb_internal.secondary_index_names('{f}')"),
         ("omop_emb_internal.upsert_concept_texts_store(integer[],text[],text,text)", "admin",
          f"SELECT omop_emb_internal.upsert_concept_texts_store(ARRAY[42], ARRAY['trap store'], '{f}', '{{}}')"),
         # embedding bundles (export, then the same rows imported back)
@@ -582,7 +584,7 @@ def _calls(url, vec_sql):
             ("omop_emb.import_chunk(text)", ""),
             ("omop_emb_internal.import_state(text)",
              f"SELECT pg_catalog.count(*) FROM omop_emb_internal.import_state('{f}'); "),
-            ("omop_emb.import_end(text)", ""))],
+            ("omop_emb.import_end(text,boolean)", ""))],
         # source-term mapping (SECURITY INVOKER, search_path pinned); @JOB@: a job per caller and round
         ("omop_emb.create_mapping_job(text,text,text,text[],text[],text[],text,text,text,integer)", "admin",
          "SELECT omop_emb.create_mapping_job('@JOB@', $q$SELECT 'X1'::text AS source_code, 'concept 3'::text "

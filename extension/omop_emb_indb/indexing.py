@@ -837,6 +837,10 @@ class IndexingMixin:
             return name
         return None
 
+    def secondary_index_names(self, plpy, model_name):
+        """The names of the indexes index_build_next builds (sqlgen.secondary_indexes)."""
+        return [n for n, _ in sqlgen.secondary_indexes(self.model(plpy, model_name)["model_id"])]
+
     def index_finish(self, plpy, model_name):
         """Refresh planner statistics so that searches plan on the real row count."""
         model = self.model(plpy, model_name)

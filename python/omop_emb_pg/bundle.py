@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, OmopEmbError
 
 FORMAT = "omop_emb.bundle/1"
 META_KEY = b"omop_emb.bundle"
@@ -36,6 +36,12 @@ CHUNK_ROWS = 10_000
 # Rows per import chunk (COPY into the staging tables, then import_chunk): the
 # client reads and encodes the next chunk while the database stores this one.
 IMPORT_CHUNK_ROWS = 25_000
+# Connections that build the secondary indexes after a bulk or rebuild import
+# (omop_emb_internal.index_build_next, one index each at a time). PostgreSQL builds
+# an index on one core; the full-text and trigram GIN indexes are most of the work,
+# so two connections take about the time of the larger one. 1: the import's own
+# transaction builds them, one after the other.
+INDEX_BUILD_CONNECTIONS = 2
 
 
 def _pa():
@@ -347,19 +353,59 @@ def _duplicate_error(path, batch, first_row: int, e: psycopg.Error) -> InvalidAr
         hint="A bundle has one row per concept text, as omop-emb-pg export writes it; drop the duplicates.")
 
 
+def _build_secondary_indexes(dsn: str, model: str, connections: int) -> int:
+    """Build the model's missing secondary indexes on ``connections`` connections at
+    once (each: index_build_next until none is left to it); returns how many were
+    built. The first error is raised once every connection has stopped."""
+    import threading
+
+    built: list[str] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as c:
+                while True:
+                    name = c.execute("SELECT omop_emb_internal.index_build_next(%s)", (model,)).fetchone()[0]
+                    if name is None:
+                        return
+                    built.append(name)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, name="omop-emb-import-index", daemon=True)
+               for _ in range(max(1, connections))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return len(built)
+
+
 def import_bundle(dsn: str, path: str | Path, model: str | None = None,
-                  chunk_rows: int = IMPORT_CHUNK_ROWS, rebuild_hnsw: bool = True) -> ImportReport:
+                  chunk_rows: int = IMPORT_CHUNK_ROWS, rebuild_hnsw: bool = True,
+                  index_connections: int = INDEX_BUILD_CONNECTIONS) -> ImportReport:
     """Load a bundle into ``model`` (default: the registered model of the bundle's name).
 
     Refused before anything is written when the bundle's identity differs from the
     registered model's. Texts present with the same hash are skipped; rows whose hash
     is not that of the model's document prefix + text are queued for re-embedding.
-    One transaction: a failure leaves the model as it was. Into an empty model, or
-    one holding at most a tenth as many rows as the bundle, the database works in
-    bulk or rebuild mode (sql/api/46_bundle.sql): the table is locked until commit
-    and its indexes are built once at the end; an HNSW index it had is rebuilt
-    after commit with create_index (``rebuild_hnsw=False`` leaves that to the
-    caller: searches are exact meanwhile)."""
+    The rows are one transaction: a failure while they are stored leaves the model
+    as it was. Into an empty model, or one holding at most a tenth as many rows as
+    the bundle, the database works in bulk or rebuild mode (sql/api/46_bundle.sql):
+    the table is locked until commit and its indexes are built once over all rows:
+    after commit on ``index_connections`` connections at once (with 1: inside the
+    transaction, one after the other). Should that step fail, the rows stay and
+    searches work, without the lexical indexes; ``index_concepts`` (its last step)
+    builds what is missing. An HNSW index the table had is rebuilt after that with
+    create_index (``rebuild_hnsw=False`` leaves it to the caller: searches are
+    exact meanwhile)."""
+    if not 1 <= index_connections <= 16:
+        raise InvalidArgument(f"index_connections = {index_connections} is outside 1..16",
+                              hint="Pass 1 to build the indexes inside the import's transaction, 2 (the default) "
+                                   "or more to build several at once after it.")
     _, pq = _pa()
     identity = read_identity(path)
     dims = int(identity["dimensions"])
@@ -398,7 +444,20 @@ def import_bundle(dsn: str, path: str | Path, model: str | None = None,
                     totals[i] += int(row[i])
                 n += k
             t1 = time.perf_counter()
-            mode, built, hnsw = conn.execute("SELECT * FROM omop_emb.import_end(%s)", (m["name"],)).fetchone()
+            later = index_connections > 1
+            mode, built, hnsw = conn.execute("SELECT * FROM omop_emb.import_end(%s, build_indexes => %s)",
+                                             (m["name"], not later)).fetchone()
+        if mode != "merge" and later:
+            try:
+                built += _build_secondary_indexes(dsn, m["name"], index_connections)
+                # ANALYZE, and whatever index is still missing (index_concepts' last step)
+                conn.execute("SELECT omop_emb_internal.index_finish(%s)", (m["name"],))
+            except psycopg.Error as e:
+                raise OmopEmbError(
+                    f"the {n} rows of the bundle are imported into model {m['name']!r}, but building its "
+                    f"secondary indexes after them failed: {str(e).strip()}",
+                    hint="Searches work meanwhile, without the lexical indexes. `omop-emb-pg index` (or CALL "
+                         "omop_emb.index_concepts()) builds what is missing at its end.") from e
         t2 = time.perf_counter()
         report = ImportReport(str(path), m["name"], n, *totals, seconds=0.0, mode=mode, landed_seconds=t1 - t0,
                               index_seconds=t2 - t1, indexes_built=built, hnsw_params=hnsw)

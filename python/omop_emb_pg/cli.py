@@ -823,6 +823,12 @@ def add_import_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-hnsw", action="store_true",
                    help="into an empty model whose HNSW index the import dropped: leave the rebuild "
                         "(create_index) to you; searches are exact meanwhile")
+    from .bundle import INDEX_BUILD_CONNECTIONS  # (pyarrow is imported only when a bundle is read)
+
+    p.add_argument("--index-connections", type=int, default=INDEX_BUILD_CONNECTIONS, metavar="N",
+                   help="into an empty model (or one holding at most a tenth as many texts): connections that "
+                        "build its secondary indexes at once after the rows are committed (default "
+                        f"{INDEX_BUILD_CONNECTIONS}; 1: inside the import's transaction, one after the other)")
     p.set_defaults(func=cmd_import)
 
 
@@ -838,7 +844,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     print(f"bundle {args.path}: model {ident.get('name')!r} ({ident.get('provider')} {ident.get('remote_model')}, "
           f"{ident.get('dimensions')} dimensions, {ident.get('metric')}, document prefix "
           f"{_fmt_prefix(ident.get('document_prefix'))}, query prefix {_fmt_prefix(ident.get('query_prefix'))})")
-    r = import_bundle(_dsn(args), args.path, model=args.model, rebuild_hnsw=not args.no_hnsw)
+    r = import_bundle(_dsn(args), args.path, model=args.model, rebuild_hnsw=not args.no_hnsw,
+                      index_connections=args.index_connections)
     print(f"imported {r.imported} embeddings into model {r.model!r}, skipped {r.skipped} already present with "
           f"the same hash, queued {r.queued} for re-embedding; {r.rows} rows in {r.seconds:.1f} s "
           f"({r.per_s:,.0f} vectors/s)")

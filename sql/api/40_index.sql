@@ -236,6 +236,14 @@ $$;
 COMMENT ON FUNCTION omop_emb_internal.index_build_next(text) IS
 'Internal step of index_concepts() (and of a second connection beside it): builds one secondary index the model''s embedding table lacks that no other session is building and returns its name; NULL when none is left to this session (texts still queued while other sessions index: they build at their end)';
 
+CREATE OR REPLACE FUNCTION omop_emb_internal.secondary_index_names(model text) RETURNS text[]
+LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+AS $$
+return @RT@.call(plpy, "secondary_index_names", model)
+$$;
+COMMENT ON FUNCTION omop_emb_internal.secondary_index_names(text) IS
+'Internal: the names of the secondary indexes index_build_next builds for a model (a bulk import leaves them to it: omop_emb.import_end(model, build_indexes => false))';
+
 CREATE OR REPLACE FUNCTION omop_emb_internal.index_finish(model text) RETURNS boolean
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 AS $$

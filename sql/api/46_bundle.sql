@@ -61,7 +61,8 @@ COMMENT ON FUNCTION omop_emb.export_embeddings(text, integer, text, text, intege
 --       texts) and pg_temp.omop_emb_import_vector (the vectors), joined on ord;
 --   COPY ... FROM STDIN (FORMAT BINARY) into both (the client), then
 --   import_chunk(model) moves the staged rows into the model (as often as wanted);
---   import_end(model) finishes.
+--   import_end(model) finishes (import_end(model, build_indexes => false): the
+--       caller builds the secondary indexes after commit, several at once).
 -- The staging tables are made by this SECURITY DEFINER code, so they belong to the
 -- extension owner: the caller may INSERT (COPY) into them and nothing else (no
 -- trigger, rule, policy, column or default of its own can be added), no other
@@ -355,13 +356,14 @@ $$;
 COMMENT ON FUNCTION omop_emb.import_chunk(text) IS
 'Move the rows staged (COPY) in pg_temp.omop_emb_import_row / omop_emb_import_vector into the model of the import under way (import_begin) and empty the staging tables. A row whose text_hash is the hash of the model''s document prefix + text is stored unless that text with that hash is there already, and leaves the queue; any other row is queued for re-embedding. Returns imported, skipped (present with the same hash), queued.';
 
-CREATE OR REPLACE FUNCTION omop_emb.import_end(model text)
+CREATE OR REPLACE FUNCTION omop_emb.import_end(model text, build_indexes boolean DEFAULT true)
 RETURNS TABLE (mode text, indexes_built integer, hnsw jsonb)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 AS $$
 DECLARE
     st record;
     ddl text;
+    later text[] := '{}';
 BEGIN
     SELECT * INTO st FROM omop_emb_internal.import_state(import_end.model);
     IF (SELECT pg_catalog.count(*) FROM pg_temp.omop_emb_import_row) OPERATOR(pg_catalog.>) 0 THEN
@@ -371,12 +373,24 @@ BEGIN
     IF st.mode OPERATOR(pg_catalog.<>) 'merge' THEN
         -- The definitions were read from the catalog by import_begin in this
         -- transaction; the state table is the owner's (import_state checked it).
+        -- build_indexes => false: the model's own secondary indexes are left to the
+        -- caller, who builds them after commit on several connections at once
+        -- (omop_emb_internal.index_build_next, then index_finish): PostgreSQL builds
+        -- each on one core, and the two GIN indexes are most of the time. Any other
+        -- index the table had is built here.
+        IF NOT build_indexes THEN
+            later := omop_emb_internal.secondary_index_names(import_end.model);
+        END IF;
         FOREACH ddl IN ARRAY st.index_ddl LOOP
+            CONTINUE WHEN pg_catalog.substring(ddl, '^CREATE (?:UNIQUE )?INDEX (\S+) ON ')
+                          OPERATOR(pg_catalog.=) ANY (later);
             EXECUTE ddl;
         END LOOP;
-        -- index_concepts' last step: builds the secondary indexes the table still
-        -- lacks (a first indexing that stopped midway leaves them out), ANALYZE.
-        PERFORM omop_emb_internal.index_finish(import_end.model);
+        IF build_indexes THEN
+            -- index_concepts' last step: builds the secondary indexes the table still
+            -- lacks (a first indexing that stopped midway leaves them out), ANALYZE.
+            PERFORM omop_emb_internal.index_finish(import_end.model);
+        END IF;
         IF st.hnsw IS NOT NULL THEN
             RAISE NOTICE 'omop_emb: the HNSW index of model % was dropped for the import: searches are exact until omop_emb.create_index(%, ''hnsw'', %, %, %) rebuilds it',
                 pg_catalog.quote_literal(import_end.model), pg_catalog.quote_literal(import_end.model),
@@ -397,5 +411,5 @@ BEGIN
         st.hnsw;
 END
 $$;
-COMMENT ON FUNCTION omop_emb.import_end(text) IS
-'Finish the import under way (import_begin): in bulk and rebuild mode build the secondary indexes dropped by import_begin again, and any other the table lacks, and ANALYZE it (omop_emb_internal.index_finish); drop the staging tables. Returns the mode, the number of indexes built and, when an HNSW index was dropped, its parameters (m, ef_construction, metric) for omop_emb.create_index after commit.';
+COMMENT ON FUNCTION omop_emb.import_end(text, boolean) IS
+'Finish the import under way (import_begin): in bulk and rebuild mode build the secondary indexes dropped by import_begin again, and any other the table lacks, and ANALYZE it (omop_emb_internal.index_finish); with build_indexes => false the model''s own secondary indexes (omop_emb_internal.secondary_index_names) are left to the caller, to build after commit with omop_emb_internal.index_build_next on several connections, then index_finish. Drops the staging tables. Returns the mode, the number of indexes built and, when an HNSW index was dropped, its parameters (m, ef_construction, metric) for omop_emb.create_index after commit.';
