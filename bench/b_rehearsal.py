@@ -192,6 +192,7 @@ def phase_load(res: Results, db: Database, work: Path, n: int) -> None:
     g = generator(work)
     res.data["generator"] = g["info"]
     res.data["vectors"] = n
+    res.data["storage"] = STORAGE
     t0 = time.perf_counter()
     X, par = vectors(work, n, g)
     res.data.setdefault("load", {})["generate_s"] = time.perf_counter() - t0
@@ -540,7 +541,7 @@ def plot_memory(r: dict, out: Path) -> str | None:
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
-    ax.set_title(f"HNSW build, {r.get('vectors', 0):,} x 384 halfvec (maintenance_work_mem {mwm}, "
+    ax.set_title(f"HNSW build, {r.get('vectors', 0):,} x 384 {r.get('storage', STORAGE)} (maintenance_work_mem {mwm}, "
                  f"{b.get('max_parallel_maintenance_workers')} worker)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=110)
@@ -559,14 +560,15 @@ def gb(x) -> str:
 def markdown(r: dict) -> str:
     n = r.get("vectors", N)
     ld, b = r.get("load", {}), r.get("build", {})
-    lines = [f"## Full-vocabulary rehearsal: {n:,} x 384, halfvec (bench/b_rehearsal.py)", "",
+    st = r.get("storage", STORAGE)
+    lines = [f"## Full-vocabulary rehearsal: {n:,} x 384, {st} (bench/b_rehearsal.py)", "",
              "Realistic vectors (b_realistic's generator from e5 embeddings of real names), stored as "
-             "`halfvec` (model registered with `storage => 'halfvec'`, binary COPY). The cluster was reniced "
-             "(nice 10) and shared the 2 cores and 24 GB of this VM with other engineers' work: times are "
+             f"`{st}` (model registered with `storage => '{st}'`, binary COPY). The cluster was reniced "
+             "(nice 10) and shared the 2 cores and 24 GB of this VM with other work: times are "
              "those of a shared machine.", ""]
     lines += ["| step | time | size |", "|---|---|---|",
               f"| generate vectors (numpy, chunk-wise) | {ld.get('generate_s', 0):,.0f} s | float16 memmap |",
-              f"| COPY (binary, halfvec) | {ld.get('copy_s', 0):,.0f} s | table "
+              f"| COPY (binary, {st}) | {ld.get('copy_s', 0):,.0f} s | table "
               f"{mb(r.get('after_load', {}).get('table_bytes'))} |"]
     for name, x in ld.get("secondary_indexes", {}).items():
         lines.append(f"| secondary index {name} | {x['build_s']:,.0f} s | {mb(x['bytes'])} |")
@@ -613,11 +615,13 @@ def markdown(r: dict) -> str:
         lines += ["", "pgvector's build graph per element (phase `graphmem`: maintenance_work_mem 32MB, the row after "
                   "which its NOTICE said the graph no longer fits): " + "; ".join(
                       f"{k}: {v['bytes_per_element']:,.0f} bytes" for k, v in gm.items()) + "."]
-    lines += sizing(r)
+    if st == "halfvec":  # (the sizing table extrapolates from the halfvec run)
+        lines += sizing(r)
     rec = r.get("recall")
     if rec:
         lines += ["", f"Cached `nearest(text, 10)` ({rec['queries_per_case']} real names per case; query vectors "
-                  "from the shared cache): recall@10 against exact search in numpy over the stored halfvec "
+                  "from the shared cache): recall@10 against exact search in numpy over the stored "
+                  "(float16, exact in either storage) "
                   "values (in brackets: tie-tolerant) / p50 / p95:", "",
                   "| case | rows in filter | " + " | ".join(f"ef {e}" for e in rec["ef_grid"]) + " |",
                   "|---|---|" + "---|" * len(rec["ef_grid"])]
