@@ -218,7 +218,7 @@ class ImportReport:
     # indexes built once at the end), 'merge': indexes maintained row by row
     mode: str = "merge"
     landed_seconds: float = 0.0  # until the last row was stored (before import_end)
-    index_seconds: float = 0.0  # import_end: the secondary indexes built again (bulk mode) and ANALYZE
+    index_seconds: float = 0.0  # import_end and the secondary indexes built again (bulk, rebuild mode), ANALYZE
     indexes_built: int = 0
     hnsw_params: dict | None = None  # the HNSW index dropped by a bulk import (m, ef_construction, metric)
     hnsw_seconds: float | None = None  # create_index after commit, when it rebuilt that index
