@@ -120,43 +120,8 @@ def rows(r: dict) -> list[tuple]:
                     f"maintenance_work_mem {ix2['maintenance_work_mem']}, "
                     f"{ix2['max_parallel_maintenance_workers']} parallel worker(s); table "
                     f"{ix2['table_bytes'] / 2**20:,.0f} MB", "", None))
-    rh = r.get("rehearsal") or {}
-    if rh.get("recall") or rh.get("build"):
-        n = rh.get("vectors", 0)
-        base = _realistic_1m_halfvec()
-        for name, case in (rh.get("recall") or {}).get("cases", {}).items():
-            d = case["by_ef"]["default"]
-            b1 = ((base.get("recall") or {}).get("cases") or {}).get(name, {}).get("by_ef", {}).get("default")
-            ef = (rh.get("build") or {}).get("index_params", {}).get("ef_search", "?")
-            # the default column is each text's first call of the session; the same ef_search in
-            # the grid is timed on repeat calls (b_rehearsal.markdown explains)
-            same = case["by_ef"].get(str(ef))
-            out.append((f"nearest(text, 10) cached, rehearsal {n:,} x 384 halfvec (realistic), {name}, defaults: "
-                        "recall@10 >= 0.98 at p50 <= 3 ms",
-                        f"{d['recall_at_10']:.4f} / p50 {d['p50_ms']:.2f} / p95 {d['p95_ms']:.2f} ms "
-                        f"(ef_search {ef}" + (f"; the same ef in the grid: p50 {same['p50_ms']:.2f} / p95 "
-                                             f"{same['p95_ms']:.2f} ms" if same else "") + ")",
-                        "exact search = 1.0" + (f"; 1M halfvec (saved run): {b1['recall_at_10']:.4f} / p50 "
-                                                f"{b1['p50_ms']:.2f} ms" if b1 else ""),
-                        f"{d['recall_at_10']:.4f}", d["recall_at_10"] >= 0.98 and d["p50_ms"] <= 3.0))
-        b = rh.get("build") or {}
-        ab = rh.get("after_build") or {}
-        hnsw = sum(v for k, v in (ab.get("indexes_bytes") or {}).items() if k.endswith("_hnsw"))
-        bi = base.get("index") or {}
-        if b.get("build_s"):
-            meas = f"{b['build_s']:,.0f} s (with ef_search calibration), index {hnsw / 2**20:,.0f} MB"
-        elif b.get("samples"):
-            last = [x for x in b["samples"] if x["progress"].get("blocks_total")]
-            p = last[-1]["progress"] if last else {}
-            meas = (f"unfinished: {last[-1]['t']:,.0f} s, {100 * p['blocks_done'] / p['blocks_total']:.0f}% of heap "
-                    "blocks" if last else "unfinished")
-        else:
-            meas = None
-        if meas:
-            out.append((f"HNSW build, rehearsal {n:,} x 384 halfvec (m {b.get('m')}, ef_construction "
-                        f"{b.get('ef_construction')}, maintenance_work_mem {b.get('maintenance_work_mem')})", meas,
-                        (f"1M halfvec (saved run): {bi['build_s']:,.0f} s, index {bi['index_bytes'] / 2**20:,.0f} MB"
-                         if bi.get("build_s") else ""), "", None))
+    for rh in r.get("rehearsals") or []:
+        _rehearsal_rows(rh, out)
     bu = r.get("bundle")
     if bu and "insert_select" in bu:
         i, b = bu["import"], bu["insert_select"]
@@ -170,20 +135,72 @@ def rows(r: dict) -> list[tuple]:
     return out
 
 
-def _realistic_1m_halfvec() -> dict:
-    p = Path(__file__).parent / "results" / "realistic_1m_halfvec" / "realistic.json"
+def _rehearsal_rows(rh: dict, out: list) -> None:
+    """Goal rows of one saved 5M rehearsal (bench/b_rehearsal.py, halfvec or vector)."""
+    if not (rh.get("recall") or rh.get("build")):
+        return
+    st = rh.get("storage", "halfvec")
+    n = rh.get("vectors", 0)
+    base = _realistic_1m(st)
+    for name, case in (rh.get("recall") or {}).get("cases", {}).items():
+        d = case["by_ef"]["default"]
+        b1 = ((base.get("recall") or {}).get("cases") or {}).get(name, {}).get("by_ef", {}).get("default")
+        ef = (rh.get("build") or {}).get("index_params", {}).get("ef_search", "?")
+        # the default column is each text's first call of the session; the same ef_search in
+        # the grid is timed on repeat calls (b_rehearsal.markdown explains)
+        same = case["by_ef"].get(str(ef))
+        out.append((f"nearest(text, 10) cached, rehearsal {n:,} x 384 {st} (realistic), {name}, defaults: "
+                    "recall@10 >= 0.98 at p50 <= 3 ms",
+                    f"{d['recall_at_10']:.4f} / p50 {d['p50_ms']:.2f} / p95 {d['p95_ms']:.2f} ms "
+                    f"(ef_search {ef}" + (f"; the same ef in the grid: p50 {same['p50_ms']:.2f} / p95 "
+                                         f"{same['p95_ms']:.2f} ms" if same else "") + ")",
+                    "exact search = 1.0" + (f"; 1M {st} (saved run): {b1['recall_at_10']:.4f} / p50 "
+                                            f"{b1['p50_ms']:.2f} ms" if b1 else ""),
+                    f"{d['recall_at_10']:.4f}", d["recall_at_10"] >= 0.98 and d["p50_ms"] <= 3.0))
+    b = rh.get("build") or {}
+    ab = rh.get("after_build") or {}
+    hnsw = sum(v for k, v in (ab.get("indexes_bytes") or {}).items() if k.endswith("_hnsw"))
+    bi = base.get("index") or {}
+    if b.get("build_s"):
+        meas = f"{b['build_s']:,.0f} s (with ef_search calibration), index {hnsw / 2**20:,.0f} MB"
+    elif b.get("samples"):
+        last = [x for x in b["samples"] if x["progress"].get("blocks_total")]
+        p = last[-1]["progress"] if last else {}
+        meas = (f"unfinished: {last[-1]['t']:,.0f} s, {100 * p['blocks_done'] / p['blocks_total']:.0f}% of heap "
+                "blocks" if last else "unfinished")
+    else:
+        meas = None
+    if meas:
+        out.append((f"HNSW build, rehearsal {n:,} x 384 {st} (m {b.get('m')}, ef_construction "
+                    f"{b.get('ef_construction')}, maintenance_work_mem {b.get('maintenance_work_mem')})", meas,
+                    (f"1M {st} (saved run): {bi['build_s']:,.0f} s, index {bi['index_bytes'] / 2**20:,.0f} MB"
+                     if bi.get("build_s") else ""), "", None))
+
+
+def _realistic_1m(storage: str = "halfvec") -> dict:
+    p = Path(__file__).parent / "results" / ("realistic_1m_halfvec" if storage == "halfvec" else "realistic_1m") \
+        / "realistic.json"
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def rehearsal(out: Path) -> dict:
-    """The saved rows of the opt-in part ``rehearsal`` (bench/b_rehearsal.py), {} when never run."""
-    try:
-        import b_rehearsal
+REHEARSAL_DIRS = ("rehearsal_5m", "rehearsal_5m_vector")  # b_rehearsal.py, halfvec and --storage vector
 
-        return b_rehearsal.saved(out / "rehearsal_5m")
-    except Exception as e:  # a broken saved file must not lose the rest of the report
-        print("rehearsal rows unreadable:", e, file=sys.stderr)
-        return {}
+
+def rehearsals(out: Path) -> list[dict]:
+    """The saved runs of the opt-in part ``rehearsal`` (bench/b_rehearsal.py), each with its
+    folder under ``_dir``; none when never run."""
+    import b_rehearsal
+
+    runs = []
+    for d in REHEARSAL_DIRS:
+        try:
+            r = b_rehearsal.saved(out / d)
+        except Exception as e:  # a broken saved file must not lose the rest of the report
+            print(f"rehearsal rows of {d} unreadable:", e, file=sys.stderr)
+            continue
+        if r:
+            runs.append({**r, "_dir": d})
+    return runs
 
 
 def markdown(r: dict) -> str:
@@ -320,7 +337,7 @@ def plots(r: dict, out: Path) -> list[str]:
 
 def write(r: dict, out: Path) -> None:
     # the opt-in 5M rehearsal is read from its own directory: its saved rows show in every report
-    r = {**r, "rehearsal": rehearsal(out)}
+    r = {**r, "rehearsals": rehearsals(out)}
     made = []
     try:
         made = plots(r, out)
@@ -336,14 +353,14 @@ def write(r: dict, out: Path) -> None:
             made += b_realistic.plots(r["realistic"], out, r.get("recall"))
         except Exception as e:
             print("realistic plots failed:", e, file=sys.stderr)
-    if r["rehearsal"]:
+    for rh in r["rehearsals"]:
         import b_rehearsal
 
-        extra += ("\n" + b_rehearsal.markdown(r["rehearsal"])
-                  + f"\n(Saved rows of the opt-in part `rehearsal`, {r['rehearsal'].get('build', {}).get('started', '')}; "
-                  "`bench/results/rehearsal_5m/rehearsal.md`.)\n")
-        if (out / "rehearsal_5m" / "memory.png").exists():
-            made.append("rehearsal_5m/memory.png")
+        extra += ("\n" + b_rehearsal.markdown(rh)
+                  + f"\n(Saved rows of the opt-in part `rehearsal`, {rh.get('build', {}).get('started', '')}; "
+                  f"`bench/results/{rh['_dir']}/rehearsal.md`.)\n")
+        if (out / rh["_dir"] / "memory.png").exists():
+            made.append(f"{rh['_dir']}/memory.png")
     md = "# omop_emb benchmarks\n\n" + markdown(r) + extra + "".join(
         f"\n![{m}]({m})\n" for m in made)
     (out / "benchmarks.md").write_text(md)

@@ -436,12 +436,6 @@ class IndexingMixin:
             include_synonyms = self._vocabulary_has(plpy, vocab_schema, "concept_synonym")
         if include_mapped is None:
             include_mapped = self._vocabulary_has(plpy, vocab_schema, "concept_relationship")
-        # NULL (the default): synonyms and mapped source names are indexed whenever
-        # the vocabulary has the table they come from.
-        if include_synonyms is None:
-            include_synonyms = self._vocabulary_has(plpy, vocab_schema, "concept_synonym")
-        if include_mapped is None:
-            include_mapped = self._vocabulary_has(plpy, vocab_schema, "concept_relationship")
         for t in ["concept"] + (["concept_synonym"] if include_synonyms else []) + \
                 (["concept_relationship"] if include_mapped else []):
             check_relation(plpy, vocab_schema, t, allow_any)
