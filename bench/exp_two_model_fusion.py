@@ -29,6 +29,7 @@ cores). Writes bench/results/two_model_fusion.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -96,11 +97,12 @@ def main() -> int:
     ap.add_argument("--dsn", help="superuser DSN of a server to use (default: own cluster)")
     ap.add_argument("--datadir", default=os.environ.get("OMOP_EMB_EVAL_DATADIR", "/tmp/omop_emb_rank"))
     ap.add_argument("--embedder-url", help="running omop-emb-pg serve --model e5,minilm")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "two_model_fusion.md"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "two_model_fusion.md"),
+                    help="the table (markdown); the fitted models and every figure go beside it as .json")
     args = ap.parse_args()
     lines = ["| primary model | + companion | set (reporting half) | index | n | semantic R@1 / R@10 | fused | "
              "fused + companion | companion - semantic R@1 (points) |", "|---|---|---|---|---:|---|---|---|---:|"]
-    weights = {}
+    weights, fitted, figures = {}, {}, []
     with environment(args.dsn, args.datadir, args.embedder_url) as (base, url):
         dsns = fr.setup(base, url, [m for m, _ in PAIRS])
         for primary, companion in PAIRS:
@@ -117,6 +119,7 @@ def main() -> int:
             w_fused = rf.fit(without_added(merged))
             w_both = rf.fit(merged)
             weights[primary] = dict(zip(w_both["features"], w_both["coef"]))
+            fitted[primary] = {"companion": companion, "fused": w_fused, "fused_with_companion": w_both}
             for name, ix, c in reporting:
                 sem = semantic(c)
                 fu = rf.evaluate(without_added(c), w_fused)
@@ -124,10 +127,17 @@ def main() -> int:
                 lines.append(f"| {primary} | {companion} | {name} | {ix} | {c.n_queries} | {sem[0]:.3f} / {sem[1]:.3f} | "
                              f"{fu['recall@1']:.3f} / {fu['recall@10']:.3f} | {bo['recall@1']:.3f} / "
                              f"{bo['recall@10']:.3f} | {100 * (bo['recall@1'] - sem[0]):+.1f} |")
+                figures.append({"model": primary, "companion": companion, "set": name, "index": ix, "n": c.n_queries,
+                                "semantic": {"recall@1": sem[0], "recall@10": sem[1]},
+                                "fused": {k: fu[k] for k in ("recall@1", "recall@10", "mrr", "ece")},
+                                "fused_with_companion": {k: bo[k] for k in ("recall@1", "recall@10", "mrr", "ece")}})
                 log(lines[-1])
     text = "\n".join(lines) + "\n\nCoefficients of the companion features (raw feature units): " + "; ".join(
         f"{m}: similarity {w['companion_similarity']:.2f}, gap {w['companion_gap']:.2f}" for m, w in weights.items()) + "\n"
     Path(args.out).write_text(text)
+    Path(args.out).with_suffix(".json").write_text(json.dumps(
+        {"fitted_on": "fitting halves of bench/labelled.py; figures: reporting halves",
+         "models": fitted, "results": figures}, indent=1) + "\n")
     print(text)
     return 0
 
