@@ -92,11 +92,37 @@ def semantic(c: rf.Candidates) -> tuple[float, float]:
     return r1 / c.n_queries, r10 / c.n_queries
 
 
+WEIGHTS_FILE = ROOT / "extension" / "omop_emb_indb" / "companion_weights.py"
+WEIGHTS_HEAD = '''"""Shipped rankings of a model with a companion model (written by
+bench/exp_two_model_fusion.py --write; do not edit by hand).
+
+``DEFAULTS`` maps (the model's remote_model, the companion's remote_model) to a
+ranking model with the two companion features, fitted on the fitting halves of
+the labelled sets (bench/labelled.py) like ranking_weights.DEFAULTS. An
+administrator applies one with SELECT omop_emb.set_ranking(model, '{"companion":
+"<registered companion>"}'): both models must index the same vocabulary.
+"""
+
+'''
+
+
+def write_weights(fitted: dict) -> None:
+    import pprint
+
+    remote = {m: fr.MODELS[m][0] for m in fr.MODELS}
+    body = {(remote[p], remote[f["companion"]]): f["fused_with_companion"] for p, f in fitted.items()}
+    WEIGHTS_FILE.write_text(WEIGHTS_HEAD + "DEFAULTS = " + pprint.pformat(body, width=100, sort_dicts=False) + "\n")
+    log(f"wrote {WEIGHTS_FILE.relative_to(ROOT)}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dsn", help="superuser DSN of a server to use (default: own cluster)")
     ap.add_argument("--datadir", default=os.environ.get("OMOP_EMB_EVAL_DATADIR", "/tmp/omop_emb_rank"))
     ap.add_argument("--embedder-url", help="running omop-emb-pg serve --model e5,minilm")
+    ap.add_argument("--write", action="store_true",
+                    help="write the fitted pairs into extension/omop_emb_indb/companion_weights.py (the "
+                         "shipped rankings that omop_emb.set_ranking(model, '{\"companion\": ...}') applies)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "two_model_fusion.md"),
                     help="the table (markdown); the fitted models and every figure go beside it as .json")
     args = ap.parse_args()
@@ -135,6 +161,8 @@ def main() -> int:
     text = "\n".join(lines) + "\n\nCoefficients of the companion features (raw feature units): " + "; ".join(
         f"{m}: similarity {w['companion_similarity']:.2f}, gap {w['companion_gap']:.2f}" for m, w in weights.items()) + "\n"
     Path(args.out).write_text(text)
+    if args.write:
+        write_weights(fitted)
     Path(args.out).with_suffix(".json").write_text(json.dumps(
         {"fitted_on": "fitting halves of bench/labelled.py; figures: reporting halves",
          "models": fitted, "results": figures}, indent=1) + "\n")

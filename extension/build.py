@@ -48,7 +48,7 @@ PACKAGE_COPY = ROOT / "python" / "omop_emb_pg" / "_extension"
 
 # Load order: a module comes after the modules it imports.
 MODULES = ["errors", "checks", "suggest", "vectors", "copy_binary", "prefixes", "providers", "sqlgen", "selectivity", "lexical",
-           "ranking_weights", "ranking", "rerank", "http_client", "registry", "indexing", "drift",
+           "ranking_weights", "companion_weights", "ranking", "rerank", "http_client", "registry", "indexing", "drift",
            "runtime"]
 
 HEADER = '\\echo Use "CREATE EXTENSION omop_emb CASCADE" to load this file. \\quit\n'

@@ -105,3 +105,29 @@ def test_registered_through_the_server_and_searched(fresh_db, two_model_server):
     # The empty-prefix warning says that empty is right for this symmetric model.
     empty = [n for n in notices if "prefix is empty" in n]
     assert empty and all("which is right" in n and "Nothing to do" in n for n in empty), notices
+
+
+def test_e5_ranked_with_minilm_as_companion(fresh_db, two_model_server):
+    """The shipped ranking of the embedded pair (bench/exp_two_model_fusion.py): e5's fused
+    candidates, MiniLM's similarity as two more features; one call applies it."""
+    from conftest import install_extension
+
+    dsn = install_extension(fresh_db())
+    load_gibleed(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name, remote in (("minilm", MODEL_ID), ("e5", "multilingual-e5-small")):
+            conn.execute("SELECT omop_emb.register_model(%s, 'openai', %s, remote_model => %s)",
+                         (name, two_model_server, remote))
+            conn.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'gibleed', "
+                         "domain_ids => ARRAY['Condition'])", (name,))
+        conn.execute("""SELECT omop_emb.set_ranking('e5', '{"companion": "minilm"}')""")
+        w = conn.execute("SELECT omop_emb.ranking('e5')").fetchone()[0]
+        assert w["companion"] == "minilm" and w["source"].startswith("model")
+        assert dict(zip(w["features"], w["coef"]))["companion_similarity"] > 0
+        rows = conn.execute("SELECT concept_id, confidence FROM omop_emb.nearest('heart attack', 5, "
+                            "model => 'e5', mode => 'fused')").fetchall()
+        assert rows[0][0] == 4329847, rows  # Myocardial infarction
+        assert [c for _, c in rows] == sorted((c for _, c in rows), reverse=True)
+        # MiniLM embedded the query too (its query cache holds it)
+        assert conn.execute("SELECT count(*) FROM omop_emb.query_cache q JOIN omop_emb.model m USING (model_id) "
+                            "WHERE m.name = 'minilm' AND q.text = 'heart attack'").fetchone()[0] == 1

@@ -5,6 +5,7 @@ as embedding and rerank server (both rerank APIs, faults)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -314,6 +315,97 @@ def test_set_ranking_validates_and_is_used(rerank_db):
         assert conn.execute("SELECT omop_emb.ranking('fake')->>'source'").fetchone()[0].startswith("model")
         conn.execute("SELECT omop_emb.set_ranking('fake', NULL)")
         assert conn.execute("SELECT omop_emb.ranking('fake')->>'source'").fetchone()[0].startswith("generic")
+
+
+# ------------------------------------------------------------ a companion model
+def test_a_companion_model_s_similarity_ranks_the_candidates(rerank_db, fake_embedder):
+    """The ranking of model 'fake' names model 'other' (the same texts, other vectors: its
+    prefix changes every text it embeds) as companion, with weights on the companion's
+    similarity only: the fused rows come in the order of other's best similarity per concept,
+    computed here independently; the query is embedded by both models."""
+    dsn, names = rerank_db
+    register_fake_model(dsn, fake_embedder, name="other", document_prefix="o: ", query_prefix="o: ")
+    with connect(dsn) as conn:
+        conn.execute("CALL omop_emb.index_concepts(model => 'other', vocabulary_schema => 'voc')")
+        weights = {"features": ["companion_similarity", "companion_gap"], "coef": [40.0, 40.0],
+                   "intercept": 0.0, "calibration": {"score": 1.0, "margin": 0.0, "intercept": 0.0},
+                   "companion": "other"}
+        conn.execute("SELECT omop_emb.set_ranking('fake', %s::jsonb)", (json.dumps(weights),))
+        fake_embedder.reset()
+        rows = conn.execute("SELECT concept_id FROM omop_emb.nearest('left hip', 10, model => 'fake', "
+                            "mode => 'fused')").fetchall()
+        assert "o: left hip" in fake_embedder.received_texts and "left hip" in fake_embedder.received_texts
+        got = [r[0] for r in rows]
+        by_other = dict(conn.execute(
+            "SELECT concept_id, max(1 - (embedding OPERATOR(public.<=>) omop_emb.embed('left hip', 'query', "
+            "'other'))) FROM omop_emb.embedding_2 GROUP BY 1").fetchall())
+        assert len(got) == 10 and got == sorted(got, key=lambda c: -by_other[c])
+        # the companion's similarity decides: not the order of fake's own semantic search
+        semantic = [r[0] for r in conn.execute("SELECT concept_id FROM omop_emb.nearest('left hip', 10, "
+                                               "model => 'fake', mode => 'semantic')")]
+        assert got != semantic
+        # a companion that is not registered, or the model itself, is refused with the names
+        for bad, match in (("nope", "unknown model 'nope'"), ("fake", "cannot be its own companion")):
+            with pytest.raises(psycopg.Error, match=match):
+                conn.execute("SELECT omop_emb.set_ranking('fake', %s::jsonb)",
+                             (json.dumps({**weights, "companion": bad}),))
+        # the shipped pairs are those of the embedded models: none for these two
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="no ranking is shipped") as e:
+            conn.execute("""SELECT omop_emb.set_ranking('fake', '{"companion": "other"}')""")
+        assert "multilingual-e5-small with all-MiniLM-L6-v2" in e.value.diag.message_detail
+        assert "fit-ranking --model fake --companion other" in e.value.diag.message_hint
+        # dropped later: a clear error, with the way back
+        conn.execute("SELECT omop_emb.drop_model('other')")
+        with pytest.raises(psycopg.Error, match="names companion model 'other', which is not registered"):
+            conn.execute("SELECT * FROM omop_emb.nearest('left hip', 5, model => 'fake', mode => 'fused')")
+        conn.execute("SELECT omop_emb.set_ranking('fake', NULL)")
+        assert len(conn.execute("SELECT * FROM omop_emb.nearest('left hip', 5, model => 'fake', "
+                                "mode => 'fused')").fetchall()) == 5
+
+
+def test_fit_ranking_with_a_companion(rerank_db, fake_embedder, tmp_path, capsys):
+    """omop-emb-pg fit-ranking --companion: fitted on labelled pairs with the companion's two
+    features, stored with the companion named; a dry run leaves the ranking as it was."""
+    from omop_emb_pg import cli
+
+    dsn, names = rerank_db
+    register_fake_model(dsn, fake_embedder, name="other", document_prefix="o: ", query_prefix="o: ")
+    with connect(dsn) as conn:
+        conn.execute("CALL omop_emb.index_concepts(model => 'other', vocabulary_schema => 'voc')")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("query,concept_id\n" + "".join(
+        f"{v},{i}\n" for i, n in enumerate(names, 1) for v in (n, f"{n} NOS", f"the {n}")))
+    base = ["fit-ranking", "--dsn", dsn, "--model", "fake", "--pairs", str(pairs), "--companion", "other"]
+    assert cli.main(base + ["--dry-run"]) == 0
+    with connect(dsn) as conn:
+        assert conn.execute("SELECT omop_emb.ranking('fake')->>'source'").fetchone()[0].startswith("generic")
+    capsys.readouterr()
+    assert cli.main(base) == 0
+    assert "held-out" in capsys.readouterr().out
+    with connect(dsn) as conn:
+        w = conn.execute("SELECT omop_emb.ranking('fake')").fetchone()[0]
+        assert w["companion"] == "other" and "companion_similarity" in w["features"]
+        assert len(conn.execute("SELECT * FROM omop_emb.nearest('left hip', 5, model => 'fake', "
+                                "mode => 'fused')").fetchall()) == 5
+
+
+def test_shipped_companion_rankings_are_valid_for_the_embedded_pair():
+    from omop_emb_indb import companion_weights
+
+    assert set(companion_weights.DEFAULTS) >= {("multilingual-e5-small", "all-MiniLM-L6-v2")}
+    for w in companion_weights.DEFAULTS.values():
+        ranking.check_weights(dict(w, companion="minilm"))
+        assert dict(zip(w["features"], w["coef"]))["companion_similarity"] > 0
+    with pytest.raises(Exception, match="name no companion model"):
+        ranking.check_weights(next(iter(companion_weights.DEFAULTS.values())))
+    # companion features: the concept's similarity and its gap to the best; 0 without a companion
+    pairs = ranking.companion_pairs({1: 0.9, 2: 0.7})
+    row = {"text": "x", "text_kind": "name", "standard_concept": "S", "similarity": 0.8, "trigram": 0.1}
+    q = ranking.Query("x")
+    assert ranking.text_features(q, row, 0.8, 0.1, 0.8, ranking.companion_of(pairs, 2))[-2:] == \
+        pytest.approx([0.7, -0.2])
+    assert ranking.text_features(q, row, 0.8, 0.1, 0.8, None)[-2:] == [0.0, 0.0]
+    assert ranking.companion_of(pairs, 3) == (0.0, 0.9)  # a concept the companion lacks: 0, as in the fit
 
 
 # ------------------------------------------------------------ pure parts (no database)

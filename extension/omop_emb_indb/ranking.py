@@ -47,6 +47,11 @@ FEATURES = (
     "classification",    # the concept is a classification concept ('C'), not standard ('S')
     "concept_similarity_gap",  # the best similarity of the text's concept (over all its
                                # candidate texts) - the best similarity overall (<= 0)
+    # With a companion model (the weights name one, "companion"): the concept's best
+    # similarity to the query by that other model, over the concept's texts in its
+    # index, and that minus the best among the candidates (<= 0); 0 without one.
+    "companion_similarity",
+    "companion_gap",
 )
 
 # Words that carry no meaning of their own in concept names. Must agree with
@@ -136,11 +141,14 @@ def concept_similarities(rows):
     return out
 
 
-def text_features(q, row, best_similarity, best_trigram, concept_similarity=None):
+def text_features(q, row, best_similarity, best_trigram, concept_similarity=None,
+                  companion=None):
     """The feature vector (in FEATURES order) of one candidate text ``row``
     (concept_name, text, text_kind, standard_concept, similarity, trigram, and
     exact: whether the exact-match lookup found it); ``concept_similarity``:
-    the best similarity of its concept (concept_similarities)."""
+    the best similarity of its concept (concept_similarities); ``companion``:
+    (the companion model's similarity of its concept, the best among the
+    candidates), or None without a companion model."""
     text = row["text"]
     ws = [w for w in WORD_RE.findall(text.lower()) if w not in STOP_WORDS] if text else []
     stems = {w[:STEM_CHARS] for w in ws}
@@ -169,7 +177,29 @@ def text_features(q, row, best_similarity, best_trigram, concept_similarity=None
         abs(math.log((len(text) + 1.0) / (q.length + 1.0))),
         1.0 if row["standard_concept"] == "C" else 0.0,
         (sim if concept_similarity is None else concept_similarity) - best_similarity,
+        companion[0] if companion else 0.0,
+        (companion[0] - companion[1]) if companion else 0.0,
     ]
+
+
+def companion_pairs(similarities):
+    """{concept_id: (its companion similarity, the best)} from {concept_id: similarity}."""
+    if not similarities:
+        return {}
+    best = max(similarities.values())
+    return {cid: (s, best) for cid, s in similarities.items()}
+
+
+def companion_of(pairs, concept_id):
+    """The ``companion`` argument of text_features for one concept (pairs: companion_pairs)."""
+    if not pairs:
+        return None
+    hit = pairs.get(concept_id)
+    if hit is None:
+        # A concept the companion's index lacks: similarity 0, as in the fit
+        # (bench/exp_two_model_fusion.py), far below any indexed candidate's.
+        return (0.0, next(iter(pairs.values()))[1])
+    return hit
 
 
 def check_weights(w):
@@ -192,6 +222,15 @@ def check_weights(w):
     unknown = [f for f in feats if f not in FEATURES]
     if unknown:
         raise InvalidArgument("unknown ranking features %s" % unknown, hint=hint)
+    companion = w.get("companion")
+    if companion is not None and (not isinstance(companion, str) or not companion.strip()):
+        raise InvalidArgument("ranking weights: 'companion' must be the name of a registered model",
+                              hint=hint)
+    uses = [f for f, c in zip(feats, coef) if f.startswith("companion_") and c]
+    if uses and companion is None:
+        raise InvalidArgument("ranking weights use %s but name no companion model" % uses,
+                              hint='Add "companion": "<registered model>" (the model whose '
+                                   'similarities these features are).')
     cal = w.get("calibration")
     if not isinstance(cal, dict):
         raise InvalidArgument("ranking weights lack 'calibration'", hint=hint)
@@ -218,6 +257,8 @@ class Scorer:
         self._coefs = [c for _, c in self.terms]
         self._index = [i for i, _ in self.terms]
         self.intercept = float(w["intercept"])
+        # the model whose similarity the companion features are (None: no such features)
+        self.companion = w.get("companion")
         cal = w["calibration"]
         self.cal = (float(cal["score"]), float(cal["margin"]), float(cal["intercept"]))
 
@@ -249,9 +290,10 @@ def sigmoid(z):
     return e / (1.0 + e)
 
 
-def rank(q, rows, scorer):
+def rank(q, rows, scorer, companion=None):
     """Score candidate text rows; returns [(concept_id, score, best row, features)],
-    best first (ties: the order rows were given in)."""
+    best first (ties: the order rows were given in). ``companion``: companion_pairs
+    of the candidates' concepts, when the scorer has a companion model."""
     if not rows:
         return []
     best_sim = max((r["similarity"] for r in rows if r["similarity"] is not None),
@@ -261,7 +303,8 @@ def rank(q, rows, scorer):
     best = {}
     order = []
     for r in rows:
-        x = text_features(q, r, best_sim, best_trg, csim[r["concept_id"]])
+        x = text_features(q, r, best_sim, best_trg, csim[r["concept_id"]],
+                          companion_of(companion, r["concept_id"]))
         s = scorer.score(x)
         cid = r["concept_id"]
         if cid not in best:

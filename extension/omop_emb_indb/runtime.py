@@ -9,7 +9,7 @@ that this module imports without PostgreSQL.
 import time
 from collections import OrderedDict
 
-from . import (drift, lexical, prefixes, ranking, ranking_weights, rerank as rerank_api, selectivity,
+from . import (companion_weights, drift, lexical, prefixes, ranking, ranking_weights, rerank as rerank_api, selectivity,
                sqlgen, suggest, vectors)
 from .checks import (MAX_K, check_batch_size, check_filters, check_input_length, check_k,
                      int_setting, sql_array)
@@ -694,6 +694,8 @@ class Runtime(RegistryMixin, IndexingMixin):
         vecs = self.embed_texts(plpy, model, "query", list(queries), st)
         out = []
         names = list(ranking.FEATURES)
+        # (the companion features are those of the companion the model's ranking names)
+        scorer = self.scorer(model)
         for i, (q, v) in enumerate(zip(queries, vecs), 1):
             if v is None:
                 continue
@@ -707,11 +709,13 @@ class Runtime(RegistryMixin, IndexingMixin):
             csim = ranking.concept_similarities(cands)
             query = ranking.Query(q)
             exact_ids = {r["concept_id"] for r in exact}
+            comp = self._companion(plpy, model, scorer, st, q, cands)
             for r in cands:
                 out.append((i, r["concept_id"], r["text"], r["text_kind"],
                             r["concept_id"] in exact_ids,
                             ranking.text_features(query, r, best_sim, best_trg,
-                                                  csim[r["concept_id"]]),
+                                                  csim[r["concept_id"]],
+                                                  ranking.companion_of(comp, r["concept_id"])),
                             names))
         return out
 
@@ -720,7 +724,18 @@ class Runtime(RegistryMixin, IndexingMixin):
         model = self.model(plpy, model_name)
         value = None
         if weights is not None:
-            value = json.dumps(ranking.check_weights(weights))
+            w = json.loads(weights) if isinstance(weights, str) else weights
+            if isinstance(w, dict) and set(w) == {"companion"}:
+                # {"companion": "<model>"} alone: the shipped ranking of the pair
+                w = self._shipped_pair(plpy, model, w["companion"])
+            w = ranking.check_weights(w)
+            if w.get("companion") is not None:
+                comp = self.model(plpy, w["companion"])
+                if comp["model_id"] == model["model_id"]:
+                    raise InvalidArgument(
+                        "model %s cannot be its own companion" % model["name"],
+                        hint="Name another registered model, indexed over the same vocabulary.")
+            value = json.dumps(w)
         plpy.execute(plpy.prepare(
             "UPDATE omop_emb.model SET ranking = $2::jsonb, updated_at = now() WHERE model_id = $1",
             ["int4", "text"]), [model["model_id"], value])
@@ -738,6 +753,22 @@ class Runtime(RegistryMixin, IndexingMixin):
         else:
             w["source"] = "generic (not fitted for this model: omop-emb-pg fit-ranking)"
         return json.dumps(w)
+
+    def _shipped_pair(self, plpy, model, companion_name):
+        """The shipped ranking of ``model`` with companion ``companion_name``
+        (companion_weights.DEFAULTS, by the two remote models)."""
+        comp = self.model(plpy, companion_name)
+        key = (model.get("remote_model") or model["name"], comp.get("remote_model") or comp["name"])
+        shipped = companion_weights.DEFAULTS.get(key)
+        if shipped is None:
+            raise InvalidArgument(
+                "no ranking is shipped for model %s (%s) with companion %s (%s)"
+                % (model["name"], key[0], comp["name"], key[1]),
+                detail="Shipped pairs: %s" % ", ".join(
+                    "%s with %s" % p for p in sorted(companion_weights.DEFAULTS)),
+                hint="Fit one on your own labelled pairs: omop-emb-pg fit-ranking --model %s "
+                     "--companion %s --pairs PAIRS.csv" % (model["name"], comp["name"]))
+        return dict(shipped, companion=comp["name"])
 
     def scorer(self, model):
         """The model's ranking model: its own fit (omop_emb.model.ranking), else the
@@ -818,7 +849,8 @@ class Runtime(RegistryMixin, IndexingMixin):
                                       exact_texts, sem_ids)
         scorer = self.scorer(model)
         q = ranking.Query(query_text)
-        ranked = ranking.rank(q, cands, scorer)
+        ranked = ranking.rank(q, cands, scorer,
+                              self._companion(plpy, model, scorer, st, query_text, cands))
         # Exact matches first (every mode), then by score; the semantic ranking's
         # first k (at most KEPT_ROWS) concepts (exact matches first, as in mode
         # semantic) stay in the first k rows.
@@ -836,6 +868,41 @@ class Runtime(RegistryMixin, IndexingMixin):
                         r["concept_class_id"], r["standard_concept"], r["similarity"],
                         r["distance"], r["text"], r["text_kind"], cid in exact_rows, score, conf))
         return out
+
+    def _companion(self, plpy, model, scorer, st, query_text, cands):
+        """ranking.companion_pairs of the candidates' concepts when the model's ranking
+        names a companion model (else None): the companion embeds the query (query
+        role, cached like any query) and each concept takes its best similarity over
+        the concept's texts in the companion's index."""
+        if not scorer.companion or not cands:
+            return None
+        try:
+            comp = self.model(plpy, scorer.companion, st)
+        except ModelNotFound:
+            raise ModelNotFound(
+                "the ranking of model %s names companion model %r, which is not registered"
+                % (model["name"], scorer.companion),
+                detail="Registered models: %s" % self._model_names(plpy),
+                hint="Register and index it, or give model %s a ranking without it "
+                     "(SELECT omop_emb.set_ranking(%s, NULL) restores the shipped one)."
+                % (model["name"], plpy.quote_literal(model["name"])))
+        vec = self.embed_texts(plpy, comp, "query", [query_text], st)[0]
+        if vec is None:
+            return None
+        ids = sorted({r["concept_id"] for r in cands})
+        sql = ("SELECT e.concept_id, min(e.embedding %s $1) AS distance FROM %s e "
+               "WHERE e.concept_id = ANY($2) GROUP BY e.concept_id"
+               % (sqlgen.op(comp["metric"]), sqlgen.table(comp["model_id"])))
+        rows = self.plan(plpy, ("companion", comp["model_id"]), sql,
+                         [sqlgen.vector_type(comp), "int4[]"]).execute([vec, ids])
+        if not rows and ("companion_empty", comp["model_id"]) not in self.warned:
+            self.warned.add(("companion_empty", comp["model_id"]))
+            plpy.notice("omop_emb: companion model %s of model %s holds none of the candidates' "
+                        "concepts: its features are 0 (index it over the same vocabulary)"
+                        % (comp["name"], model["name"]))
+        return ranking.companion_pairs(
+            {r["concept_id"]: sqlgen.similarity_from_distance(comp["metric"], r["distance"])
+             for r in rows})
 
     def _semantic_ranking(self, plpy, model, st, vec, want, shape, args, fused_text=None,
                           all_rows=None):

@@ -560,6 +560,10 @@ def add_fit_ranking_parser(sub: argparse._SubParsersAction) -> None:
                    help="search only these domains while fitting (repeatable)")
     p.add_argument("--holdout", type=float, default=0.3,
                    help="share of the pairs kept out of the fit to report on (default %(default)s)")
+    p.add_argument("--companion", default=None, metavar="MODEL",
+                   help="fit with a companion model: another registered model indexing the same "
+                        "vocabulary, whose similarity to the query becomes two more features "
+                        "(each search then embeds the query with it too)")
     p.add_argument("--dry-run", action="store_true", help="fit and report; store nothing")
     p.set_defaults(func=cmd_fit_ranking)
 
@@ -612,13 +616,29 @@ def cmd_fit_ranking(args: argparse.Namespace) -> int:
             if hashlib.sha256(p[0].encode()).digest()[0] < 256 * args.holdout]
     fit = [p for p in pairs if p not in held]
     with psycopg.connect(_dsn(args), autocommit=True) as conn:
-        print(f"collecting candidates of {len(fit)} fitting and {len(held)} held-out queries ...",
-              file=sys.stderr)
-        cf = rf.collect(conn, args.model, fit, domain_ids=args.domain_ids)
-        ch = rf.collect(conn, args.model, held, domain_ids=args.domain_ids)
-        weights = rf.fit(cf, fitted_on=args.pairs or args.table)
-        new = rf.evaluate(ch, weights)
         current = conn.execute("SELECT omop_emb.ranking(%s)", (args.model,)).fetchone()[0]
+        stored = {k: v for k, v in current.items() if k != "source"} \
+            if str(current.get("source", "")).startswith("model") else None
+        # The candidates' companion features are those of the companion the model's
+        # ranking names: while they are collected, the current ranking names the one
+        # asked for (its weights unchanged), and the ranking before is put back after.
+        companion = args.companion or current.get("companion")
+        if args.companion:
+            conn.execute("SELECT omop_emb.set_ranking(%s, %s::jsonb)", (args.model, json.dumps(
+                {**{k: v for k, v in current.items() if k != "source"}, "companion": args.companion})))
+        try:
+            print(f"collecting candidates of {len(fit)} fitting and {len(held)} held-out queries ...",
+                  file=sys.stderr)
+            cf = rf.collect(conn, args.model, fit, domain_ids=args.domain_ids)
+            ch = rf.collect(conn, args.model, held, domain_ids=args.domain_ids)
+        finally:
+            if args.companion:
+                conn.execute("SELECT omop_emb.set_ranking(%s, %s::jsonb)",
+                             (args.model, None if stored is None else json.dumps(stored)))
+        weights = rf.fit(cf, fitted_on=args.pairs or args.table)
+        if companion:
+            weights["companion"] = companion
+        new = rf.evaluate(ch, weights)
         old = rf.evaluate(ch, current)
         for name, e in (("current", old), ("fitted", new)):
             print(f"{name:8} held-out n={e['n']} R@1 {e['recall@1']:.3f} R@10 {e['recall@10']:.3f} "

@@ -54,7 +54,7 @@ AS $$
 return @RT@.call(plpy, "set_ranking", model, ranking)
 $$;
 COMMENT ON FUNCTION omop_emb.set_ranking(text, jsonb) IS
-'Store the ranking model of mode ''fused'' for an embedding model (administrator): {"features": [...], "coef": [...], "intercept": x, "calibration": {"score": a, "margin": b, "intercept": c}}, as written by omop-emb-pg fit-ranking. NULL goes back to the shipped default. Checked before it is stored.';
+'Store the ranking model of mode ''fused'' for an embedding model (administrator): {"features": [...], "coef": [...], "intercept": x, "calibration": {"score": a, "margin": b, "intercept": c}}, as written by omop-emb-pg fit-ranking, with "companion": "<model>" when it uses the companion features (another registered model indexing the same vocabulary, whose similarity to the query they are). {"companion": "<model>"} alone stores the ranking shipped for the pair (the embedded e5 and MiniLM). NULL goes back to the shipped default. Checked before it is stored.';
 
 CREATE OR REPLACE FUNCTION omop_emb.ranking(model text DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
