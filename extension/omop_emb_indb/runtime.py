@@ -890,8 +890,8 @@ class Runtime(RegistryMixin, IndexingMixin):
         if vec is None:
             return None
         ids = sorted({r["concept_id"] for r in cands})
-        sql = ("SELECT e.concept_id, min(e.embedding %s $1) AS distance FROM %s e "
-               "WHERE e.concept_id = ANY($2) GROUP BY e.concept_id"
+        sql = ("SELECT e.concept_id, pg_catalog.min(e.embedding %s $1) AS distance FROM %s e "
+               "WHERE e.concept_id OPERATOR(pg_catalog.=) ANY ($2) GROUP BY e.concept_id"
                % (sqlgen.op(comp["metric"]), sqlgen.table(comp["model_id"])))
         rows = self.plan(plpy, ("companion", comp["model_id"]), sql,
                          [sqlgen.vector_type(comp), "int4[]"]).execute([vec, ids])
