@@ -24,8 +24,10 @@ Indexes, in two phases (the second adds texts to the first's, so nothing is embe
 
 Rankings (RANKINGS: a name -> a function returning ranked concept ids per query; add one
 to evaluate a new ranking): ``<model> <mode>`` for each model and nearest() mode,
-``lexical`` (no embedding: the same for both models), and ``rrf e5+minilm <mode>``:
-reciprocal rank fusion (k = 60) of the two models' top 50.
+``lexical`` (no embedding: the same for both models), ``rrf e5+minilm <mode>``:
+reciprocal rank fusion (k = 60) of the two models' top 50, and ``e5 fused + minilm
+companion``: e5's fused ranking with MiniLM's similarity as two more features (the
+shipped pair ranking, omop_emb.set_ranking('e5', '{"companion": "minilm"}')).
 
 Writes bench/results/quality.json and bench/results/quality.md.
 """
@@ -213,6 +215,33 @@ def nearest_ranking(model: str, mode: str, query_prefix: str | None = None) -> R
 _memo: dict[tuple, list[list[int]]] = {}
 
 
+def companion_ranking(model: str, companion: str) -> Ranker:
+    """Mode fused of ``model`` with the ranking shipped for it with ``companion``
+    (omop_emb.set_ranking(model, '{"companion": ...}'), put back to the shipped one after)."""
+
+    def rank(ctx: Context) -> list[list[int]]:
+        key = (model, "fused+companion", companion, ctx)
+        if key in _memo:
+            return _memo[key]
+        with psycopg.connect(ctx.dsn, autocommit=True) as conn:
+            conn.execute("SELECT omop_emb.set_ranking(%s, %s::jsonb)",
+                         (model, json.dumps({"companion": companion})))
+            try:
+                rows = conn.execute(
+                    "SELECT query_index, concept_id FROM omop_emb.nearest_batch(%s, %s, "
+                    "model => %s, mode => 'fused') ORDER BY query_index, rank",
+                    (list(ctx.queries), DEPTH, model)).fetchall()
+            finally:
+                conn.execute("SELECT omop_emb.set_ranking(%s, NULL)", (model,))
+        out: list[list[int]] = [[] for _ in ctx.queries]
+        for qi, cid in rows:
+            out[qi - 1].append(cid)
+        _memo[key] = out
+        return out
+
+    return rank
+
+
 def rrf(*rankers: Ranker) -> Ranker:
     """Reciprocal rank fusion: score = sum over rankings of 1 / (RRF_K + rank)."""
 
@@ -236,6 +265,8 @@ for _mode in SEARCH_MODES:
     for _m in MODELS:
         RANKINGS[f"{_m} {_mode}"] = nearest_ranking(_m, _mode)
     RANKINGS[f"rrf e5+minilm {_mode}"] = rrf(*(nearest_ranking(m, _mode) for m in MODELS))
+# e5's fused ranking with MiniLM as companion model (the shipped pair: companion_weights.py)
+RANKINGS["e5 fused + minilm companion"] = companion_ranking("e5", "minilm")
 # The seed's silent degradation: e5 with its document prefix on queries too (the e5 server
 # refuses unprefixed text, so this stands for "no query prefix").
 RANKINGS["e5 semantic, 'passage: ' on queries"] = nearest_ranking("e5", "semantic", "passage: ")
