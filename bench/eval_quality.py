@@ -186,23 +186,31 @@ class Context:
 Ranker = Callable[[Context], list[list[int]]]
 
 
-def nearest_ranking(model: str, mode: str, query_prefix: str | None = None) -> Ranker:
+def nearest_ranking(model: str, mode: str, query_prefix: str | None = None,
+                    ranking: dict | None = None) -> Ranker:
     """Ranked concept ids per query from omop_emb.nearest_batch(model, mode) (with
-    ``query_prefix`` in force instead of the model's, when given); remembered per context,
-    so a fusion reuses the rankings it fuses."""
+    ``query_prefix`` in force instead of the model's, when given; with ``ranking`` stored by
+    omop_emb.set_ranking for the call and the shipped one put back after); remembered per
+    context, so a fusion reuses the rankings it fuses."""
 
     def rank(ctx: Context) -> list[list[int]]:
-        key = (model, mode, query_prefix, ctx)
+        key = (model, mode, query_prefix, json.dumps(ranking, sort_keys=True), ctx)
         if key in _memo:
             return _memo[key]
-        with psycopg.connect(ctx.dsn) as conn:
+        with psycopg.connect(ctx.dsn, autocommit=True) as conn:
             if query_prefix is not None:
                 conn.execute("SELECT set_config('omop_emb.query_embedding_prefix', %s, false)",
                              (query_prefix,))
-            rows = conn.execute(
-                "SELECT query_index, concept_id FROM omop_emb.nearest_batch(%s, %s, "
-                "model => %s, mode => %s) ORDER BY query_index, rank",
-                (list(ctx.queries), DEPTH, model, mode)).fetchall()
+            if ranking is not None:
+                conn.execute("SELECT omop_emb.set_ranking(%s, %s::jsonb)", (model, json.dumps(ranking)))
+            try:
+                rows = conn.execute(
+                    "SELECT query_index, concept_id FROM omop_emb.nearest_batch(%s, %s, "
+                    "model => %s, mode => %s) ORDER BY query_index, rank",
+                    (list(ctx.queries), DEPTH, model, mode)).fetchall()
+            finally:
+                if ranking is not None:
+                    conn.execute("SELECT omop_emb.set_ranking(%s, NULL)", (model,))
         out: list[list[int]] = [[] for _ in ctx.queries]
         for qi, cid in rows:
             out[qi - 1].append(cid)
@@ -213,33 +221,6 @@ def nearest_ranking(model: str, mode: str, query_prefix: str | None = None) -> R
 
 
 _memo: dict[tuple, list[list[int]]] = {}
-
-
-def companion_ranking(model: str, companion: str) -> Ranker:
-    """Mode fused of ``model`` with the ranking shipped for it with ``companion``
-    (omop_emb.set_ranking(model, '{"companion": ...}'), put back to the shipped one after)."""
-
-    def rank(ctx: Context) -> list[list[int]]:
-        key = (model, "fused+companion", companion, ctx)
-        if key in _memo:
-            return _memo[key]
-        with psycopg.connect(ctx.dsn, autocommit=True) as conn:
-            conn.execute("SELECT omop_emb.set_ranking(%s, %s::jsonb)",
-                         (model, json.dumps({"companion": companion})))
-            try:
-                rows = conn.execute(
-                    "SELECT query_index, concept_id FROM omop_emb.nearest_batch(%s, %s, "
-                    "model => %s, mode => 'fused') ORDER BY query_index, rank",
-                    (list(ctx.queries), DEPTH, model)).fetchall()
-            finally:
-                conn.execute("SELECT omop_emb.set_ranking(%s, NULL)", (model,))
-        out: list[list[int]] = [[] for _ in ctx.queries]
-        for qi, cid in rows:
-            out[qi - 1].append(cid)
-        _memo[key] = out
-        return out
-
-    return rank
 
 
 def rrf(*rankers: Ranker) -> Ranker:
@@ -266,7 +247,7 @@ for _mode in SEARCH_MODES:
         RANKINGS[f"{_m} {_mode}"] = nearest_ranking(_m, _mode)
     RANKINGS[f"rrf e5+minilm {_mode}"] = rrf(*(nearest_ranking(m, _mode) for m in MODELS))
 # e5's fused ranking with MiniLM as companion model (the shipped pair: companion_weights.py)
-RANKINGS["e5 fused + minilm companion"] = companion_ranking("e5", "minilm")
+RANKINGS["e5 fused + minilm companion"] = nearest_ranking("e5", "fused", ranking={"companion": "minilm"})
 # The seed's silent degradation: e5 with its document prefix on queries too (the e5 server
 # refuses unprefixed text, so this stands for "no query prefix").
 RANKINGS["e5 semantic, 'passage: ' on queries"] = nearest_ranking("e5", "semantic", "passage: ")
