@@ -10,7 +10,10 @@ abbreviation finds); each candidate concept gets
 
 * ``companion_similarity``: its best cosine similarity, over its texts in the companion model's
   index (the same texts), to the query embedded by the companion model (query role), and
-* ``companion_gap``: that minus the best companion similarity among the query's candidates;
+* ``companion_gap``: that minus the best companion similarity among the query's candidates
+
+(computed by the database, ``omop_emb.ranking_candidates``, while the model's ranking names the
+companion: ``ranking_fit.companion_named``);
 
 and one logistic model is fitted on the fitting halves of every labelled set
 (bench/labelled.py), exactly as bench/fit_ranking.py fits the shipped one (omop_emb_pg.ranking_fit:
@@ -48,31 +51,11 @@ PAIRS = (("e5", "minilm"), ("minilm", "e5"))
 ADDED = ["companion_similarity", "companion_gap"]
 
 
-def add_companion_features(conn, companion: str, c: rf.Candidates, texts: list[str]) -> None:
-    """Append the two companion features to every candidate row of ``c`` (in place)."""
-    mid = conn.execute("SELECT model_id FROM omop_emb.model WHERE name = %s", (companion,)).fetchone()[0]
-    concepts: dict[int, set[int]] = {}
-    for q, cid in zip(c.query, c.concept):
-        concepts.setdefault(q, set()).add(cid)
-    sims: dict[int, dict[int, float]] = {}
-    for q, ids in concepts.items():
-        rows = conn.execute(
-            "WITH v AS MATERIALIZED (SELECT omop_emb.embed(%s, 'query', %s) AS embedding) "
-            f"SELECT e.concept_id, max(1 - (e.embedding OPERATOR(public.<=>) v.embedding)) "
-            f"FROM omop_emb.embedding_{mid} e, v WHERE e.concept_id = ANY(%s) GROUP BY 1",
-            (texts[q], companion, sorted(ids))).fetchall()
-        sims[q] = {cid: float(s) for cid, s in rows}
-    best = {q: max(d.values(), default=0.0) for q, d in sims.items()}
-    for i, (q, cid) in enumerate(zip(c.query, c.concept)):
-        s = sims[q].get(cid, 0.0)
-        c.features[i] = list(c.features[i]) + [s, s - best[q]]
-    c.feature_names = list(c.feature_names) + ADDED
-
-
 def without_added(c: rf.Candidates) -> rf.Candidates:
-    n = len(c.feature_names) - len(ADDED)
-    return rf.Candidates(c.feature_names[:n], c.query, c.concept, c.exact, [f[:n] for f in c.features],
-                         c.label, c.n_queries, c.answers)
+    """The candidates without the companion features (the shipped fused ranking's inputs)."""
+    keep = [i for i, f in enumerate(c.feature_names) if f not in ADDED]
+    return rf.Candidates([c.feature_names[i] for i in keep], c.query, c.concept, c.exact,
+                         [[f[i] for i in keep] for f in c.features], c.label, c.n_queries, c.answers)
 
 
 def semantic(c: rf.Candidates) -> tuple[float, float]:
@@ -134,12 +117,12 @@ def main() -> int:
         for primary, companion in PAIRS:
             fitting, reporting = [], []
             for s, db, reg, ix in fr.set_runs(dsns, primary):
-                with psycopg.connect(dsns[db], autocommit=True) as conn:
+                # the companion features are computed in the database (ranking_candidates), as
+                # every search computes them once the model's ranking names the companion
+                with psycopg.connect(dsns[db], autocommit=True) as conn, \
+                        rf.companion_named(conn, reg, reg.replace(primary, companion)):
                     for half, out in ((s.fit, fitting), (s.report, reporting)):
-                        pairs = fr.pairs(half)
-                        c = rf.collect(conn, reg, pairs)
-                        add_companion_features(conn, reg.replace(primary, companion), c, [p[0] for p in pairs])
-                        out.append((s.name, ix, c))
+                        out.append((s.name, ix, rf.collect(conn, reg, fr.pairs(half))))
                 log(f"{primary} + {companion}: {s.name} [{ix}] collected")
             merged = fr.merge([c for _, _, c in fitting])
             w_fused = rf.fit(without_added(merged))

@@ -617,24 +617,13 @@ def cmd_fit_ranking(args: argparse.Namespace) -> int:
     fit = [p for p in pairs if p not in held]
     with psycopg.connect(_dsn(args), autocommit=True) as conn:
         current = conn.execute("SELECT omop_emb.ranking(%s)", (args.model,)).fetchone()[0]
-        stored = {k: v for k, v in current.items() if k != "source"} \
-            if str(current.get("source", "")).startswith("model") else None
-        # The candidates' companion features are those of the companion the model's
-        # ranking names: while they are collected, the current ranking names the one
-        # asked for (its weights unchanged), and the ranking before is put back after.
+        # The candidates' companion features are those of the companion the model's ranking names.
         companion = args.companion or current.get("companion")
-        if args.companion:
-            conn.execute("SELECT omop_emb.set_ranking(%s, %s::jsonb)", (args.model, json.dumps(
-                {**{k: v for k, v in current.items() if k != "source"}, "companion": args.companion})))
-        try:
+        with rf.companion_named(conn, args.model, args.companion, current):
             print(f"collecting candidates of {len(fit)} fitting and {len(held)} held-out queries ...",
                   file=sys.stderr)
             cf = rf.collect(conn, args.model, fit, domain_ids=args.domain_ids)
             ch = rf.collect(conn, args.model, held, domain_ids=args.domain_ids)
-        finally:
-            if args.companion:
-                conn.execute("SELECT omop_emb.set_ranking(%s, %s::jsonb)",
-                             (args.model, None if stored is None else json.dumps(stored)))
         weights = rf.fit(cf, fitted_on=args.pairs or args.table)
         if companion:
             weights["companion"] = companion

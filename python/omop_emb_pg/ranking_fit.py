@@ -18,10 +18,12 @@ it applies the fitted weights in plain Python.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 K = 10
@@ -68,6 +70,29 @@ def collect(conn, model: str | None, pairs: Sequence[tuple[str, Sequence[int]]],
             out.label.append(1 if cid in out.answers[i] else 0)
     out.feature_names = names
     return out
+
+
+@contextlib.contextmanager
+def companion_named(conn, model: str | None, companion: str | None,
+                    current: dict | None = None) -> Iterator[None]:
+    """While the block collects candidates, ``model``'s ranking names ``companion`` (its
+    weights unchanged), so that ``omop_emb.ranking_candidates`` computes the companion
+    features; the ranking before (``current``: omop_emb.ranking(model), read when not
+    given) is put back after. Nothing happens when ``companion`` is None."""
+    if companion is None:
+        yield
+        return
+    if current is None:
+        current = conn.execute("SELECT omop_emb.ranking(%s)", (model,)).fetchone()[0]
+    weights = {k: v for k, v in current.items() if k != "source"}
+    stored = weights if str(current.get("source", "")).startswith("model") else None
+    conn.execute("SELECT omop_emb.set_ranking(%s, %s::jsonb)",
+                 (model, json.dumps({**weights, "companion": companion})))
+    try:
+        yield
+    finally:
+        conn.execute("SELECT omop_emb.set_ranking(%s, %s::jsonb)",
+                     (model, None if stored is None else json.dumps(stored)))
 
 
 def _logistic(X, y, c_reg: float = 1.0):
