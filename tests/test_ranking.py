@@ -344,6 +344,19 @@ def test_a_companion_model_s_similarity_ranks_the_candidates(rerank_db, fake_emb
         semantic = [r[0] for r in conn.execute("SELECT concept_id FROM omop_emb.nearest('left hip', 10, "
                                                "model => 'fake', mode => 'semantic')")]
         assert got != semantic
+        # a batch of queries: the companion embeds them in one request (not one per query),
+        # and each query is ranked as nearest() ranks it alone
+        queries = [f"left hip {i}" for i in range(40)]
+        fake_embedder.reset()
+        batch = conn.execute("SELECT query_index, concept_id FROM omop_emb.nearest_batch(%s, 5, "
+                             "model => 'fake', mode => 'fused') ORDER BY query_index, rank",
+                             (queries,)).fetchall()
+        assert fake_embedder.stats()["requests"] == 2  # one for each model
+        assert sorted(fake_embedder.received_texts) == sorted(queries + [f"o: {q}" for q in queries])
+        for i, q in enumerate(queries, 1):
+            alone = conn.execute("SELECT concept_id FROM omop_emb.nearest(%s, 5, model => 'fake', "
+                                 "mode => 'fused')", (q,)).fetchall()
+            assert [r[0] for r in alone] == [c for qi, c in batch if qi == i], q
         # a companion that is not registered, or the model itself, is refused with the names
         for bad, match in (("nope", "unknown model 'nope'"), ("fake", "cannot be its own companion")):
             with pytest.raises(psycopg.Error, match=match):

@@ -438,6 +438,11 @@ class Runtime(RegistryMixin, IndexingMixin):
         # size costs no extra request, and the vectors (and the cache rows written
         # for them) of 2,000 queries at once took 112 MB.
         chunk = max(BATCH_CHUNK, int(model["batch_size"]))
+        # A fused ranking that names a companion model: the companion embeds the
+        # chunk in batches too (one request per chunk, not one per query).
+        comp = None
+        if mode == "fused":
+            comp = self._companion_model(plpy, model, self.scorer(model), st)
         searched = found = False
         for start in range(0, len(queries), chunk):
             part = queries[start:start + chunk]
@@ -445,13 +450,15 @@ class Runtime(RegistryMixin, IndexingMixin):
                 vecs = [None if q is None or not q.strip() else "" for q in part]
             else:
                 vecs = self.embed_texts(plpy, model, "query", part, st)
-            for i, (q, v) in enumerate(zip(part, vecs), start):
+            comp_vecs = ([None] * len(part) if comp is None
+                         else self.embed_texts(plpy, comp, "query", part, st))
+            for i, (q, v, cv) in enumerate(zip(part, vecs, comp_vecs), start):
                 if v is None:
                     continue
                 searched = True
                 for row in self.search(plpy, model, st, v or None, k, filters, standard_only,
                                        include_invalid, query_text=q, notice=False, mode=mode,
-                                       rerank=rerank):
+                                       rerank=rerank, companion_vec=cv):
                     found = True
                     yield (i + 1, q) + row
         if searched and not found and all(f != [] for f in filters):
@@ -486,7 +493,7 @@ class Runtime(RegistryMixin, IndexingMixin):
                      "model => '%s'); (a re-run resumes where it stopped)." % model["name"])
 
     def search(self, plpy, model, st, vec, k, filters, standard_only, include_invalid,
-               query_text=None, notice=True, mode="semantic", rerank=None):
+               query_text=None, notice=True, mode="semantic", rerank=None, companion_vec=None):
         """Rows of nearest(): exact matches first, then the ranking of ``mode``.
 
         score: semantic -> similarity; lexical -> lexical score (Dice overlap of
@@ -516,10 +523,10 @@ class Runtime(RegistryMixin, IndexingMixin):
                     exact_rows[r["concept_id"]] = r
         if query_text is not None and (rerank if rerank is not None else st["rerank"]):
             return self._reranked(plpy, model, st, vec, k, filters, standard_only,
-                                  include_invalid, query_text, notice, mode)
+                                  include_invalid, query_text, notice, mode, companion_vec)
         if mode == "fused":
             return self._fused(plpy, model, st, vec, k, shape, args, filters, query_text,
-                               exact_rows, exact_texts, notice)
+                               exact_rows, exact_texts, notice, companion_vec)
         want = k if mode == "semantic" else lexical.depth(k)
         sem = lex = None
         if mode != "lexical":
@@ -627,13 +634,14 @@ class Runtime(RegistryMixin, IndexingMixin):
         return scores
 
     def _reranked(self, plpy, model, st, vec, k, filters, standard_only, include_invalid,
-                  query_text, notice, mode):
+                  query_text, notice, mode, companion_vec=None):
         """The top ``top_n`` rows of ``mode`` reordered by the reranker (exact matches
         stay first); score = the reranker's score, confidence = it in [0, 1]."""
         rr = self.reranker(plpy, st)
         n = min(MAX_K, max(k, int(rr["top_n"])))
         rows = self.search(plpy, model, st, vec, n, filters, standard_only, include_invalid,
-                           query_text=query_text, notice=notice, mode=mode, rerank=False)
+                           query_text=query_text, notice=notice, mode=mode, rerank=False,
+                           companion_vec=companion_vec)
         if not rows:
             return rows
         scores = self.rerank_scores(plpy, rr, st, query_text, [r[2] for r in rows])
@@ -696,7 +704,10 @@ class Runtime(RegistryMixin, IndexingMixin):
         names = list(ranking.FEATURES)
         # (the companion features are those of the companion the model's ranking names)
         scorer = self.scorer(model)
-        for i, (q, v) in enumerate(zip(queries, vecs), 1):
+        comp = self._companion_model(plpy, model, scorer, st)
+        comp_vecs = ([None] * len(queries) if comp is None
+                     else self.embed_texts(plpy, comp, "query", list(queries), st))
+        for i, (q, v, cv) in enumerate(zip(queries, vecs, comp_vecs), 1):
             if v is None:
                 continue
             sql, types, _ = sqlgen.exact_match(model, shape)
@@ -709,7 +720,7 @@ class Runtime(RegistryMixin, IndexingMixin):
             csim = ranking.concept_similarities(cands)
             query = ranking.Query(q)
             exact_ids = {r["concept_id"] for r in exact}
-            comp = self._companion(plpy, model, scorer, st, q, cands)
+            comp = self._companion(plpy, model, scorer, st, q, cands, cv)
             for r in cands:
                 out.append((i, r["concept_id"], r["text"], r["text_kind"],
                             r["concept_id"] in exact_ids,
@@ -843,14 +854,15 @@ class Runtime(RegistryMixin, IndexingMixin):
         return out
 
     def _fused(self, plpy, model, st, vec, k, shape, args, filters, query_text, exact_rows,
-               exact_texts, notice):
+               exact_texts, notice, companion_vec=None):
         sem_ids = []
         cands = self.fused_candidates(plpy, model, st, vec, k, shape, args, query_text,
                                       exact_texts, sem_ids)
         scorer = self.scorer(model)
         q = ranking.Query(query_text)
         ranked = ranking.rank(q, cands, scorer,
-                              self._companion(plpy, model, scorer, st, query_text, cands))
+                              self._companion(plpy, model, scorer, st, query_text, cands,
+                                              companion_vec))
         # Exact matches first (every mode), then by score; the semantic ranking's
         # first k (at most KEPT_ROWS) concepts (exact matches first, as in mode
         # semantic) stay in the first k rows.
@@ -869,12 +881,10 @@ class Runtime(RegistryMixin, IndexingMixin):
                         r["distance"], r["text"], r["text_kind"], cid in exact_rows, score, conf))
         return out
 
-    def _companion(self, plpy, model, scorer, st, query_text, cands):
-        """ranking.companion_pairs of the candidates' concepts when the model's ranking
-        names a companion model (else None): the companion embeds the query (query
-        role, cached like any query) and each concept takes its best similarity over
-        the concept's texts in the companion's index."""
-        if not scorer.companion or not cands:
+    def _companion_model(self, plpy, model, scorer, st):
+        """The registered companion model the ranking of ``model`` names (None: no
+        companion)."""
+        if not scorer.companion:
             return None
         try:
             comp = self.model(plpy, scorer.companion, st)
@@ -886,7 +896,19 @@ class Runtime(RegistryMixin, IndexingMixin):
                 hint="Register and index it, or give model %s a ranking without it "
                      "(SELECT omop_emb.set_ranking(%s, NULL) restores the shipped one)."
                 % (model["name"], plpy.quote_literal(model["name"])))
-        vec = self.embed_texts(plpy, comp, "query", [query_text], st)[0]
+        return comp
+
+    def _companion(self, plpy, model, scorer, st, query_text, cands, vec=None):
+        """ranking.companion_pairs of the candidates' concepts when the model's ranking
+        names a companion model (else None): the companion embeds the query (query
+        role, cached like any query; ``vec``: already embedded by the caller, which
+        batches) and each concept takes its best similarity over the concept's texts
+        in the companion's index."""
+        if not scorer.companion or not cands:
+            return None
+        comp = self._companion_model(plpy, model, scorer, st)
+        if vec is None:
+            vec = self.embed_texts(plpy, comp, "query", [query_text], st)[0]
         if vec is None:
             return None
         ids = sorted({r["concept_id"] for r in cands})
