@@ -210,22 +210,22 @@ CREATE OR REPLACE VIEW omop_emb.index_status AS
 SELECT m.name AS model,
        pg_catalog.count(p.pid) FILTER (WHERE a.pid IS NOT NULL AND p.finished_at IS NULL) AS active_sessions,
        coalesce(pg_catalog.sum(p.done), 0)::pg_catalog.int8 AS done,
-       (SELECT pg_catalog.count(*) FROM omop_emb.index_queue q
-        WHERE q.model_id OPERATOR(pg_catalog.=) m.model_id) AS pending,
-       coalesce(pg_catalog.sum(p.done), 0)::pg_catalog.int8 OPERATOR(pg_catalog.+)
-         (SELECT pg_catalog.count(*) FROM omop_emb.index_queue q
-          WHERE q.model_id OPERATOR(pg_catalog.=) m.model_id) AS total,
+       q.pending,
+       coalesce(pg_catalog.sum(p.done), 0)::pg_catalog.int8 OPERATOR(pg_catalog.+) q.pending AS total,
        pg_catalog.round(coalesce(pg_catalog.sum(p.done::pg_catalog.float8 OPERATOR(pg_catalog./)
            GREATEST(pg_catalog.date_part('epoch', p.updated_at OPERATOR(pg_catalog.-) p.started_at),
                     0.001::pg_catalog.float8)), 0)::pg_catalog.numeric, 1) AS rate_per_s,
        pg_catalog.min(p.started_at) AS started_at,
        pg_catalog.max(p.updated_at) AS updated_at,
-       pg_catalog.max(p.finished_at) FILTER (WHERE NOT EXISTS (SELECT 1 FROM omop_emb.index_queue q
-           WHERE q.model_id OPERATOR(pg_catalog.=) m.model_id)) AS finished_at
+       pg_catalog.max(p.finished_at) FILTER (WHERE q.pending OPERATOR(pg_catalog.=) 0) AS finished_at
 FROM omop_emb.model m
+-- The queue is counted once per model (a full vocabulary queues millions of texts:
+-- each count reads the queue's primary key from end to end).
+CROSS JOIN LATERAL (SELECT pg_catalog.count(*) AS pending FROM omop_emb.index_queue iq
+                    WHERE iq.model_id OPERATOR(pg_catalog.=) m.model_id) q
 LEFT JOIN omop_emb.index_progress p ON p.model_id OPERATOR(pg_catalog.=) m.model_id
 LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) p.pid
-GROUP BY m.model_id, m.name;
+GROUP BY m.model_id, m.name, q.pending;
 COMMENT ON VIEW omop_emb.index_status IS 'omop_emb: progress of index_concepts() per model: texts done in the current run, pending, total, rate';
 
 CREATE OR REPLACE FUNCTION omop_emb_internal.index_build_next(model text) RETURNS text
