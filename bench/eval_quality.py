@@ -246,8 +246,12 @@ for _mode in SEARCH_MODES:
     for _m in MODELS:
         RANKINGS[f"{_m} {_mode}"] = nearest_ranking(_m, _mode)
     RANKINGS[f"rrf e5+minilm {_mode}"] = rrf(*(nearest_ranking(m, _mode) for m in MODELS))
-# e5's fused ranking with MiniLM as companion model (the shipped pair: companion_weights.py)
-RANKINGS["e5 fused + minilm companion"] = nearest_ranking("e5", "fused", ranking={"companion": "minilm"})
+# e5's fused ranking with MiniLM as companion model (the shipped pair: companion_weights.py):
+# the default ranking of the demo database (omop_emb_pg.demo.use_fused_ranking)
+DEFAULT_RANKING = "e5 fused + minilm companion"
+RANKINGS[DEFAULT_RANKING] = nearest_ranking("e5", "fused", ranking={"companion": "minilm"})
+#: Issue 13's goal for the default ranking against semantic search, on every reporting half.
+GOAL_R1_POINTS = 3.0
 # The seed's silent degradation: e5 with its document prefix on queries too (the e5 server
 # refuses unprefixed text, so this stands for "no query prefix").
 RANKINGS["e5 semantic, 'passage: ' on queries"] = nearest_ranking("e5", "semantic", "passage: ")
@@ -325,9 +329,29 @@ def summary(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def goal_table(results: list[dict], base: str = "e5 semantic", default: str = DEFAULT_RANKING) -> list[str]:
+    """Per reporting half: the default ranking against semantic search (Recall@1 points,
+    Recall@10 queries) and whether it reaches the goal (>= GOAL_R1_POINTS, no Recall@10 lost)."""
+    by = {(r["set"], r["index"], r["ranking"]): r for r in results}
+    lines = [f"The default ranking ({default}, the demo database's) against {base}:", "",
+             f"| set (reporting half) | n | index | {base} R@1 / R@10 | default R@1 / R@10 | R@1 points "
+             "| R@10 queries | goal |", "|---|---:|---|---|---|---:|---:|---|"]
+    for (s, ix, rk), b in by.items():
+        d = by.get((s, ix, default))
+        if rk != base or d is None:
+            continue
+        points = 100 * (d["recall@1"] - b["recall@1"])
+        lost = round((d["recall@10"] - b["recall@10"]) * b["n"])
+        met = points >= GOAL_R1_POINTS - 1e-9 and lost >= 0
+        lines.append(f"| {s} | {b['n']} | {ix} | {b['recall@1']:.3f} / {b['recall@10']:.3f} | "
+                     f"{d['recall@1']:.3f} / {d['recall@10']:.3f} | {points:+.1f} | {lost:+d} | "
+                     f"{'met' if met else 'not met'} |")
+    return lines + [""]
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["Recall@1 / Recall@10 (bold: the best Recall@1 of the row):", "",
-             summary(results), "All figures, MRR@10 included:", "",
+             summary(results), *goal_table(results), "All figures, MRR@10 included:", "",
              "| set (reporting half) | n | index | ranking | R@1 | R@10 | MRR@10 |",
              "|---|---:|---|---|---:|---:|---:|"]
     best: dict[tuple, float] = {}

@@ -131,3 +131,50 @@ def test_e5_ranked_with_minilm_as_companion(fresh_db, two_model_server):
         # MiniLM embedded the query too (its query cache holds it)
         assert conn.execute("SELECT count(*) FROM omop_emb.query_cache q JOIN omop_emb.model m USING (model_id) "
                             "WHERE m.name = 'minilm' AND q.text = 'heart attack'").fetchone()[0] == 1
+
+
+def test_the_demo_makes_the_companion_ranking_the_default(fresh_db, two_model_server, capsys):
+    """demo.use_fused_ranking (what `omop-emb-pg demo` does with both models): each model takes
+    the shipped ranking with the other as companion and the database's searches default to mode
+    fused, so nearest() without a mode returns the fused rows with their confidence. A second
+    run changes nothing; what a site set itself (its own ranking, its own search_mode) is kept."""
+    from conftest import install_extension
+    from psycopg.conninfo import conninfo_to_dict
+
+    from omop_emb_pg import demo
+
+    dsn = install_extension(fresh_db())
+    dbname = conninfo_to_dict(dsn)["dbname"]
+    load_gibleed(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name, remote in (("minilm", MODEL_ID), ("e5", "multilingual-e5-small")):
+            conn.execute("SELECT omop_emb.register_model(%s, 'openai', %s, remote_model => %s)",
+                         (name, two_model_server, remote))
+            conn.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'gibleed', "
+                         "domain_ids => ARRAY['Condition'])", (name,))
+        own = conn.execute("SELECT omop_emb.ranking('minilm')").fetchone()[0]
+        own = {k: v for k, v in own.items() if k != "source"}
+        conn.execute("SELECT omop_emb.set_ranking('minilm', %s::jsonb)", (json.dumps(own),))  # a site's own
+        before = conn.execute("SELECT concept_id FROM omop_emb.nearest('heart attack', 5, model => 'e5')").fetchall()
+    assert demo.use_fused_ranking(dsn, dbname, [("e5", "minilm"), ("minilm", "e5")]) is True
+    out = capsys.readouterr().out
+    assert "e5: fused ranking with minilm as companion" in out and "minilm: a ranking of its own" in out
+    with psycopg.connect(dsn) as conn:  # a new session: the database's setting applies
+        assert conn.execute("SHOW omop_emb.search_mode").fetchone()[0] == "fused"
+        assert conn.execute("SELECT omop_emb.ranking('e5')->>'companion'").fetchone()[0] == "minilm"
+        assert conn.execute("SELECT omop_emb.ranking('minilm') ? 'companion'").fetchone()[0] is False
+        default = conn.execute("SELECT concept_id, confidence FROM omop_emb.nearest('heart attack', 5, "
+                               "model => 'e5')").fetchall()
+        fused = conn.execute("SELECT concept_id, confidence FROM omop_emb.nearest('heart attack', 5, "
+                             "model => 'e5', mode => 'fused')").fetchall()
+        assert default == fused and all(c is not None for _, c in default)
+        assert default[0][0] == 4329847 and before[0][0] == 4329847  # Myocardial infarction
+        conn.execute("SET omop_emb.search_mode = 'semantic'")  # per session, back to the bare model
+        assert conn.execute("SELECT concept_id FROM omop_emb.nearest('heart attack', 5, model => 'e5')"
+                            ).fetchall() == before
+    # again, and with a search_mode the database's owner chose: kept
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{dbname}" SET omop_emb.search_mode = \'hybrid\'')
+    assert demo.use_fused_ranking(dsn, dbname, [("e5", "minilm")]) is False
+    out = capsys.readouterr().out
+    assert "ranked with minilm as companion already" in out and "'hybrid' (its own setting, kept)" in out
