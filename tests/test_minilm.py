@@ -177,4 +177,4 @@ def test_the_demo_makes_the_companion_ranking_the_default(fresh_db, two_model_se
         conn.execute(f'ALTER DATABASE "{dbname}" SET omop_emb.search_mode = \'hybrid\'')
     assert demo.use_fused_ranking(dsn, dbname, [("e5", "minilm")]) is False
     out = capsys.readouterr().out
-    assert "ranked with minilm as companion already" in out and "'hybrid' (its own setting, kept)" in out
+    assert "ranked with minilm as companion already" in out and "'hybrid' (a setting of the database's own, kept)" in out

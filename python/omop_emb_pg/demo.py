@@ -54,7 +54,8 @@ EXAMPLE_QUERIES = ["high blood pressure", "heart attack", "sugar diabetes", "bro
 
 # Both models, every indexed domain: the top 3 of each.
 COMPARE_SQL = """\
-SELECT n.rank, n.concept_name, n.domain_id, round(n.similarity::numeric, 3) AS similarity
+SELECT n.rank, n.concept_name, n.domain_id, round(n.similarity::numeric, 3) AS similarity,
+       round(n.confidence::numeric, 2) AS confidence
 FROM omop_emb.nearest(%s, 3, model => %s) n ORDER BY n.rank"""
 COMPARE_QUERIES = ["hba1c", "Tylenol", "Type 2 diabetes mellitus with diabetic neuropathy, unspecified",
                    "Zuckerkrankheit"]
@@ -195,7 +196,8 @@ def use_fused_ranking(dsn: str, dbname: str, pairs: list[tuple[str, str]]) -> bo
             "WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = %s) AND s.setrole = 0 "
             "AND c LIKE 'omop\\_emb.search\\_mode=%%'", (dbname,)).fetchone()
         if mode is not None:
-            _say(f"searches of database {dbname} default to mode {mode[0]!r} (its own setting, kept)")
+            _say(f"searches of database {dbname} default to mode {mode[0]!r}"
+                 + (" already" if mode[0] == "fused" else " (a setting of the database's own, kept)"))
             return mode[0] == "fused"
         conn.execute(sql.SQL("ALTER DATABASE {} SET omop_emb.search_mode = 'fused'").format(sql.Identifier(dbname)))
         _say(f"searches of database {dbname} default to mode 'fused' "
@@ -291,8 +293,9 @@ def run(state_dir: str = DEFAULT_DIR, *, domains: list[str] | None = None, embed
                 print(f"\n  {q!r}")
                 for m in models:
                     rows = db._rows(COMPARE_SQL, (q, m))
-                    shown = "; ".join(f"{r['concept_name']} ({r['domain_id']}, {r['similarity']})"
-                                      for r in rows)
+                    shown = "; ".join(f"{r['concept_name']} ({r['domain_id']}, {r['similarity']}"
+                                      + ("" if r["confidence"] is None else f", confidence {r['confidence']}")
+                                      + ")" for r in rows)
                     print(f"    {m:>9}: {shown}")
     user = cluster.superuser
     conn_str = f"host=127.0.0.1 port={cluster.port} dbname={DBNAME} user={user}"
