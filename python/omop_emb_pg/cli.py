@@ -398,7 +398,7 @@ def run_index(dsn: str, *, model: str | None = None, progress: str = "auto", pol
             return True
         return any(h.is_alive() for h in helpers)
 
-    # The view counts the queue: 0.28 s a look with 1,000,000 texts queued, and the
+    # The view counts the queue (once; 0.1-0.3 s a look with 1,000,000 texts queued), and the
     # same server runs the indexing sessions. Looking again only after POLL_COST_SHARE
     # times that long keeps the display's share of a core at most 1/POLL_COST_SHARE
     # (the bar then moves every few seconds on a whole vocabulary).
