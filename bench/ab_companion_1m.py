@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -64,6 +65,69 @@ def block(c, model: str, texts: list[str]) -> dict:
     return out
 
 
+def measure(dsn: str, model: str, url: str, n_queries: int = 200, ef: int = 800, rounds: int = 2) -> dict:
+    """The blocks on ``model`` of the database at ``dsn`` (its companion loaded first when missing),
+    the e5 server at ``url`` answering both models; returns every block's figures and their medians."""
+    from omop_emb_indb import companion_weights
+
+    weights = dict(next(iter(companion_weights.DEFAULTS.values())), companion=COMPANION)
+    res: dict = {"model": model, "companion": COMPANION, "runs": []}
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("SELECT omop_emb.alter_model(%s, endpoint => %s)", (model, url))
+    ensure_companion(dsn, model, url)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("SELECT omop_emb.alter_model(%s, endpoint => %s)", (COMPANION, url))
+        texts = [r[0].removeprefix("query: ") for r in c.execute(
+            "SELECT q.text FROM omop_emb.query_cache q JOIN omop_emb.model m USING (model_id) "
+            "WHERE m.name = %s AND q.role = 'query' ORDER BY q.created_at LIMIT %s", (model, n_queries))]
+        if len(texts) < n_queries:  # no measure phase yet: real names of the table's texts
+            texts += [r[0] for r in c.execute(
+                "SELECT name FROM (SELECT DISTINCT split_part(text, ' #', 1) AS name FROM omop_emb.embedding_%d) s "
+                "ORDER BY md5(name) LIMIT %%s" % mid(c, model), (n_queries - len(texts),))]
+        res["queries"] = len(texts)
+        res["scale"] = f"{c.execute('SELECT count(*) FROM omop_emb.embedding_%d' % mid(c, model)).fetchone()[0]:,}"
+        for t in texts:  # both models' query vectors cached first: the timed calls embed nothing
+            for m in (model, COMPANION):
+                c.execute("SELECT omop_emb.embed(%s, 'query', %s)", (t, m)).fetchone()
+        res["index_params"] = c.execute("SELECT index_params FROM omop_emb.status() WHERE model = %s",
+                                        (model,)).fetchone()[0]
+        try:
+            for ef_ in (None, ef):
+                c.execute("SELECT set_config('omop_emb.ef_search', %s, false)", ("" if ef_ is None else str(ef_),))
+                for r in range(rounds):
+                    for with_companion in (False, True):
+                        c.execute("SELECT omop_emb.set_ranking(%s, %s::jsonb)",
+                                  (model, json.dumps(weights) if with_companion else None))
+                        b_query.interleaved(c, model, texts, ("semantic", "fused"))  # warm: plans, pages
+                        out = {"ef_search": ef_ or "calibrated", "companion": with_companion, "round": r + 1,
+                               **block(c, model, texts)}
+                        res["runs"].append(out)
+                        log(json.dumps(out))
+        finally:
+            c.execute("SELECT omop_emb.set_ranking(%s, NULL)", (model,))
+    for ef_ in ("calibrated", ef):
+        for with_companion in (False, True):
+            runs = [x for x in res["runs"] if x["ef_search"] == ef_ and x["companion"] == with_companion]
+            res.setdefault("median", []).append({
+                "ef_search": ef_, "companion": with_companion,
+                "fused_p50_ms": statistics.median(x["fused"]["p50_ms"] for x in runs),
+                "semantic_p50_ms": statistics.median(x["semantic"]["p50_ms"] for x in runs),
+                "fused_over_semantic_p50": statistics.median(x["fused_over_semantic_p50"] for x in runs)})
+    return res
+
+
+def markdown_rows(res: dict) -> list[tuple]:
+    """report.py rows: the default ranking of the demo (fused + companion) against semantic at p50."""
+    out = []
+    for m in res.get("median", []):
+        what = "fused + companion (the demo's default)" if m["companion"] else "fused"
+        out.append((f"nearest(text, 10) cached, realistic {res['scale']} x 384, {what} / semantic "
+                    f"at p50 <= 1.5, ef_search {m['ef_search']} (bench/ab_companion_1m.py)",
+                    f"p50 {m['fused_p50_ms']:.2f} ms", f"semantic p50 {m['semantic_p50_ms']:.2f} ms",
+                    f"{m['fused_over_semantic_p50']:.2f}", m["fused_over_semantic_p50"] <= 1.5))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--datadir", required=True)
@@ -74,44 +138,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "modes_realistic_1m_companion" / "ab.json"))
     a = ap.parse_args()
-    from omop_emb_indb import companion_weights
-
-    weights = dict(next(iter(companion_weights.DEFAULTS.values())), companion=COMPANION)
     db = Database(datadir=a.datadir)
     e5 = Proc("e5")
-    res: dict = {"model": a.model, "companion": COMPANION, "runs": []}
     try:
-        dsn = db.dsn(a.db)
-        with psycopg.connect(dsn, autocommit=True) as c:
-            c.execute("SELECT omop_emb.alter_model(%s, endpoint => %s)", (a.model, e5.url))
-        ensure_companion(dsn, a.model, e5.url)
-        with psycopg.connect(dsn, autocommit=True) as c:
-            c.execute("SELECT omop_emb.alter_model(%s, endpoint => %s)", (COMPANION, e5.url))
-            texts = [r[0].removeprefix("query: ") for r in c.execute(
-                "SELECT q.text FROM omop_emb.query_cache q JOIN omop_emb.model m USING (model_id) "
-                "WHERE m.name = %s AND q.role = 'query' ORDER BY q.created_at LIMIT %s", (a.model, a.queries))]
-            if len(texts) < a.queries:  # no measure phase yet: real names of the table's texts
-                texts += [r[0] for r in c.execute(
-                    "SELECT name FROM (SELECT DISTINCT split_part(text, ' #', 1) AS name FROM omop_emb.embedding_%d) s "
-                    "ORDER BY md5(name) LIMIT %%s" % mid(c, a.model), (a.queries - len(texts),))]
-            res["queries"] = len(texts)
-            for t in texts:  # both models' query vectors cached first: the timed calls embed nothing
-                for m in (a.model, COMPANION):
-                    c.execute("SELECT omop_emb.embed(%s, 'query', %s)", (t, m)).fetchone()
-            res["index_params"] = c.execute("SELECT index_params FROM omop_emb.status() WHERE model = %s",
-                                            (a.model,)).fetchone()[0]
-            for ef in (None, a.ef):
-                c.execute("SELECT set_config('omop_emb.ef_search', %s, false)", ("" if ef is None else str(ef),))
-                for r in range(a.rounds):
-                    for with_companion in (False, True):
-                        c.execute("SELECT omop_emb.set_ranking(%s, %s::jsonb)",
-                                  (a.model, json.dumps(weights) if with_companion else None))
-                        b_query.interleaved(c, a.model, texts, ("semantic", "fused"))  # warm: plans, pages
-                        out = {"ef_search": ef or "calibrated", "companion": with_companion, "round": r + 1,
-                               **block(c, a.model, texts)}
-                        res["runs"].append(out)
-                        log(json.dumps(out))
-            c.execute("SELECT omop_emb.set_ranking(%s, NULL)", (a.model,))
+        res = measure(db.dsn(a.db), a.model, e5.url, a.queries, a.ef, a.rounds)
     finally:
         e5.stop()
         db.close()

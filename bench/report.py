@@ -89,6 +89,10 @@ def rows(r: dict) -> list[tuple]:
             out.append((label, f"p50 {f['p50_ms']:.2f} / p95 {f['p95_ms']:.2f} / p99 {f['p99_ms']:.2f} ms",
                         f"semantic p50 {sm['p50_ms']:.2f} / p95 {sm['p95_ms']:.2f} / p99 {sm['p99_ms']:.2f} ms",
                         f"{ratio:.2f}", ratio <= 1.5))
+    if r.get("realistic_companion"):
+        import ab_companion_1m  # bench/ (report.py runs from there)
+
+        out += ab_companion_1m.markdown_rows(r["realistic_companion"])
     rec = r.get("recall")
     if rec:
         for name, case in rec["cases"].items():

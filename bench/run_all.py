@@ -178,6 +178,12 @@ def main(argv=None) -> int:
                                                    renice=False)
             results["realistic"]["markdown"] = b_realistic.markdown(results["realistic"], results.get("recall"))
             save()
+            import ab_companion_1m
+
+            # the demo's default ranking (fused with a companion model) against semantic, same database
+            results["realistic_companion"] = ab_companion_1m.measure(
+                db.dsn(db.name("bench_realistic")), b_realistic.MODEL, e5.url, 40 if q else 200, rounds=1 if q else 2)
+            save()
         if e5 and "batch" in parts:
             import b_query
             import psycopg
