@@ -107,19 +107,27 @@ def test_registered_through_the_server_and_searched(fresh_db, two_model_server):
     assert empty and all("which is right" in n and "Nothing to do" in n for n in empty), notices
 
 
-def test_e5_ranked_with_minilm_as_companion(fresh_db, two_model_server):
-    """The shipped ranking of the embedded pair (bench/exp_two_model_fusion.py): e5's fused
-    candidates, MiniLM's similarity as two more features; one call applies it."""
+def both_models_on_gibleed(dsn: str, server: str) -> str:
+    """``dsn`` with omop_emb installed, GiBleed loaded, and MiniLM and e5 (the server at
+    ``server``) registered and indexed over its Condition concepts."""
     from conftest import install_extension
 
-    dsn = install_extension(fresh_db())
+    install_extension(dsn)
     load_gibleed(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         for name, remote in (("minilm", MODEL_ID), ("e5", "multilingual-e5-small")):
             conn.execute("SELECT omop_emb.register_model(%s, 'openai', %s, remote_model => %s)",
-                         (name, two_model_server, remote))
+                         (name, server, remote))
             conn.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'gibleed', "
                          "domain_ids => ARRAY['Condition'])", (name,))
+    return dsn
+
+
+def test_e5_ranked_with_minilm_as_companion(fresh_db, two_model_server):
+    """The shipped ranking of the embedded pair (bench/exp_two_model_fusion.py): e5's fused
+    candidates, MiniLM's similarity as two more features; one call applies it."""
+    dsn = both_models_on_gibleed(fresh_db(), two_model_server)
+    with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("""SELECT omop_emb.set_ranking('e5', '{"companion": "minilm"}')""")
         w = conn.execute("SELECT omop_emb.ranking('e5')").fetchone()[0]
         assert w["companion"] == "minilm" and w["source"].startswith("model")
@@ -138,20 +146,13 @@ def test_the_demo_makes_the_companion_ranking_the_default(fresh_db, two_model_se
     the shipped ranking with the other as companion and the database's searches default to mode
     fused, so nearest() without a mode returns the fused rows with their confidence. A second
     run changes nothing; what a site set itself (its own ranking, its own search_mode) is kept."""
-    from conftest import install_extension
     from psycopg.conninfo import conninfo_to_dict
 
     from omop_emb_pg import demo
 
-    dsn = install_extension(fresh_db())
+    dsn = both_models_on_gibleed(fresh_db(), two_model_server)
     dbname = conninfo_to_dict(dsn)["dbname"]
-    load_gibleed(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for name, remote in (("minilm", MODEL_ID), ("e5", "multilingual-e5-small")):
-            conn.execute("SELECT omop_emb.register_model(%s, 'openai', %s, remote_model => %s)",
-                         (name, two_model_server, remote))
-            conn.execute("CALL omop_emb.index_concepts(model => %s, vocabulary_schema => 'gibleed', "
-                         "domain_ids => ARRAY['Condition'])", (name,))
         own = conn.execute("SELECT omop_emb.ranking('minilm')").fetchone()[0]
         own = {k: v for k, v in own.items() if k != "source"}
         conn.execute("SELECT omop_emb.set_ranking('minilm', %s::jsonb)", (json.dumps(own),))  # a site's own
