@@ -301,11 +301,12 @@ def run(state_dir: str = DEFAULT_DIR, *, domains: list[str] | None = None, embed
     conn_str = f"host=127.0.0.1 port={cluster.port} dbname={DBNAME} user={user}"
     other = f"\n           SELECT * FROM omop_emb.nearest('chest pain', 5, model => '{models[1]}');" \
         if len(models) > 1 else ""
+    mode_note = f" (mode fused, {models[1]} as companion; mode => 'semantic' for the model alone)" if fused else ""
     print(f"""
 Done in {time.monotonic() - t0:.1f} s.
 
 Connect:   psql "{conn_str}"
-           SELECT * FROM omop_emb.nearest('chest pain', 5);      -- {model}, the database's default{other}
+           SELECT * FROM omop_emb.nearest('chest pain', 5);      -- {model}, the database's default{mode_note}{other}
 Search:    omop-emb-pg search --dsn "{conn_str}" "chest pain"
 Status:    omop-emb-pg status --dsn "{conn_str}"
 Stop:      omop-emb-pg demo --stop      (a new `make demo` starts everything again, quickly)""")
