@@ -76,6 +76,9 @@ def test_round_trip_gives_the_same_results_without_embedding(two_dbs, fake_embed
     assert nearest_by_vector(b, vecs) == nearest_by_vector(a, vecs)
     with connect(b) as conn:
         assert conn.execute("SELECT omop_emb.create_index()").fetchone()[0] == "hnsw"
+        # (a site's own create_index calibrates on 50 of the texts embedded in the query role)
+        assert fake_embedder.stats()["texts"] == 50
+        fake_embedder.reset()
         conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
     assert fake_embedder.stats()["texts"] == 0  # everything was in the bundle
     assert nearest_by_vector(b, vecs) == nearest_by_vector(a, vecs)

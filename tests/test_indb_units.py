@@ -292,14 +292,19 @@ def test_ef_search_is_the_setting_else_the_calibrated_index_else_the_default():
     assert runtime.ef_search({"ef_search": None}, {}) == runtime.DEFAULT_EF_SEARCH
 
 
-def test_calibration_sample_takes_cached_real_queries_first():
+def test_calibration_sample_takes_cached_real_queries_first_then_query_texts_then_stored_vectors():
     from omop_emb_indb import indexing
 
     stored = [{"id": "(0,%d)" % i, "v": "[%d]" % i} for i in range(5)]
     got = indexing.calibration_sample(["[q1]", "[q2]"], stored, size=4)
-    assert got == [{"id": None, "v": "[q1]"}, {"id": None, "v": "[q2]"}, stored[0], stored[1]]
+    assert got == [{"id": None, "v": "[q1]", "kind": "cached"}, {"id": None, "v": "[q2]", "kind": "cached"},
+                   dict(stored[0], kind="stored"), dict(stored[1], kind="stored")]
     assert indexing.calibration_sample(["[q%d]" % i for i in range(9)], stored, size=4) == \
-        [{"id": None, "v": "[q%d]" % i} for i in range(4)]  # enough real queries: no stored vector
+        [{"id": None, "v": "[q%d]" % i, "kind": "cached"} for i in range(4)]  # enough real queries
+    # the model's own texts embedded in the query role come before any stored vector
+    got = indexing.calibration_sample(["[q1]"], stored, size=4, own_texts=["[t1]", "[t2]", "[t3]", "[t4]"])
+    assert [r["kind"] for r in got] == ["cached", "text", "text", "text"]
+    assert [r["v"] for r in got] == ["[q1]", "[t1]", "[t2]", "[t3]"] and all(r["id"] is None for r in got)
 
 
 def _stats_rows(reltuples, cols):

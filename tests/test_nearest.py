@@ -297,6 +297,50 @@ def unit(v):
     return [x / n for x in v]
 
 
+def test_the_index_calibration_embeds_texts_unless_it_cannot_or_is_told_not_to(omop_db, fake_embedder):
+    """create_index calibrates ef_search on the model's own texts embedded in the query role;
+    when the server fails it says so and takes stored vectors (the index is built all the same);
+    omop_emb.calibration_embeds = off sends nothing (what a bundle import sets)."""
+    rng = random.Random(11)
+    rows = [(i, "vec:" + ",".join(f"{rng.gauss(0, 1):.4f}" for _ in range(8)), "D", "V", "C", "S", str(i), None)
+            for i in range(1, 121)]
+    load_vocab(omop_db, rows)
+    register_fake_model(omop_db, fake_embedder, dims=8, batch_size=500)
+    notices = []
+    with connect(omop_db) as conn:
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+        conn.execute("CALL omop_emb.index_concepts(vocabulary_schema => 'vocab')")
+
+        def calibration():
+            return conn.execute("SELECT index_params FROM omop_emb.models WHERE name = 'fake'").fetchone()[0]["calibration"]
+
+        fake_embedder.reset()
+        conn.execute("SELECT omop_emb.create_index('fake', m => 4, ef_construction => 8)")
+        cal = calibration()
+        assert (cal["query_texts"], cal["stored_vectors"]) == (50, 0), cal
+        assert fake_embedder.stats()["texts"] == 50
+        # the server fails: a NOTICE names the fallback and what to run later
+        fake_embedder.set_fault("status", status=500)
+        try:
+            notices.clear()
+            conn.execute("SELECT omop_emb.create_index('fake', m => 4, ef_construction => 8)")
+        finally:
+            fake_embedder.clear_fault()
+        cal = calibration()
+        assert (cal["query_texts"], cal["stored_vectors"]) == (0, 50), cal
+        said = [n for n in notices if "to calibrate its index" in n]
+        assert said and "calibrating on its stored vectors" in said[0] and \
+            "omop_emb.calibrate_index('fake')" in said[0], notices
+        assert conn.execute("SELECT index_method FROM omop_emb.models WHERE name = 'fake'").fetchone()[0] == "hnsw"
+        # told not to embed: nothing is sent
+        fake_embedder.reset()
+        conn.execute("SET omop_emb.calibration_embeds = off")
+        conn.execute("SELECT omop_emb.calibrate_index('fake', queries => 50)")
+        cal = calibration()
+        assert (cal["query_texts"], cal["stored_vectors"]) == (0, 50), cal
+        assert fake_embedder.stats()["requests"] == 0
+
+
 def test_hnsw_recall_against_exact_search(omop_db, fake_embedder):
     """Synthetic clustered vectors (like real embeddings): HNSW nearest() vs exact
     search, unfiltered and with a filter matching ~5% of rows."""
@@ -321,13 +365,17 @@ def test_hnsw_recall_against_exact_search(omop_db, fake_embedder):
         for filt in (None, ["Rare"]):
             exact[str(filt)] = [ids(conn, "SELECT concept_id FROM omop_emb.nearest(%s::vector, 10, domain_ids => %s)",
                                     (q, filt)) for q in queries]
+        fake_embedder.reset()
         conn.execute("SELECT omop_emb.create_index('fake')")
-        # create_index measured recall on the model's own vectors and recorded the smallest
-        # ef_search reaching 0.98; nearest() below searches with it (the setting is unset)
+        # create_index measured recall on 50 of the model's own texts embedded in the query
+        # role (one request; no text searched yet) and recorded the smallest ef_search
+        # reaching 0.98; nearest() below searches with it (the setting is unset)
+        sent = fake_embedder.stats()
+        assert (sent["requests"], sent["texts"]) == (1, 50), sent
         params = conn.execute("SELECT index_params FROM omop_emb.models WHERE name = 'fake'").fetchone()[0]
         cal = params["calibration"]
         assert cal["queries"] == 50 and cal["target_recall_at_10"] == 0.98
-        assert (cal["cached_queries"], cal["stored_vectors"]) == (0, 50)  # no text searched yet
+        assert (cal["cached_queries"], cal["query_texts"], cal["stored_vectors"]) == (0, 50, 0), cal
         assert cal["recall_at_10_by_ef_search"][str(params["ef_search"])] >= 0.98, params
         assert all(r < 0.98 for ef, r in cal["recall_at_10_by_ef_search"].items() if int(ef) < params["ef_search"])
         plan = "\n".join(r[0] for r in conn.execute(
@@ -345,12 +393,13 @@ def test_hnsw_recall_against_exact_search(omop_db, fake_embedder):
             assert recall >= 0.98
         conn.execute("RESET omop_emb.exact_scan_rows")
         # calibrate_index measures again, first on the real queries cached since the build
-        # (30 text searches; 20 stored vectors make up the sample), and keeps the build's params
+        # (30 text searches; 20 of the model's texts make up the sample), and keeps the build's params
         for q in queries:
             conn.execute("SELECT count(*) FROM omop_emb.nearest('vec:' || %s, 10)", (q[1:-1],))
         again = conn.execute("SELECT omop_emb.calibrate_index('fake', queries => 50)").fetchone()[0]
         cal = again["calibration"]
-        assert (cal["queries"], cal["cached_queries"], cal["stored_vectors"]) == (50, 30, 20), again
+        assert (cal["queries"], cal["cached_queries"], cal["query_texts"], cal["stored_vectors"]) == \
+            (50, 30, 20, 0), again
         assert (again["m"], again["ef_construction"]) == (params["m"], params["ef_construction"])
         by_ef = cal["recall_at_10_by_ef_search"]
         assert again["ef_search"] == min([int(e) for e, r in by_ef.items() if r >= 0.98] or [max(map(int, by_ef))])

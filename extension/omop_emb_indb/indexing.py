@@ -49,19 +49,23 @@ SWAP_TRIES = 20
 # an exact scan and records in index_params the smallest of these hnsw.ef_search values
 # that reaches the target; nearest() searches with it while the setting
 # omop_emb.ef_search is unset. The sample is the model's most recent real queries (the
-# query-role vectors of omop_emb.query_cache, this identity's only) topped up with the
-# model's own stored vectors (each as a query, itself left out). Real queries come
-# first because stored vectors flatter the index: each lies in a dense part of the
-# graph, while a query-role vector lies farther from every document (realistic 1M:
-# stored vectors chose ef 200, whose recall on real queries was 0.9645).
-# calibrate_index() measures again later, once real queries have been cached. Real
-# embeddings cluster, so most models need far less than a uniform-random worst case
-# (bench/b_realistic.py). Each query costs an exact scan, about one sequential read of
-# the table: ~1 s at 1,000,000 x 384. create_index takes CALIBRATION_QUERIES (a build
-# takes minutes); calibrate_index takes RECALIBRATION_QUERIES by default, because 50
-# queries are a noisy sample (realistic 200k: 50 real queries measured 0.980 at ef 40,
-# where 200 others measured 0.925: bench/results/recalibrate_200k).
-EF_LADDER = (40, 60, 80, 100, 150, 200, 300, 400)
+# query-role vectors of omop_emb.query_cache, this identity's only), topped up with the
+# model's own texts embedded in the query role (one request to its server; what a user
+# typing a concept's name sends), and only when those cannot be had (the server does not
+# answer, or the setting omop_emb.calibration_embeds is off, as for a bundle import, which
+# embeds nothing) with its stored vectors (each as a query, itself left out). Stored vectors
+# flatter the index: each lies in a dense part of the graph, while a query-role vector lies
+# farther from every document (realistic 1M: stored vectors chose ef 300, 0.992 on
+# themselves, where 200 real names got 0.969; query-role texts chose 800, where they got
+# 0.9785: bench/results/calibration_1m). calibrate_index() measures again later, once real
+# queries have been cached. Real embeddings cluster, so most models need far less than a
+# uniform-random worst case (bench/b_realistic.py). Each query costs an exact scan, about
+# one sequential read of the table: ~1 s at 1,000,000 x 384. create_index takes
+# CALIBRATION_QUERIES (a build takes minutes); calibrate_index takes RECALIBRATION_QUERIES
+# by default, because 50 queries are a noisy sample (realistic 200k: 50 real queries
+# measured 0.980 at ef 40, where 200 others measured 0.925: bench/results/recalibrate_200k).
+# The ladder reaches 800: at 1,000,000 realistic vectors real queries needed 600-800.
+EF_LADDER = (40, 60, 80, 100, 150, 200, 300, 400, 600, 800)
 CALIBRATION_QUERIES = 50
 RECALIBRATION_QUERIES = 200
 MAX_CALIBRATION_QUERIES = 2000
@@ -84,17 +88,19 @@ def calibration_shortfall(model_name, ef, recall, target=CALIBRATION_TARGET):
         return None
     return ("omop_emb: the HNSW index of model %r reached recall@10 %.3f at ef_search %d, the "
             "largest calibrated, below the %.2f target; nearest() searches with %d. For more "
-            "recall at more latency SET omop_emb.ef_search higher (up to 1000; at 1,000,000 "
-            "realistic vectors 800 measured 0.98-0.99 at 8-13 ms)"
+            "recall at more latency SET omop_emb.ef_search higher (up to 1000), or rebuild the "
+            "index with a larger ef_construction (omop_emb.create_index)"
             % (model_name, recall, ef, target, ef))
 
 
-def calibration_sample(cached, stored, size=CALIBRATION_QUERIES):
+def calibration_sample(cached, stored, size=CALIBRATION_QUERIES, own_texts=()):
     """The queries of a calibration: ``cached`` real query vectors first, then
-    ``stored`` vectors up to ``size``. Each is {"id": ctid or None, "v": vector text};
-    a stored vector (id set) is left out of its own answers."""
-    out = [{"id": None, "v": v} for v in cached[:size]]
-    return out + list(stored[:size - len(out)])
+    ``own_texts`` (query-role vectors of the model's own texts), then ``stored`` vectors
+    up to ``size``. Each is {"id": ctid or None, "v": vector text, "kind": ...}; a stored
+    vector (id set) is left out of its own answers."""
+    out = [{"id": None, "v": v, "kind": "cached"} for v in cached[:size]]
+    out += [{"id": None, "v": v, "kind": "text"} for v in own_texts[:size - len(out)]]
+    return out + [dict(r, kind="stored") for r in stored[:size - len(out)]]
 
 
 def _cached_queries(plpy, model, size):
@@ -109,17 +115,24 @@ def _cached_queries(plpy, model, size):
     return [r["v"] for r in rows if bytes(r["text_hash"]) == vectors.identity_hash(r["text"], ident)][:size]
 
 
-def _calibrate_ef_search(plpy, model, metric, size=CALIBRATION_QUERIES):
+def _calibrate_ef_search(plpy, model, metric, size=CALIBRATION_QUERIES, embed_queries=None):
     """{"ef_search": .., "calibration": {..}} for the model's HNSW index, or {} when
-    the table holds fewer rows than the sample needs."""
+    the table holds fewer rows than the sample needs. ``embed_queries(texts)``: their
+    query-role vectors (text form), or None when they cannot be had."""
     t = sqlgen.table(model["model_id"])
     dist = "e.embedding %s $1" % sqlgen.op(metric)
     cached = _cached_queries(plpy, model, size)
     # text_hash (SHA-256) orders the rows pseudo-randomly and the same way on every run
+    own = []
+    if embed_queries is not None and len(cached) < size:
+        texts = [r["text"] for r in plpy.execute(
+            "SELECT e.text FROM %s e ORDER BY e.text_hash LIMIT %d" % (t, size - len(cached)))]
+        if len(cached) + len(texts) >= size:  # (a smaller table is not calibrated)
+            own = [v for v in (embed_queries(texts) or []) if v is not None]
     stored = plpy.execute(
         "SELECT e.ctid::pg_catalog.text AS id, e.embedding::pg_catalog.text AS v FROM %s e "
-        "ORDER BY e.text_hash LIMIT %d" % (t, max(0, size - len(cached))))
-    sample = calibration_sample(cached, [{"id": r["id"], "v": r["v"]} for r in stored], size)
+        "ORDER BY e.text_hash LIMIT %d" % (t, max(0, size - len(cached) - len(own))))
+    sample = calibration_sample(cached, [{"id": r["id"], "v": r["v"]} for r in stored], size, own)
     # a table smaller than the sample is searched about exactly at any ef_search
     if len(sample) < size or \
             len(plpy.execute("SELECT 1 FROM %s LIMIT %d" % (t, CALIBRATION_QUERIES))) < CALIBRATION_QUERIES:
@@ -150,10 +163,11 @@ def _calibrate_ef_search(plpy, model, metric, size=CALIBRATION_QUERIES):
     short = calibration_shortfall(model["name"], ef, recall_by_ef[ef])
     if short:
         plpy.warning(short)
-    n_cached = sum(1 for row in sample if row["id"] is None)
+    kinds = [row["kind"] for row in sample]
     return {"ef_search": ef,
-            "calibration": {"queries": len(sample), "cached_queries": n_cached,
-                            "stored_vectors": len(sample) - n_cached,
+            "calibration": {"queries": len(sample), "cached_queries": kinds.count("cached"),
+                            "query_texts": kinds.count("text"),
+                            "stored_vectors": kinds.count("stored"),
                             "target_recall_at_10": CALIBRATION_TARGET,
                             "recall_at_10_by_ef_search": {str(k): round(v, 4) for k, v in
                                                           recall_by_ef.items()}}}
@@ -750,7 +764,8 @@ class IndexingMixin:
             (["ALTER INDEX omop_emb.%s_new RENAME TO %s" % (name, name)] if method == "hnsw" else [])
         _with_short_locks(plpy, swap)
         if method == "hnsw":
-            params.update(_calibrate_ef_search(plpy, model, metric))
+            params.update(_calibrate_ef_search(plpy, model, metric,
+                                               embed_queries=self._query_embedder(plpy, model)))
         plpy.execute(plpy.prepare(
             "UPDATE omop_emb.model SET index_method = $2, index_params = $3::jsonb, metric = $4, "
             "generation = pg_catalog.nextval('omop_emb.model_generation_seq'), "
@@ -759,6 +774,30 @@ class IndexingMixin:
         # Plans were prepared for the old metric (other sessions see the generation).
         self.forget_model(mid)
         return method
+
+    def _query_embedder(self, plpy, model):
+        """What a calibration embeds the model's own texts with (query role, no cache):
+        texts -> vectors in text form, or None when the server cannot embed them now
+        (said in a NOTICE: the calibration then takes stored vectors). None when the
+        setting omop_emb.calibration_embeds is off."""
+        from .runtime import TRUE_WORDS
+        on = plpy.execute("SELECT pg_catalog.current_setting('omop_emb.calibration_embeds', true) AS v")[0]["v"]
+        if on and on.strip().lower() not in TRUE_WORDS:
+            return None
+        st = self.settings(plpy)
+
+        def embed(texts):
+            try:
+                with plpy.subtransaction():
+                    return self.embed_texts(plpy, model, "query", texts, st, use_cache=False)
+            except Exception as e:  # the build stands; only its calibration is less exact
+                plpy.notice("omop_emb: could not embed %d texts of model %r in the query role to calibrate "
+                            "its index (%s); calibrating on its stored vectors, which flatter the index: "
+                            "run omop_emb.calibrate_index(%s) once the server answers or users have searched"
+                            % (len(texts), model["name"], str(e).splitlines()[0][:200],
+                               plpy.quote_literal(model["name"])))
+                return None
+        return embed
 
     def calibrate_index(self, plpy, model_name, queries):
         """Measure the HNSW index's ef_search again (create_index's calibration) on the
@@ -778,7 +817,8 @@ class IndexingMixin:
         params = json.loads(plpy.execute(plpy.prepare(
             "SELECT index_params::pg_catalog.text AS p FROM omop_emb.model WHERE model_id = $1",
             ["int4"]), [mid])[0]["p"] or "{}")
-        found = _calibrate_ef_search(plpy, model, model["metric"], queries)
+        found = _calibrate_ef_search(plpy, model, model["metric"], queries,
+                                     embed_queries=self._query_embedder(plpy, model))
         if not found:
             plpy.notice("omop_emb: model %r holds fewer vectors than the %d queries need: its index_params "
                         "stay as they are (a table this small is searched about exactly at any ef_search)"

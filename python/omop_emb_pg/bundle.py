@@ -462,8 +462,10 @@ def import_bundle(dsn: str, path: str | Path, model: str | None = None,
         report = ImportReport(str(path), m["name"], n, *totals, seconds=0.0, mode=mode, landed_seconds=t1 - t0,
                               index_seconds=t2 - t1, indexes_built=built, hnsw_params=hnsw)
         if hnsw is not None and rebuild_hnsw:
-            # Committed already: searches run (exactly) while the index is built beside.
+            # Committed already: searches run (exactly) while the index is built beside. An
+            # import embeds nothing, its calibration neither: it takes stored vectors.
             try:
+                conn.execute("SELECT pg_catalog.set_config('omop_emb.calibration_embeds', 'off', false)")
                 conn.execute("SELECT omop_emb.create_index(%s, 'hnsw', %s, %s, %s)",
                              (m["name"], int(hnsw.get("m", 16)), int(hnsw.get("ef_construction", 128)),
                               hnsw.get("metric")))

@@ -703,6 +703,7 @@ def cmd_calibrate_index(args: argparse.Namespace) -> int:
     cal = params.get("calibration", {})
     print(f"ef_search: {params.get('ef_search')} (recall@10 by ef_search "
           f"{cal.get('recall_at_10_by_ef_search')}; {cal.get('cached_queries', 0)} cached real queries, "
+          f"{cal.get('query_texts', 0)} of the model's texts embedded as queries, "
           f"{cal.get('stored_vectors', 0)} stored vectors)")
     return EXIT_OK
 
@@ -865,7 +866,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"the model {held}: {r.indexes_built} indexes built after the rows ({r.rows} rows stored in "
               f"{r.landed_seconds:.1f} s, {r.landed_per_s:,.0f} vectors/s; indexes {r.index_seconds:.1f} s)")
     if r.hnsw_seconds is not None:
-        print(f"HNSW index rebuilt in {r.hnsw_seconds:.1f} s (create_index {_fmt_hnsw(r.hnsw_params)})")
+        print(f"HNSW index rebuilt in {r.hnsw_seconds:.1f} s (create_index {_fmt_hnsw(r.hnsw_params)}); its "
+              f"ef_search was calibrated on stored vectors (an import embeds nothing), which flatter it: once "
+              f"users have searched, SELECT omop_emb.calibrate_index({r.model!r})")
     elif r.hnsw_params is not None:
         print(f"the HNSW index of the empty model was dropped for the import: searches are exact until it is "
               f"rebuilt: SELECT omop_emb.create_index({r.model!r}, {_fmt_hnsw(r.hnsw_params)})"
