@@ -187,11 +187,16 @@ def extension_ef_search() -> int:
     return DEFAULT_EF_SEARCH
 
 
-def build_index(dsn: str, mid: int, m: int = 16, ef_construction: int = 128, model: str | None = None) -> dict:
+def build_index(dsn: str, mid: int, m: int = 16, ef_construction: int = 128, model: str | None = None,
+                keep_any: bool = False) -> dict:
+    """Build the model's HNSW index with these parameters, or reuse the one it has when its
+    parameters are these (``keep_any``: whatever they are; it reports them)."""
     model = model or MODEL
     with psycopg.connect(dsn, autocommit=True) as c:
         have, params = c.execute("SELECT index_method, index_params FROM omop_emb.model WHERE name = %s",
                                  (model,)).fetchone()
+        if have == "hnsw" and keep_any:
+            m, ef_construction = params.get("m", m), params.get("ef_construction", ef_construction)
         if have == "hnsw" and (params.get("m"), params.get("ef_construction")) != (m, ef_construction):
             have = "rebuild"
         notes: list = []
