@@ -867,8 +867,8 @@ def cmd_import(args: argparse.Namespace) -> int:
               f"{r.landed_seconds:.1f} s, {r.landed_per_s:,.0f} vectors/s; indexes {r.index_seconds:.1f} s)")
     if r.hnsw_seconds is not None:
         print(f"HNSW index rebuilt in {r.hnsw_seconds:.1f} s (create_index {_fmt_hnsw(r.hnsw_params)}); its "
-              f"ef_search was calibrated on stored vectors (an import embeds nothing), which flatter it: once "
-              f"users have searched, SELECT omop_emb.calibrate_index({r.model!r})")
+              f"ef_search was calibrated without embedding anything (on cached real queries, else on stored vectors, "
+              f"which flatter it): once users have searched, SELECT omop_emb.calibrate_index({r.model!r})")
     elif r.hnsw_params is not None:
         print(f"the HNSW index of the empty model was dropped for the import: searches are exact until it is "
               f"rebuilt: SELECT omop_emb.create_index({r.model!r}, {_fmt_hnsw(r.hnsw_params)})"
