@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import b_query  # noqa: E402
-from common import Database, log  # noqa: E402
+from common import Database, log, write_result  # noqa: E402
 
 DUMMY_URL = "http://127.0.0.1:9"
 SCRIPT = r"""
@@ -78,8 +78,7 @@ def main(argv=None) -> int:
     finally:
         db.close()
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+        write_result(a.out, res, echo=False)
     return 0
 
 

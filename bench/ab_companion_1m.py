@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT / "extension"))
 
 import b_query  # noqa: E402
-from common import Database, Proc, log, summary_ms  # noqa: E402
+from common import Database, Proc, log, summary_ms, write_result  # noqa: E402
 
 COMPANION = "companion1m"
 
@@ -145,9 +145,7 @@ def main() -> int:
     finally:
         e5.stop()
         db.close()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps(res, indent=1))
+    write_result(a.out, res)
     return 0
 
 

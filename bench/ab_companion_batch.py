@@ -14,7 +14,6 @@ quality), each round and side with its own tag so that no side reads another's c
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import labelled  # noqa: E402
-from common import install_api, log  # noqa: E402
+from common import install_api, log, write_result  # noqa: E402
 
 
 def run_side(dsn: str, texts: list[str], k: int) -> float:
@@ -71,9 +70,7 @@ def main() -> int:
            "median_a": statistics.median(out["a"]), "median_b": statistics.median(out["b"]),
            "ratio_b_over_a": statistics.median(out["b"]) / statistics.median(out["a"]),
            "a": str(args.a), "b": str(args.b)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps(res, indent=1))
+    write_result(args.out, res)
     return 0
 
 

@@ -208,6 +208,17 @@ def progress():
         yield p
 
 
+def write_result(path, res: dict, echo: bool = True) -> None:
+    """Write an A/B benchmark's result as indented JSON to ``path`` (its folder made), and
+    print it unless ``echo`` is false: the last steps of every bench/ab_*.py."""
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(res, indent=1) + "\n")
+    if echo:
+        print(json.dumps(res, indent=1))
+
+
 def save_plot(fig, ax, path: Path, legend_fontsize: int = 8) -> str:
     """Grid, legend, tight layout, PNG at 110 dpi, figure closed: the last steps of every
     benchmark plot. Returns the file name (for the list of plots made)."""

@@ -202,7 +202,7 @@ def nearest_ranking(model: str, mode: str, query_prefix: str | None = None,
     def rank(ctx: Context) -> list[list[int]]:
         key = key_of(ctx)
         if key in _memo:
-            return _memo[key]
+            return _memo[key][0]
         with psycopg.connect(ctx.dsn, autocommit=True) as conn:
             if query_prefix is not None:
                 conn.execute("SELECT set_config('omop_emb.query_embedding_prefix', %s, false)",
@@ -222,21 +222,20 @@ def nearest_ranking(model: str, mode: str, query_prefix: str | None = None,
         for qi, cid, p in rows:
             out[qi - 1].append(cid)
             conf[qi - 1].append(p)
-        _memo[key] = out
-        _confidence[key] = conf
+        _memo[key] = (out, conf)
         return out
 
     def confidences(ctx: Context) -> list[list[float | None]]:
         """The confidence column of the rows rank(ctx) returned (None: the mode has none)."""
         rank(ctx)
-        return _confidence[key_of(ctx)]
+        return _memo[key_of(ctx)][1]
 
     rank.confidences = confidences
     return rank
 
 
-_memo: dict[tuple, list[list[int]]] = {}
-_confidence: dict[tuple, list[list[float | None]]] = {}
+#: per ranking and context: (concept ids, their confidence) of each query's rows
+_memo: dict[tuple, tuple[list[list[int]], list[list[float | None]]]] = {}
 #: (probabilities, right) of every first-K row of each ranking with a confidence, pooled over the
 #: reporting halves, for the reliability plot.
 _calibration: dict[str, tuple[list[float], list[int]]] = {}

@@ -122,17 +122,18 @@ def _calibrate_ef_search(plpy, model, metric, size=CALIBRATION_QUERIES, embed_qu
     t = sqlgen.table(model["model_id"])
     dist = "e.embedding %s $1" % sqlgen.op(metric)
     cached = _cached_queries(plpy, model, size)
-    # text_hash (SHA-256) orders the rows pseudo-randomly and the same way on every run
+    # The rows that make up the sample, read once: their texts (embedded in the query role)
+    # or else their vectors. text_hash (SHA-256) orders them pseudo-randomly and the same
+    # way on every run.
+    rows = plpy.execute(
+        "SELECT e.ctid::pg_catalog.text AS id, e.text, e.embedding::pg_catalog.text AS v FROM %s e "
+        "ORDER BY e.text_hash LIMIT %d" % (t, size - len(cached))) if len(cached) < size else []
     own = []
-    if embed_queries is not None and len(cached) < size:
-        texts = [r["text"] for r in plpy.execute(
-            "SELECT e.text FROM %s e ORDER BY e.text_hash LIMIT %d" % (t, size - len(cached)))]
-        if len(cached) + len(texts) >= size:  # (a smaller table is not calibrated)
-            own = [v for v in (embed_queries(texts) or []) if v is not None]
-    stored = plpy.execute(
-        "SELECT e.ctid::pg_catalog.text AS id, e.embedding::pg_catalog.text AS v FROM %s e "
-        "ORDER BY e.text_hash LIMIT %d" % (t, max(0, size - len(cached) - len(own))))
-    sample = calibration_sample(cached, [{"id": r["id"], "v": r["v"]} for r in stored], size, own)
+    if embed_queries is not None and len(cached) + len(rows) >= size > len(cached):
+        # (a smaller table is not calibrated)
+        own = [v for v in (embed_queries([r["text"] for r in rows]) or []) if v is not None]
+    stored = [{"id": r["id"], "v": r["v"]} for r in rows]
+    sample = calibration_sample(cached, stored, size, own)
     # a table smaller than the sample is searched about exactly at any ef_search
     if len(sample) < size or \
             len(plpy.execute("SELECT 1 FROM %s LIMIT %d" % (t, CALIBRATION_QUERIES))) < CALIBRATION_QUERIES:
